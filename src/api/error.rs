@@ -1,0 +1,75 @@
+//! The API layer's errors and their one mapping to gRPC status codes.
+//!
+//! Callers get a code they can act on and a message that names no internals;
+//! the details go to the log.
+
+use crate::{
+    cache::CacheError,
+    domain::{UserId, ValidationError},
+    kafka::KafkaError,
+};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("user {0} already exists")]
+    AlreadyExists(UserId),
+    #[error("user {0} not found")]
+    NotFound(UserId),
+    #[error("a call with this request_id is still in progress")]
+    InProgress,
+    #[error("request_id was used before with different fields")]
+    RequestIdReused,
+    #[error("position {partition}:{offset} not applied before the deadline")]
+    NotAppliedInTime { partition: i32, offset: i64 },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Invalid(v) => {
+                let mut details = ErrorDetails::new();
+                for f in &v.0 {
+                    details.add_bad_request_violation(f.field, &f.description);
+                }
+                Status::with_error_details(Code::InvalidArgument, v.to_string(), details)
+            }
+            ApiError::RequestIdReused => Status::with_error_details(
+                Code::InvalidArgument,
+                e.to_string(),
+                ErrorDetails::with_bad_request_violation(
+                    "request_id",
+                    "already used for a request with different fields",
+                ),
+            ),
+            ApiError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::InProgress => Status::aborted(format!("{e}; retry shortly")),
+            ApiError::NotAppliedInTime { .. } => Status::deadline_exceeded(e.to_string()),
+            ApiError::Cache(CacheError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "redis unavailable");
+                Status::unavailable("the read model (Redis) is unavailable; retry later")
+            }
+            ApiError::Kafka(KafkaError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "kafka unavailable");
+                Status::unavailable(
+                    "the event log (Kafka) is unavailable; retry with the same request_id",
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! gRPC handlers: decode, validate into domain types, call the adapters, and
+//! map every error to a `tonic::Status` (in [`error`]).
+
+pub mod error;
+pub mod health;
+mod user_service;
+
+pub use error::ApiError;
+pub use health::HealthRegistry;
+pub use user_service::UserApi;

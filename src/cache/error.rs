@@ -1,0 +1,41 @@
+//! Errors of the Redis adapter.
+
+/// What went wrong talking to Redis, sorted by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Redis cannot be reached or did not answer in time: retry later.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered, but not as expected (a bug or a foreign writer).
+    #[error("unexpected redis reply: {0}")]
+    Protocol(String),
+    /// A stored value does not decode.
+    #[error("stored value at {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl From<redis::RedisError> for CacheError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+        {
+            CacheError::Unavailable(e.to_string())
+        } else {
+            CacheError::Protocol(e.to_string())
+        }
+    }
+}
+
+impl From<bb8::RunError<redis::RedisError>> for CacheError {
+    fn from(e: bb8::RunError<redis::RedisError>) -> Self {
+        match e {
+            bb8::RunError::User(e) => e.into(),
+            bb8::RunError::TimedOut => {
+                CacheError::Unavailable("no Redis connection within the timeout".into())
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Configuration from flags and environment variables, as containers expect.
+//!
+//! Every setting has a flag and an environment variable; `--help` lists them.
+//! Defaults keep the names of the Go service this one replaces (topic
+//! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
+//! that `scripts/stack up` starts.
+
+use clap::{Parser, ValueEnum};
+use std::{net::SocketAddr, time::Duration};
+
+/// How the service finds its engines and behaves; parsed once in `main`, built
+/// by hand in tests.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "user-service", version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on (port 0 picks a free port).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// Kafka bootstrap servers, a comma-separated list of host:port.
+    #[arg(long, env = "KAFKA_BROKER_URL", default_value = "127.0.0.1:19092")]
+    pub kafka_broker_url: String,
+
+    /// Redis server: `redis://host:port[/db]` or a bare `host:port`.
+    #[arg(
+        long,
+        env = "REDIS_SERVER_URL",
+        default_value = "redis://127.0.0.1:16379"
+    )]
+    pub redis_server_url: String,
+
+    /// Topic the `UserCreated` events are published to.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "topic-user-creating")]
+    pub topic: String,
+
+    /// Dead-letter topic for records the projector cannot decode
+    /// (default: `<topic>.dlq`).
+    #[arg(long, env = "KAFKA_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// Consumer group the projectors of all instances share.
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_GROUP",
+        default_value = "user-service-projector"
+    )]
+    pub consumer_group: String,
+
+    /// Partitions of the topic when the service creates it.
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Replication factor of the topic when the service creates it.
+    #[arg(long, env = "KAFKA_TOPIC_REPLICATION", default_value_t = 1)]
+    pub topic_replication: i32,
+
+    /// Longest time a CreateUser waits for the broker's acknowledgement before it
+    /// answers UNAVAILABLE (librdkafka's `message.timeout.ms`).
+    #[arg(long, env = "KAFKA_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+
+    /// Producer linger: how long librdkafka waits to fill a batch. Kept to a few
+    /// milliseconds so a lone caller never waits on it.
+    #[arg(long, env = "KAFKA_LINGER", default_value = "2ms", value_parser = humantime::parse_duration)]
+    pub producer_linger: Duration,
+
+    /// Prefix of every Redis key the service writes (tests use one per test).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]
+    pub redis_key_prefix: String,
+
+    /// Longest time one Redis call (or the wait for a pooled connection) may take.
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Connections in the Redis pool.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: u32,
+
+    /// How long a request id is remembered for idempotent retries.
+    #[arg(long, env = "REQUEST_ID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub request_id_ttl: Duration,
+
+    /// Longest time GetUser waits for a position when the call has no deadline.
+    #[arg(long, env = "MAX_POSITION_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_position_wait: Duration,
+
+    /// Run the projector in this instance (off: a command-only instance).
+    #[arg(long, env = "PROJECTOR_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub projector_enabled: bool,
+
+    /// Most records the projector applies to Redis in one atomic batch.
+    #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500)]
+    pub projector_batch_size: usize,
+
+    /// How often Kafka and Redis are probed for the health service.
+    #[arg(long, env = "HEALTH_PROBE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_probe_interval: Duration,
+
+    /// On SIGTERM, how long the service keeps serving while reporting
+    /// NOT_SERVING, so that load balancers and sidecars stop sending to it.
+    #[arg(long, env = "DRAIN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_grace: Duration,
+
+    /// Upper bound on the whole shutdown after the grace period: in-flight calls,
+    /// producer flush, final commit.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The dead-letter topic, derived from the main topic unless set.
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.topic))
+    }
+
+    /// The Redis URL with a scheme, accepting the Go service's bare `host:port`.
+    pub fn redis_url(&self) -> String {
+        if self.redis_server_url.contains("://") {
+            self.redis_server_url.clone()
+        } else {
+            format!("redis://{}", self.redis_server_url)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_from_flags() {
+        let c = Config::parse_from(["user-service", "--drain-grace", "250ms"]);
+        assert_eq!(c.drain_grace, Duration::from_millis(250));
+        assert!(Config::try_parse_from(["user-service", "--drain-grace", "5 parsecs"]).is_err());
+    }
+
+    #[test]
+    fn bare_redis_address_gets_a_scheme() {
+        let mut c = Config::parse_from(["user-service"]);
+        c.redis_server_url = "redis:6379".into();
+        assert_eq!(c.redis_url(), "redis://redis:6379");
+        assert_eq!(c.dlq_topic(), "topic-user-creating.dlq");
+    }
+}

@@ -1,0 +1,10 @@
+//! The user, its events, and validation as parsed value types. No I/O here:
+//! a handler that holds a [`NewUser`] holds a valid one.
+
+mod event;
+mod user;
+
+pub use event::{EventDecodeError, SCHEMA_VERSION, UserCreated};
+pub use user::{
+    Email, FieldViolation, NewUser, RequestId, User, UserId, UserName, ValidationError,
+};

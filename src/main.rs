@@ -1,0 +1,44 @@
+//! The `user-service` binary: parse flags, start the application, run until
+//! SIGTERM or Ctrl-C.
+
+use anyhow::Context;
+use clap::Parser;
+use user_service::{config::Config, startup::Application, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    telemetry::init(config.log_format, "info,rdkafka=warn");
+    let app = Application::build(config)
+        .await
+        .context("starting user-service")?;
+    tracing::info!(addr = %app.local_addr(), "serving gRPC");
+    app.run_until_stopped(shutdown_signal())
+        .await
+        .context("running user-service")
+}
+
+/// Resolves on the first SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        // Failing to install a handler leaves only SIGTERM to stop us.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

@@ -1,0 +1,83 @@
+//! What the projector has done, shared with the API (progress, tests).
+
+use crate::cache::ApplyOutcome;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+/// Counters and positions the projector updates and others read.
+#[derive(Debug, Default)]
+pub struct ProjectorState {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    skipped: AtomicU64,
+    dead_lettered: AtomicU64,
+    apply_failures: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    assignment: BTreeSet<i32>,
+    /// Last offset applied to Redis per partition by this instance; committed
+    /// at the next auto-commit.
+    applied_offsets: BTreeMap<i32, i64>,
+}
+
+/// A copy of [`ProjectorState`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectorStats {
+    /// Users written to the read model.
+    pub applied: u64,
+    /// Events for ids the read model already had.
+    pub duplicates: u64,
+    /// Replayed events that changed nothing.
+    pub skipped: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Failed attempts to apply a batch (Redis down).
+    pub apply_failures: u64,
+    /// Partitions this instance owns now.
+    pub assignment: BTreeSet<i32>,
+    /// Last offset this instance applied per partition.
+    pub applied_offsets: BTreeMap<i32, i64>,
+}
+
+impl ProjectorState {
+    pub(super) fn set_assignment(&self, assignment: BTreeSet<i32>) {
+        let mut inner = self.inner.lock().expect("projector state lock poisoned");
+        inner.applied_offsets.retain(|p, _| assignment.contains(p));
+        inner.assignment = assignment;
+    }
+
+    pub(super) fn record_batch(&self, outcome: ApplyOutcome, dead: u64, last: &BTreeMap<i32, i64>) {
+        self.applied.fetch_add(outcome.applied, Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(outcome.duplicates, Ordering::Relaxed);
+        self.skipped.fetch_add(outcome.skipped, Ordering::Relaxed);
+        self.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+        let mut inner = self.inner.lock().expect("projector state lock poisoned");
+        inner.applied_offsets.extend(last);
+    }
+
+    pub(super) fn record_apply_failure(&self) {
+        self.apply_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> ProjectorStats {
+        let inner = self.inner.lock().expect("projector state lock poisoned");
+        ProjectorStats {
+            applied: self.applied.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            apply_failures: self.apply_failures.load(Ordering::Relaxed),
+            assignment: inner.assignment.clone(),
+            applied_offsets: inner.applied_offsets.clone(),
+        }
+    }
+}

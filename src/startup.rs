@@ -1,0 +1,290 @@
+//! [`Application`]: builds every part from a [`Config`], binds the listener,
+//! and runs until a shutdown signal; `main` and every test start the service
+//! through it.
+//!
+//! One cancellation token is shared by the server, the projector, the health
+//! probe and every stream; a task tracker joins them all at shutdown.
+
+use crate::{
+    api::{HealthRegistry, UserApi, health::HealthService},
+    cache::{CacheError, Keys, RedisStore},
+    config::Config,
+    kafka::{self, EventPublisher, KafkaError},
+    projector::{Projector, ProjectorState},
+    proto::{self, user::v1::user_service_server::UserServiceServer},
+};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::transport::{Server, server::TcpIncoming};
+
+/// The name the user service reports under in `grpc.health.v1`.
+pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
+
+/// Why the service could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Server(#[from] tonic::transport::Error),
+    #[error("shutdown did not finish within {0:?}")]
+    ShutdownTimeout(Duration),
+}
+
+/// A built service: listening, projecting, probing. Dropping it without
+/// calling [`Application::run_until_stopped`] cancels everything.
+pub struct Application {
+    config: Config,
+    addr: SocketAddr,
+    /// Cancelled once at shutdown; every task and stream ends on it.
+    token: CancellationToken,
+    /// Every background task, joined at shutdown.
+    tracker: TaskTracker,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    health: Arc<HealthRegistry>,
+    publisher: EventPublisher,
+    projector: Option<Arc<ProjectorState>>,
+}
+
+/// What tests and tools may look at while the application runs.
+#[derive(Clone)]
+pub struct AppHandle {
+    pub addr: SocketAddr,
+    pub health: Arc<HealthRegistry>,
+    /// `None` when the projector is disabled.
+    pub projector: Option<Arc<ProjectorState>>,
+}
+
+impl Application {
+    /// Builds the adapters, creates the topics if missing, binds the listener
+    /// (port 0 picks one) and starts the server, the projector and the health
+    /// probe. Kafka or Redis being down is not fatal: health reports it.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let dlq_topic = config.dlq_topic();
+
+        let store = RedisStore::new(
+            &config.redis_url(),
+            Keys::new(&config.redis_key_prefix, &config.topic),
+            config.redis_pool_size,
+            config.redis_timeout,
+        )?;
+        let publisher = EventPublisher::new(
+            &config.kafka_broker_url,
+            &config.topic,
+            config.publish_timeout,
+            config.producer_linger,
+        )?;
+        if let Err(e) = kafka::ensure_topics(
+            &config.kafka_broker_url,
+            &[&config.topic, &dlq_topic],
+            config.topic_partitions,
+            config.topic_replication,
+            config.publish_timeout,
+        )
+        .await
+        {
+            // The broker may come later; the projector's subscription waits for it.
+            tracing::warn!(error = %e, "could not ensure topics at start-up");
+        }
+
+        let health = Arc::new(HealthRegistry::new(&["", USER_SERVICE_NAME], token.clone()));
+
+        let projector = config
+            .projector_enabled
+            .then(|| Arc::new(ProjectorState::default()));
+        if let Some(state) = &projector {
+            let p = Projector {
+                brokers: config.kafka_broker_url.clone(),
+                group: config.consumer_group.clone(),
+                topic: config.topic.clone(),
+                dlq_topic,
+                batch_size: config.projector_batch_size.max(1),
+                store: store.clone(),
+                publisher: publisher.clone(),
+                state: state.clone(),
+            };
+            let t = token.clone();
+            tracker.spawn(async move {
+                if let Err(e) = p.run(t).await {
+                    tracing::error!(error = %e, "projector stopped with an error");
+                }
+            });
+        }
+
+        tracker.spawn(probe_dependencies(
+            store.clone(),
+            publisher.clone(),
+            health.clone(),
+            config.health_probe_interval,
+            token.clone(),
+        ));
+
+        let api = UserApi {
+            store,
+            publisher: publisher.clone(),
+            request_ttl: config.request_id_ttl,
+            max_position_wait: config.max_position_wait,
+        };
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server = Server::builder()
+            .add_service(HealthService(health.clone()).into_server())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(UserServiceServer::new(api))
+            .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+        let server = tokio::spawn(server);
+
+        Ok(Self {
+            config,
+            addr,
+            token,
+            tracker,
+            server,
+            health,
+            publisher,
+            projector,
+        })
+    }
+
+    /// The address the server listens on (the real port when built with 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn handle(&self) -> AppHandle {
+        AppHandle {
+            addr: self.addr,
+            health: self.health.clone(),
+            projector: self.projector.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then drains: NOT_SERVING for the
+    /// grace period (sidecars and balancers move away), stop accepting, end
+    /// the streams, finish in-flight calls, commit what was applied, flush the
+    /// producer. Bounded by the configured shutdown timeout.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), StartupError> {
+        let Self {
+            config,
+            token,
+            tracker,
+            mut server,
+            health,
+            publisher,
+            ..
+        } = self;
+
+        let server_result = tokio::select! {
+            _ = shutdown => None,
+            r = &mut server => Some(r),
+        };
+        if let Some(r) = server_result {
+            // The server ended on its own: stop the rest and report why.
+            token.cancel();
+            tracker.close();
+            tracker.wait().await;
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => {
+                    tracing::error!(error = %e, "server task panicked");
+                    Ok(())
+                }
+            };
+        }
+
+        tracing::info!(grace = ?config.drain_grace, "draining: reporting NOT_SERVING");
+        health.set_draining();
+        tokio::time::sleep(config.drain_grace).await;
+
+        token.cancel();
+        tracker.close();
+        let drained = async {
+            let served = server.await;
+            tracker.wait().await;
+            if let Err(e) = publisher.flush(config.shutdown_timeout).await {
+                tracing::warn!(error = %e, "producer flush incomplete");
+            }
+            served
+        };
+        match tokio::time::timeout(config.shutdown_timeout, drained).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "server task panicked");
+                Ok(())
+            }
+            Err(_) => Err(StartupError::ShutdownTimeout(config.shutdown_timeout)),
+        }
+    }
+}
+
+/// Pings Redis and Kafka every `interval` and sets the health of every
+/// service: SERVING only while both answer (and not draining).
+async fn probe_dependencies(
+    store: RedisStore,
+    publisher: EventPublisher,
+    health: Arc<HealthRegistry>,
+    interval: Duration,
+    token: CancellationToken,
+) {
+    let mut last: Option<(bool, bool)> = None;
+    let probe_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
+    loop {
+        let (redis, kafka) = tokio::join!(store.ping(), publisher.ping(probe_timeout));
+        let now = (redis.is_ok(), kafka.is_ok());
+        if last != Some(now) {
+            match (&redis, &kafka) {
+                (Ok(()), Ok(())) => tracing::info!("Redis and Kafka reachable: SERVING"),
+                _ => tracing::warn!(
+                    redis = ?redis.as_ref().err().map(ToString::to_string),
+                    kafka = ?kafka.as_ref().err().map(ToString::to_string),
+                    "dependency unreachable: NOT_SERVING"
+                ),
+            }
+            last = Some(now);
+        }
+        health.set_dependencies(now.0 && now.1);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
