@@ -1,0 +1,108 @@
+//! `grpc.health.v1` follows the dependencies, and the spec for unknown names.
+
+use crate::helpers::{OwnRedis, free_port, producer, spawn_app, spawn_app_with, test_config};
+use futures::StreamExt;
+use rdkafka::producer::FutureRecord;
+use std::time::Duration;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use user_service::{
+    domain::{Email, User, UserCreated, UserId, UserName},
+    proto::user::v1::Position,
+};
+
+#[tokio::test]
+async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
+    let mut redis = OwnRedis::start();
+    let mut config = test_config();
+    config.redis_server_url = redis.url();
+    config.redis_timeout = Duration::from_millis(500);
+    let app = spawn_app_with(config).await;
+    app.wait_health(ServingStatus::Serving).await;
+    assert_eq!(app.health_status("user.v1.UserService").await.unwrap(), ServingStatus::Serving);
+    app.wait_assigned().await;
+
+    let mut watch = app
+        .health
+        .clone()
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    redis.stop();
+    // The watcher hears it, and so does Check.
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert_eq!(app.health_status("").await.unwrap(), ServingStatus::NotServing);
+    // Calls that need Redis say UNAVAILABLE, not INTERNAL.
+    let err = app.create("Ada", "ada@example.com").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = app.get_at(1, None, Duration::from_secs(5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // Events that arrive meanwhile wait for Redis: not committed, not lost.
+    let p = producer();
+    let mut positions = Vec::new();
+    for id in 1..=6 {
+        let event = UserCreated::new(User {
+            id: UserId::parse(id).unwrap(),
+            name: UserName::parse(&format!("offline {id}")).unwrap(),
+            email: Email::parse("o@example.com").unwrap(),
+            created_at_ms: 0,
+        });
+        let d = p
+            .send(FutureRecord::to(&app.config.topic).key(&event.key()).payload(&event.to_json()), Duration::from_secs(10))
+            .await
+            .unwrap();
+        positions.push((id, Position { partition: d.partition, offset: d.offset }));
+    }
+    crate::helpers::wait_until(Duration::from_secs(30), || async { app.stats().apply_failures > 0 })
+        .await
+        .expect("the projector tried and backed off");
+
+    redis.restart();
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(next.status(), ServingStatus::Serving);
+    for (id, pos) in positions {
+        let u = app.get_at(id, Some(pos), Duration::from_secs(30)).await.unwrap();
+        assert_eq!(u.name, format!("offline {id}"));
+    }
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_absent_broker_means_unavailable_after_a_bounded_time() {
+    let mut config = test_config();
+    config.kafka_broker_url = format!("127.0.0.1:{}", free_port());
+    config.publish_timeout = Duration::from_secs(1);
+    config.projector_enabled = false;
+    let app = spawn_app_with(config).await;
+    let err = app.create("Ada", "ada@example.com").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(app.health_status("").await.unwrap(), ServingStatus::NotServing);
+    // The id it reserved was given back: a retry can succeed once Kafka is back.
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn unknown_services_follow_the_health_spec() {
+    let app = spawn_app().await;
+    let err = app.health_status("no.such.Service").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let mut watch = app
+        .health
+        .clone()
+        .watch(HealthCheckRequest { service: "no.such.Service".into() })
+        .await
+        .expect("Watch on an unknown service is not an error")
+        .into_inner();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::ServiceUnknown);
+    // And the stream stays open (until shutdown ends it).
+    assert!(tokio::time::timeout(Duration::from_millis(500), watch.next()).await.is_err());
+    app.stop().await.expect("an open Watch does not hold shutdown");
+    assert!(watch.next().await.is_none_or(|r| r.is_err()), "the stream ended at shutdown");
+}

@@ -1,0 +1,348 @@
+//! Shared set-up: start the application in-process (as `main` does) with
+//! names of its own, talk to it over gRPC, and wait on facts, not on time.
+
+#![allow(dead_code)]
+
+use clap::Parser;
+use rdkafka::{
+    ClientConfig,
+    consumer::{BaseConsumer, Consumer},
+    producer::FutureProducer,
+};
+use std::{future::Future, net::SocketAddr, sync::Once, time::Duration};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use user_service::{
+    config::{Config, LogFormat},
+    projector::ProjectorStats,
+    proto::user::v1::{
+        CreateUserRequest, CreateUserResponse, GetUserRequest, Position, User,
+        user_service_client::UserServiceClient,
+    },
+    startup::{AppHandle, Application, StartupError},
+};
+
+/// The broker `scripts/stack up` starts, unless the environment names another.
+pub fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKER_URL").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The Redis `scripts/stack up` starts, unless the environment names another.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_SERVER_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Logs only when asked: `TEST_LOG=1 cargo test` (with `RUST_LOG` to filter).
+pub fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            user_service::telemetry::init(LogFormat::Text, "info,user_service=debug,rdkafka=warn");
+        }
+    });
+}
+
+/// A configuration of its own for one test: fresh topic, group and key prefix,
+/// port 0, no drain grace.
+pub fn test_config() -> Config {
+    let name = unique("t");
+    let mut c = Config::parse_from(["user-service"]);
+    c.listen_addr = "127.0.0.1:0".parse().unwrap();
+    c.kafka_broker_url = kafka_brokers();
+    c.redis_server_url = redis_url();
+    c.topic = format!("{name}-users");
+    c.dlq_topic = None;
+    c.consumer_group = format!("{name}-projector");
+    c.redis_key_prefix = format!("{name}:");
+    c.topic_partitions = 3;
+    c.health_probe_interval = Duration::from_millis(200);
+    c.drain_grace = Duration::ZERO;
+    c.shutdown_timeout = Duration::from_secs(30);
+    c
+}
+
+/// One running application and clients to it.
+pub struct TestApp {
+    pub config: Config,
+    pub addr: SocketAddr,
+    pub handle: AppHandle,
+    pub users: UserServiceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), StartupError>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(test_config()).await
+}
+
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    init_logs();
+    let app = Application::build(config.clone())
+        .await
+        .expect("the application builds");
+    let addr = app.local_addr();
+    let handle = app.handle();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("the server accepts connections");
+    TestApp {
+        config,
+        addr,
+        handle,
+        users: UserServiceClient::new(channel.clone()),
+        health: HealthClient::new(channel),
+        stop,
+        task,
+    }
+}
+
+impl TestApp {
+    /// Graceful shutdown, as on SIGTERM; returns how it ended.
+    pub async fn stop(self) -> Result<(), StartupError> {
+        self.stop.cancel();
+        self.task.await.expect("the application task does not panic")
+    }
+
+    pub fn stats(&self) -> ProjectorStats {
+        self.handle.projector.as_ref().expect("projector enabled").stats()
+    }
+
+    pub async fn create(&self, name: &str, email: &str) -> Result<CreateUserResponse, tonic::Status> {
+        self.create_req(CreateUserRequest {
+            name: name.into(),
+            email: email.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn create_req(&self, req: CreateUserRequest) -> Result<CreateUserResponse, tonic::Status> {
+        self.users.clone().create_user(req).await.map(|r| r.into_inner())
+    }
+
+    /// GetUser with a read-your-write position and a deadline.
+    pub async fn get_at(&self, id: i64, position: Option<Position>, deadline: Duration) -> Result<User, tonic::Status> {
+        let mut req = tonic::Request::new(GetUserRequest {
+            id,
+            min_position: position,
+        });
+        req.set_timeout(deadline);
+        self.users
+            .clone()
+            .get_user(req)
+            .await
+            .map(|r| r.into_inner().user.expect("a found user has a body"))
+    }
+
+    pub async fn health_status(&self, service: &str) -> Result<ServingStatus, tonic::Status> {
+        let r = self
+            .health
+            .clone()
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?;
+        Ok(r.into_inner().status())
+    }
+
+    /// Waits until the health of the whole server reads `want`.
+    pub async fn wait_health(&self, want: ServingStatus) {
+        wait_until(Duration::from_secs(30), || async {
+            self.health_status("").await.ok() == Some(want)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("health never became {want:?}"));
+    }
+
+    /// Waits until this instance's projector owns at least one partition.
+    pub async fn wait_assigned(&self) {
+        wait_until(Duration::from_secs(60), || async { !self.stats().assignment.is_empty() })
+            .await
+            .expect("the projector never got partitions");
+    }
+}
+
+/// Polls `check` until it holds; `Err` after `limit` (a guard against a hung
+/// test, not a speed assertion).
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "0")
+        .create()
+        .expect("a producer")
+}
+
+/// A consumer in `group` that does not subscribe: reads offsets and watermarks.
+pub fn inspector(group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer")
+}
+
+/// Sum over partitions of (high watermark − committed offset) for `group`.
+pub fn group_lag(group: &str, topic: &str, partitions: i32) -> i64 {
+    let c = inspector(group);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            let done = committed
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0)
+                .unwrap_or(0);
+            high - done
+        })
+        .sum()
+}
+
+/// Kafka's Java client's partitioner: `toPositive(murmur2(key)) % n`.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// Kafka's `Utils.murmur2`, transcribed.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    let len = data.len();
+    let mut h = SEED ^ len as u32;
+    let chunks = data.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// A Redis server of the test's own (from the same Debian package as the
+/// stack's), for tests that stop Redis without disturbing the others.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut r = Self { port, child: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/stack up installs it)");
+        self.child = Some(child);
+        // Wait until it answers PING.
+        let url = self.url();
+        for _ in 0..200 {
+            if let Ok(client) = redis::Client::open(url.as_str())
+                && let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("own redis-server on port {} never answered", self.port);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn murmur2_matches_kafkas_test_vectors() {
+    // From Kafka's UtilsTest.testMurmur2.
+    assert_eq!(murmur2(b"21"), -973_932_308);
+    assert_eq!(murmur2(b"foobar"), -790_332_482);
+    assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+    assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
+    assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+}

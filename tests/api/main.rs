@@ -1,0 +1,15 @@
+//! Integration tests: one binary, one module per feature, all against the real
+//! Kafka and Redis that `scripts/stack up` starts. Each test has its own topic,
+//! consumer group and key prefix, so they run in parallel on one stack.
+
+mod helpers;
+
+mod consumer_group;
+mod create_and_get;
+mod dead_letter;
+mod health;
+mod idempotency;
+mod restart;
+mod shutdown;
+mod stack_round_trip;
+mod validation;
