@@ -1,7 +1,10 @@
 //! The CQRS round trip: CreateUser publishes, the projector applies, GetUser reads.
 
 use crate::helpers::{java_partition, kafka_brokers, redis_url, spawn_app};
-use rdkafka::{ClientConfig, Message, consumer::{Consumer, StreamConsumer}};
+use rdkafka::{
+    ClientConfig, Message,
+    consumer::{Consumer, StreamConsumer},
+};
 use std::time::Duration;
 use tonic::Code;
 use user_service::proto::user::v1::{CreateUserRequest, Position};
@@ -9,7 +12,10 @@ use user_service::proto::user::v1::{CreateUserRequest, Position};
 #[tokio::test]
 async fn created_user_is_readable_with_and_without_the_position() {
     let app = spawn_app().await;
-    let created = app.create("Ada Lovelace", "ada@example.com").await.expect("created");
+    let created = app
+        .create("Ada Lovelace", "ada@example.com")
+        .await
+        .expect("created");
     let user = created.user.clone().unwrap();
     let pos = created.position.unwrap();
     assert!(user.id > 0);
@@ -17,10 +23,16 @@ async fn created_user_is_readable_with_and_without_the_position() {
     assert!(user.create_time.is_some());
 
     // Read-your-write: waits until the projector applied the event.
-    let got = app.get_at(user.id, Some(pos), Duration::from_secs(20)).await.expect("found");
+    let got = app
+        .get_at(user.id, Some(pos), Duration::from_secs(20))
+        .await
+        .expect("found");
     assert_eq!(got, user);
     // Without the token, once applied, the same.
-    let got = app.get_at(user.id, None, Duration::from_secs(5)).await.expect("found");
+    let got = app
+        .get_at(user.id, None, Duration::from_secs(5))
+        .await
+        .expect("found");
     assert_eq!(got, user);
 
     // The read model holds the Go service's key and a JSON value.
@@ -44,10 +56,16 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .create()
         .unwrap();
     c.subscribe(&[&app.config.topic]).unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(30), c.recv()).await.unwrap().unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(m.key(), Some(user.id.to_string().as_bytes()));
     assert_eq!((m.partition(), m.offset()), (pos.partition, pos.offset));
-    assert_eq!(m.partition(), java_partition(user.id.to_string().as_bytes(), 3));
+    assert_eq!(
+        m.partition(),
+        java_partition(user.id.to_string().as_bytes(), 3)
+    );
     let event: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
     assert_eq!(event["schema_version"], 1);
     assert_eq!(event["type"], "UserCreated");
@@ -59,12 +77,21 @@ async fn created_user_is_readable_with_and_without_the_position() {
 #[tokio::test]
 async fn unknown_user_is_not_found_and_an_unapplied_position_times_out() {
     let app = spawn_app().await;
-    let err = app.get_at(987_654_321, None, Duration::from_secs(5)).await.unwrap_err();
+    let err = app
+        .get_at(987_654_321, None, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     // A position the log has not reached: the wait ends at the caller's deadline.
-    let far = Position { partition: 0, offset: 1_000_000_000 };
-    let err = app.get_at(1, Some(far), Duration::from_millis(300)).await.unwrap_err();
+    let far = Position {
+        partition: 0,
+        offset: 1_000_000_000,
+    };
+    let err = app
+        .get_at(1, Some(far), Duration::from_millis(300))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded);
     app.stop().await.expect("clean stop");
 }
@@ -74,21 +101,39 @@ async fn client_chosen_id_is_kept_and_cannot_be_taken_twice() {
     let app = spawn_app().await;
     let id = 4_242_424_242;
     let created = app
-        .create_req(CreateUserRequest { id: Some(id), name: "Grace".into(), email: "grace@example.com".into(), ..Default::default() })
+        .create_req(CreateUserRequest {
+            id: Some(id),
+            name: "Grace".into(),
+            email: "grace@example.com".into(),
+            ..Default::default()
+        })
         .await
         .expect("created");
     assert_eq!(created.user.as_ref().unwrap().id, id);
     let err = app
-        .create_req(CreateUserRequest { id: Some(id), name: "Mallory".into(), email: "m@example.com".into(), ..Default::default() })
+        .create_req(CreateUserRequest {
+            id: Some(id),
+            name: "Mallory".into(),
+            email: "m@example.com".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
-    let got = app.get_at(id, created.position, Duration::from_secs(20)).await.unwrap();
+    let got = app
+        .get_at(id, created.position, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(got.name, "Grace");
 
     // Service-assigned ids never collide with it either.
     for _ in 0..5 {
-        let u = app.create("Anon", "anon@example.com").await.unwrap().user.unwrap();
+        let u = app
+            .create("Anon", "anon@example.com")
+            .await
+            .unwrap()
+            .user
+            .unwrap();
         assert_ne!(u.id, id);
     }
     app.stop().await.expect("clean stop");

@@ -19,27 +19,45 @@ async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;
     app.wait_health(ServingStatus::Serving).await;
-    assert_eq!(app.health_status("user.v1.UserService").await.unwrap(), ServingStatus::Serving);
+    assert_eq!(
+        app.health_status("user.v1.UserService").await.unwrap(),
+        ServingStatus::Serving
+    );
     app.wait_assigned().await;
 
     let mut watch = app
         .health
         .clone()
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
 
     redis.stop();
     // The watcher hears it, and so does Check.
-    let next = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.unwrap().unwrap().unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);
-    assert_eq!(app.health_status("").await.unwrap(), ServingStatus::NotServing);
+    assert_eq!(
+        app.health_status("").await.unwrap(),
+        ServingStatus::NotServing
+    );
     // Calls that need Redis say UNAVAILABLE, not INTERNAL.
     let err = app.create("Ada", "ada@example.com").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let err = app.get_at(1, None, Duration::from_secs(5)).await.unwrap_err();
+    let err = app
+        .get_at(1, None, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
 
     // Events that arrive meanwhile wait for Redis: not committed, not lost.
@@ -53,20 +71,40 @@ async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
             created_at_ms: 0,
         });
         let d = p
-            .send(FutureRecord::to(&app.config.topic).key(&event.key()).payload(&event.to_json()), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&app.config.topic)
+                    .key(&event.key())
+                    .payload(&event.to_json()),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
-        positions.push((id, Position { partition: d.partition, offset: d.offset }));
+        positions.push((
+            id,
+            Position {
+                partition: d.partition,
+                offset: d.offset,
+            },
+        ));
     }
-    crate::helpers::wait_until(Duration::from_secs(30), || async { app.stats().apply_failures > 0 })
-        .await
-        .expect("the projector tried and backed off");
+    crate::helpers::wait_until(Duration::from_secs(30), || async {
+        app.stats().apply_failures > 0
+    })
+    .await
+    .expect("the projector tried and backed off");
 
     redis.restart();
-    let next = tokio::time::timeout(Duration::from_secs(30), watch.next()).await.unwrap().unwrap().unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(next.status(), ServingStatus::Serving);
     for (id, pos) in positions {
-        let u = app.get_at(id, Some(pos), Duration::from_secs(30)).await.unwrap();
+        let u = app
+            .get_at(id, Some(pos), Duration::from_secs(30))
+            .await
+            .unwrap();
         assert_eq!(u.name, format!("offline {id}"));
     }
     app.stop().await.expect("clean stop");
@@ -81,7 +119,10 @@ async fn an_absent_broker_means_unavailable_after_a_bounded_time() {
     let app = spawn_app_with(config).await;
     let err = app.create("Ada", "ada@example.com").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(app.health_status("").await.unwrap(), ServingStatus::NotServing);
+    assert_eq!(
+        app.health_status("").await.unwrap(),
+        ServingStatus::NotServing
+    );
     // The id it reserved was given back: a retry can succeed once Kafka is back.
     app.stop().await.expect("clean stop");
 }
@@ -95,14 +136,25 @@ async fn unknown_services_follow_the_health_spec() {
     let mut watch = app
         .health
         .clone()
-        .watch(HealthCheckRequest { service: "no.such.Service".into() })
+        .watch(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
         .await
         .expect("Watch on an unknown service is not an error")
         .into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::ServiceUnknown);
     // And the stream stays open (until shutdown ends it).
-    assert!(tokio::time::timeout(Duration::from_millis(500), watch.next()).await.is_err());
-    app.stop().await.expect("an open Watch does not hold shutdown");
-    assert!(watch.next().await.is_none_or(|r| r.is_err()), "the stream ended at shutdown");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), watch.next())
+            .await
+            .is_err()
+    );
+    app.stop()
+        .await
+        .expect("an open Watch does not hold shutdown");
+    assert!(
+        watch.next().await.is_none_or(|r| r.is_err()),
+        "the stream ended at shutdown"
+    );
 }

@@ -38,7 +38,10 @@ pub fn redis_url() -> String {
 
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Logs only when asked: `TEST_LOG=1 cargo test` (with `RUST_LOG` to filter).
@@ -114,14 +117,24 @@ impl TestApp {
     /// Graceful shutdown, as on SIGTERM; returns how it ended.
     pub async fn stop(self) -> Result<(), StartupError> {
         self.stop.cancel();
-        self.task.await.expect("the application task does not panic")
+        self.task
+            .await
+            .expect("the application task does not panic")
     }
 
     pub fn stats(&self) -> ProjectorStats {
-        self.handle.projector.as_ref().expect("projector enabled").stats()
+        self.handle
+            .projector
+            .as_ref()
+            .expect("projector enabled")
+            .stats()
     }
 
-    pub async fn create(&self, name: &str, email: &str) -> Result<CreateUserResponse, tonic::Status> {
+    pub async fn create(
+        &self,
+        name: &str,
+        email: &str,
+    ) -> Result<CreateUserResponse, tonic::Status> {
         self.create_req(CreateUserRequest {
             name: name.into(),
             email: email.into(),
@@ -130,12 +143,24 @@ impl TestApp {
         .await
     }
 
-    pub async fn create_req(&self, req: CreateUserRequest) -> Result<CreateUserResponse, tonic::Status> {
-        self.users.clone().create_user(req).await.map(|r| r.into_inner())
+    pub async fn create_req(
+        &self,
+        req: CreateUserRequest,
+    ) -> Result<CreateUserResponse, tonic::Status> {
+        self.users
+            .clone()
+            .create_user(req)
+            .await
+            .map(|r| r.into_inner())
     }
 
     /// GetUser with a read-your-write position and a deadline.
-    pub async fn get_at(&self, id: i64, position: Option<Position>, deadline: Duration) -> Result<User, tonic::Status> {
+    pub async fn get_at(
+        &self,
+        id: i64,
+        position: Option<Position>,
+        deadline: Duration,
+    ) -> Result<User, tonic::Status> {
         let mut req = tonic::Request::new(GetUserRequest {
             id,
             min_position: position,
@@ -170,9 +195,11 @@ impl TestApp {
 
     /// Waits until this instance's projector owns at least one partition.
     pub async fn wait_assigned(&self) {
-        wait_until(Duration::from_secs(60), || async { !self.stats().assignment.is_empty() })
-            .await
-            .expect("the projector never got partitions");
+        wait_until(Duration::from_secs(60), || async {
+            !self.stats().assignment.is_empty()
+        })
+        .await
+        .expect("the projector never got partitions");
     }
 }
 
@@ -226,7 +253,9 @@ pub fn group_lag(group: &str, topic: &str, partitions: i32) -> i64 {
         .expect("committed offsets");
     (0..partitions)
         .map(|p| {
-            let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
             let done = committed
                 .find_partition(topic, p)
                 .and_then(|e| e.offset().to_raw())
@@ -295,7 +324,16 @@ impl OwnRedis {
 
     pub fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/stack up installs it)");
@@ -344,5 +382,8 @@ fn murmur2_matches_kafkas_test_vectors() {
     assert_eq!(murmur2(b"foobar"), -790_332_482);
     assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
     assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-    assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+    assert_eq!(
+        murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+        -58_897_971
+    );
 }

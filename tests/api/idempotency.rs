@@ -11,7 +11,9 @@ fn log_size(topic: &str, partitions: i32) -> i64 {
     let c = inspector("log-size");
     (0..partitions)
         .map(|p| {
-            let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            let (low, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
             high - low
         })
         .sum()
@@ -33,7 +35,10 @@ async fn a_retried_request_id_gets_the_same_answer_and_one_event() {
 
     // The same key with other fields is a client bug, not a retry.
     let err = app
-        .create_req(CreateUserRequest { email: "eve@example.com".into(), ..req })
+        .create_req(CreateUserRequest {
+            email: "eve@example.com".into(),
+            ..req
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -50,7 +55,12 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
 
     for round in 0..20 {
         let id = 7_000_000 + round;
-        let req = |name: &str| CreateUserRequest { id: Some(id), name: name.into(), email: "x@example.com".into(), ..Default::default() };
+        let req = |name: &str| CreateUserRequest {
+            id: Some(id),
+            name: name.into(),
+            email: "x@example.com".into(),
+            ..Default::default()
+        };
         let (ra, rb) = tokio::join!(a.create_req(req("from-a")), b.create_req(req("from-b")));
         let oks = [ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count();
         assert_eq!(oks, 1, "round {round}: {ra:?} / {rb:?}");

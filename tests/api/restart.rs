@@ -13,15 +13,31 @@ async fn restart_resumes_from_committed_offsets() {
     let first = spawn_app().await;
     let mut before = Vec::new();
     for i in 0..10 {
-        before.push(first.create(&format!("before {i}"), "b@example.com").await.unwrap());
+        before.push(
+            first
+                .create(&format!("before {i}"), "b@example.com")
+                .await
+                .unwrap(),
+        );
     }
     for c in &before {
-        first.get_at(c.user.as_ref().unwrap().id, c.position, Duration::from_secs(30)).await.unwrap();
+        first
+            .get_at(
+                c.user.as_ref().unwrap().id,
+                c.position,
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
     }
     assert_eq!(first.stats().applied, 10);
     let config = first.config.clone();
     first.stop().await.expect("clean stop");
-    assert_eq!(group_lag(&config.consumer_group, &config.topic, 3), 0, "applied offsets committed at shutdown");
+    assert_eq!(
+        group_lag(&config.consumer_group, &config.topic, 3),
+        0,
+        "applied offsets committed at shutdown"
+    );
 
     // While no projector runs, a command-only instance takes 5 more.
     let mut command_only = config.clone();
@@ -29,7 +45,12 @@ async fn restart_resumes_from_committed_offsets() {
     let writer = spawn_app_with(command_only).await;
     let mut during = Vec::new();
     for i in 0..5 {
-        during.push(writer.create(&format!("during {i}"), "d@example.com").await.unwrap());
+        during.push(
+            writer
+                .create(&format!("during {i}"), "d@example.com")
+                .await
+                .unwrap(),
+        );
     }
     assert_eq!(group_lag(&config.consumer_group, &config.topic, 3), 5);
 
@@ -37,10 +58,20 @@ async fn restart_resumes_from_committed_offsets() {
     let second = spawn_app_with(config.clone()).await;
     for c in before.iter().chain(&during) {
         let u = c.user.clone().unwrap();
-        assert_eq!(second.get_at(u.id, c.position, Duration::from_secs(30)).await.unwrap(), u);
+        assert_eq!(
+            second
+                .get_at(u.id, c.position, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            u
+        );
     }
     let stats = second.stats();
-    assert_eq!((stats.applied, stats.skipped, stats.duplicates), (5, 0, 0), "{stats:?}");
+    assert_eq!(
+        (stats.applied, stats.skipped, stats.duplicates),
+        (5, 0, 0),
+        "{stats:?}"
+    );
     writer.stop().await.expect("clean stop");
     second.stop().await.expect("clean stop");
     assert_eq!(group_lag(&config.consumer_group, &config.topic, 3), 0);
@@ -49,7 +80,13 @@ async fn restart_resumes_from_committed_offsets() {
 #[tokio::test]
 async fn a_replayed_batch_changes_nothing() {
     let config = test_config();
-    let store = RedisStore::new(&config.redis_url(), Keys::new(&config.redis_key_prefix, &config.topic), 2, Duration::from_secs(2)).unwrap();
+    let store = RedisStore::new(
+        &config.redis_url(),
+        Keys::new(&config.redis_key_prefix, &config.topic),
+        2,
+        Duration::from_secs(2),
+    )
+    .unwrap();
     let user = |id: i64, name: &str| User {
         id: UserId::parse(id).unwrap(),
         name: UserName::parse(name).unwrap(),
@@ -57,19 +94,51 @@ async fn a_replayed_batch_changes_nothing() {
         created_at_ms: 1,
     };
     let batch = vec![
-        ApplyOp { partition: 0, offset: 0, user: Some(user(1, "one")) },
-        ApplyOp { partition: 1, offset: 0, user: Some(user(2, "two")) },
-        ApplyOp { partition: 0, offset: 1, user: None },
-        ApplyOp { partition: 0, offset: 2, user: Some(user(3, "three")) },
+        ApplyOp {
+            partition: 0,
+            offset: 0,
+            user: Some(user(1, "one")),
+        },
+        ApplyOp {
+            partition: 1,
+            offset: 0,
+            user: Some(user(2, "two")),
+        },
+        ApplyOp {
+            partition: 0,
+            offset: 1,
+            user: None,
+        },
+        ApplyOp {
+            partition: 0,
+            offset: 2,
+            user: Some(user(3, "three")),
+        },
     ];
     let first = store.apply(&batch).await.unwrap();
     assert_eq!((first.applied, first.duplicates, first.skipped), (3, 0, 0));
     let again = store.apply(&batch).await.unwrap();
     assert_eq!((again.applied, again.duplicates, again.skipped), (0, 0, 4));
     // A later event for an id already created: the first in the log wins.
-    let later = store.apply(&[ApplyOp { partition: 0, offset: 3, user: Some(user(1, "impostor")) }]).await.unwrap();
+    let later = store
+        .apply(&[ApplyOp {
+            partition: 0,
+            offset: 3,
+            user: Some(user(1, "impostor")),
+        }])
+        .await
+        .unwrap();
     assert_eq!(later.duplicates, 1);
-    assert_eq!(store.get_user(UserId::parse(1).unwrap()).await.unwrap().unwrap().name.as_str(), "one");
+    assert_eq!(
+        store
+            .get_user(UserId::parse(1).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .name
+            .as_str(),
+        "one"
+    );
     let positions = store.applied_positions().await.unwrap();
     assert_eq!((positions[&0], positions[&1]), (3, 0));
 }

@@ -25,7 +25,12 @@ async fn produce(topic: &str, keys: impl Iterator<Item = String>) -> Vec<(String
     let mut out = Vec::new();
     for key in keys {
         let d = p
-            .send(FutureRecord::to(topic).key(&key).payload(&format!("v-{key}")), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&format!("v-{key}")),
+                Duration::from_secs(10),
+            )
             .await
             .expect("the broker acknowledges");
         out.push((key, d.partition, d.offset));
@@ -40,7 +45,11 @@ async fn consume(c: &StreamConsumer, n: usize) -> Vec<(String, i32, i64)> {
             .await
             .expect("records arrive")
             .expect("no consumer error");
-        got.push((String::from_utf8_lossy(m.key().unwrap()).into_owned(), m.partition(), m.offset()));
+        got.push((
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            m.partition(),
+            m.offset(),
+        ));
     }
     got
 }
@@ -58,7 +67,14 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     for (key, partition, _) in &first {
         assert_eq!(*partition, java_partition(key.as_bytes(), 3), "key {key}");
     }
-    assert_eq!(first.iter().map(|r| r.1).collect::<std::collections::HashSet<_>>().len(), 3);
+    assert_eq!(
+        first
+            .iter()
+            .map(|r| r.1)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        3
+    );
 
     // A group member reads all 30 and commits.
     let c = group_consumer(&group);
@@ -82,7 +98,11 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     want.sort();
     assert_eq!(got, want, "resumed at the committed offsets");
     // Nothing else is waiting.
-    assert!(tokio::time::timeout(Duration::from_millis(500), c.recv()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), c.recv())
+            .await
+            .is_err()
+    );
 
     // The committed offsets are what a new member resumed from: the first batch's ends.
     let mut tpl = TopicPartitionList::new();
@@ -96,16 +116,36 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
         *e = (*e).max(o + 1);
     }
     for (p, end) in ends {
-        let offset = committed.find_partition(&topic, p).unwrap().offset().to_raw().unwrap();
+        let offset = committed
+            .find_partition(&topic, p)
+            .unwrap()
+            .offset()
+            .to_raw()
+            .unwrap();
         assert_eq!(offset, end, "partition {p}");
     }
 
     // Redis through the bb8 pool.
     let manager = bb8_redis::RedisConnectionManager::new(redis_url()).unwrap();
-    let pool = bb8::Pool::builder().max_size(4).build(manager).await.unwrap();
+    let pool = bb8::Pool::builder()
+        .max_size(4)
+        .build(manager)
+        .await
+        .unwrap();
     let key = unique("roundtrip-key");
     let mut conn = pool.get().await.unwrap();
-    let _: () = redis::cmd("SET").arg(&key).arg("hello").arg("EX").arg(60).query_async(&mut *conn).await.unwrap();
-    let back: String = redis::cmd("GET").arg(&key).query_async(&mut *conn).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("hello")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    let back: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
     assert_eq!(back, "hello");
 }

@@ -1,7 +1,7 @@
 //! Bad input gets INVALID_ARGUMENT with `google.rpc.BadRequest` field
 //! violations, and creates nothing.
 
-use crate::helpers::{spawn_app, group_lag};
+use crate::helpers::{group_lag, spawn_app};
 use tonic::Code;
 use tonic_types::StatusExt;
 use user_service::proto::user::v1::{CreateUserRequest, GetUserRequest, Position};
@@ -20,15 +20,82 @@ fn violated_fields(status: &tonic::Status) -> Vec<String> {
 async fn each_invalid_field_is_reported_and_nothing_is_published() {
     let app = spawn_app().await;
     let cases: Vec<(CreateUserRequest, Vec<&str>)> = vec![
-        (CreateUserRequest { name: "".into(), email: "a@example.com".into(), ..Default::default() }, vec!["name"]),
-        (CreateUserRequest { name: "   ".into(), email: "a@example.com".into(), ..Default::default() }, vec!["name"]),
-        (CreateUserRequest { name: "x".repeat(129), email: "a@example.com".into(), ..Default::default() }, vec!["name"]),
-        (CreateUserRequest { name: "Ada".into(), email: "not-an-email".into(), ..Default::default() }, vec!["email"]),
-        (CreateUserRequest { name: "Ada".into(), email: format!("{}@example.com", "a".repeat(250)), ..Default::default() }, vec!["email"]),
-        (CreateUserRequest { id: Some(0), name: "Ada".into(), email: "a@example.com".into(), ..Default::default() }, vec!["id"]),
-        (CreateUserRequest { id: Some(-5), name: "Ada".into(), email: "a@example.com".into(), ..Default::default() }, vec!["id"]),
-        (CreateUserRequest { name: "Ada".into(), email: "a@example.com".into(), request_id: "has spaces".into(), ..Default::default() }, vec!["request_id"]),
-        (CreateUserRequest { id: Some(-1), name: "".into(), email: "".into(), request_id: "r".repeat(200) }, vec!["id", "name", "email", "request_id"]),
+        (
+            CreateUserRequest {
+                name: "".into(),
+                email: "a@example.com".into(),
+                ..Default::default()
+            },
+            vec!["name"],
+        ),
+        (
+            CreateUserRequest {
+                name: "   ".into(),
+                email: "a@example.com".into(),
+                ..Default::default()
+            },
+            vec!["name"],
+        ),
+        (
+            CreateUserRequest {
+                name: "x".repeat(129),
+                email: "a@example.com".into(),
+                ..Default::default()
+            },
+            vec!["name"],
+        ),
+        (
+            CreateUserRequest {
+                name: "Ada".into(),
+                email: "not-an-email".into(),
+                ..Default::default()
+            },
+            vec!["email"],
+        ),
+        (
+            CreateUserRequest {
+                name: "Ada".into(),
+                email: format!("{}@example.com", "a".repeat(250)),
+                ..Default::default()
+            },
+            vec!["email"],
+        ),
+        (
+            CreateUserRequest {
+                id: Some(0),
+                name: "Ada".into(),
+                email: "a@example.com".into(),
+                ..Default::default()
+            },
+            vec!["id"],
+        ),
+        (
+            CreateUserRequest {
+                id: Some(-5),
+                name: "Ada".into(),
+                email: "a@example.com".into(),
+                ..Default::default()
+            },
+            vec!["id"],
+        ),
+        (
+            CreateUserRequest {
+                name: "Ada".into(),
+                email: "a@example.com".into(),
+                request_id: "has spaces".into(),
+                ..Default::default()
+            },
+            vec!["request_id"],
+        ),
+        (
+            CreateUserRequest {
+                id: Some(-1),
+                name: "".into(),
+                email: "".into(),
+                request_id: "r".repeat(200),
+            },
+            vec!["id", "name", "email", "request_id"],
+        ),
     ];
     for (req, fields) in cases {
         let err = app.create_req(req.clone()).await.unwrap_err();
@@ -36,18 +103,35 @@ async fn each_invalid_field_is_reported_and_nothing_is_published() {
         assert_eq!(violated_fields(&err), fields, "{req:?}");
     }
 
-    let err = app.users.clone().get_user(GetUserRequest { id: 0, min_position: None }).await.unwrap_err();
+    let err = app
+        .users
+        .clone()
+        .get_user(GetUserRequest {
+            id: 0,
+            min_position: None,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&err), ["id"]);
     let err = app
         .users
         .clone()
-        .get_user(GetUserRequest { id: 1, min_position: Some(Position { partition: -1, offset: 0 }) })
+        .get_user(GetUserRequest {
+            id: 1,
+            min_position: Some(Position {
+                partition: -1,
+                offset: 0,
+            }),
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&err), ["min_position.partition"]);
 
     // Nothing reached the log.
-    assert_eq!(group_lag(&app.config.consumer_group, &app.config.topic, 3), 0);
+    assert_eq!(
+        group_lag(&app.config.consumer_group, &app.config.topic, 3),
+        0
+    );
     app.stop().await.expect("clean stop");
 }
