@@ -5,7 +5,7 @@ use prost::Message;
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/user/v1/user.proto"];
+    let protos = ["proto/user/v1/user.proto", "proto/user/v1/projection.proto"];
     println!("cargo:rerun-if-changed=proto");
 
     let fds = protox::compile(protos, ["proto"])?;

@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "PROJECTOR_BATCH_SIZE", default_value_t = 500)]
     pub projector_batch_size: usize,
 
+    /// Most concurrent WatchProgress streams on this instance; more get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_PROGRESS_WATCHERS", default_value_t = 100)]
+    pub max_progress_watchers: usize,
+
     /// How often Kafka and Redis are probed for the health service.
     #[arg(long, env = "HEALTH_PROBE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_probe_interval: Duration,

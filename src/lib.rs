@@ -18,6 +18,9 @@
 //!   id and request-id reservations.
 //! - [`projector`]: the consumer-group loop: fetch, apply to Redis idempotently,
 //!   then store the offset for commit (at-least-once, effectively once in Redis).
+//! - [`progress`]: the consumer group's progress per partition (committed
+//!   offset, log end, lag, Burrow-like status), read from Kafka by one shared
+//!   poller per watched group, for `ProjectionService`.
 //! - [`config`]: flags and environment variables (`KAFKA_BROKER_URL`,
 //!   `REDIS_SERVER_URL`, ...).
 //! - [`startup`]: `Application::build` binds the listener and starts the server,
@@ -29,6 +32,7 @@ pub mod cache;
 pub mod config;
 pub mod domain;
 pub mod kafka;
+pub mod progress;
 pub mod projector;
 pub mod proto;
 pub mod startup;

@@ -6,12 +6,19 @@
 //! probe and every stream; a task tracker joins them all at shutdown.
 
 use crate::{
-    api::{HealthRegistry, UserApi, health::HealthService},
+    api::{HealthRegistry, ProjectionApi, UserApi, health::HealthService},
     cache::{CacheError, Keys, RedisStore},
     config::Config,
     kafka::{self, EventPublisher, KafkaError},
+    progress::{OwnProjection, ProgressHub},
     projector::{Projector, ProjectorState},
-    proto::{self, user::v1::user_service_server::UserServiceServer},
+    proto::{
+        self,
+        user::v1::{
+            projection_service_server::ProjectionServiceServer,
+            user_service_server::UserServiceServer,
+        },
+    },
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
@@ -131,6 +138,21 @@ impl Application {
             token.clone(),
         ));
 
+        let progress = ProjectionApi {
+            hub: Arc::new(ProgressHub::new(
+                &config.kafka_broker_url,
+                OwnProjection {
+                    group: config.consumer_group.clone(),
+                    topic: config.topic.clone(),
+                    state: projector.clone(),
+                },
+                config.max_progress_watchers,
+                config.publish_timeout,
+                token.clone(),
+                tracker.clone(),
+            )),
+            shutdown: token.clone(),
+        };
         let api = UserApi {
             store,
             publisher: publisher.clone(),
@@ -166,6 +188,7 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(UserServiceServer::new(api))
+            .add_service(ProjectionServiceServer::new(progress))
             .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
         let server = tokio::spawn(server);
 

@@ -7,6 +7,7 @@ use crate::{
     cache::CacheError,
     domain::{UserId, ValidationError},
     kafka::KafkaError,
+    progress::{ProgressError, WatchError},
 };
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -30,6 +31,8 @@ pub enum ApiError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Progress(#[from] WatchError),
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -66,6 +69,15 @@ impl From<ApiError> for Status {
                     "the event log (Kafka) is unavailable; retry with the same request_id",
                 )
             }
+            ApiError::Progress(WatchError::TooManyWatchers(_)) => Status::resource_exhausted(e.to_string()),
+            ApiError::Progress(WatchError::ShuttingDown) => Status::unavailable(e.to_string()),
+            ApiError::Progress(WatchError::Progress(p)) => match &*p {
+                ProgressError::UnknownTopic(_) | ProgressError::UnknownGroup(_) => Status::not_found(p.to_string()),
+                ProgressError::Unavailable(detail) => {
+                    tracing::warn!(%detail, "kafka unavailable for progress");
+                    Status::unavailable("the event log (Kafka) is unavailable; retry later")
+                }
+            },
             other => {
                 tracing::error!(error = %other, "internal error");
                 Status::internal("internal error")

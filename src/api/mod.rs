@@ -3,8 +3,10 @@
 
 pub mod error;
 pub mod health;
+mod projection_service;
 mod user_service;
 
 pub use error::ApiError;
 pub use health::HealthRegistry;
+pub use projection_service::ProjectionApi;
 pub use user_service::UserApi;

@@ -1,0 +1,292 @@
+//! [`ProgressHub`]: one poller per watched (group, topic), shared by all its
+//! watchers, so Kafka is asked once per interval however many watch.
+
+use super::{
+    history::History,
+    kafka_reader::{GroupReader, ProgressError},
+    model::{GroupState, Snapshot},
+};
+use crate::projector::ProjectorState;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+type Latest = Option<Result<Arc<Snapshot>, Arc<ProgressError>>>;
+type Pollers = Arc<Mutex<HashMap<(String, String), Arc<Poller>>>>;
+
+/// Why a watcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("too many progress watchers on this instance (at most {0})")]
+    TooManyWatchers(usize),
+    #[error(transparent)]
+    Progress(#[from] Arc<ProgressError>),
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+/// The service's own group and topic, and where their applied offsets live.
+#[derive(Clone)]
+pub struct OwnProjection {
+    pub group: String,
+    pub topic: String,
+    pub state: Option<Arc<ProjectorState>>,
+}
+
+/// Hands out subscriptions to shared pollers.
+pub struct ProgressHub {
+    brokers: String,
+    own: OwnProjection,
+    max_watchers: usize,
+    watchers: Arc<Semaphore>,
+    /// Shared with the poller tasks, which remove themselves when unwatched.
+    pollers: Pollers,
+    /// Every poller ends on it at shutdown.
+    token: CancellationToken,
+    /// Pollers are joined with the other tasks at shutdown.
+    tracker: TaskTracker,
+    kafka_timeout: Duration,
+}
+
+struct Poller {
+    latest: watch::Sender<Latest>,
+    /// Wakes the poller for a new watcher that needs a snapshot now.
+    poke: Notify,
+    /// Active subscriptions and their intervals; the poller runs at the fastest.
+    intervals: Mutex<HashMap<u64, Duration>>,
+    next_id: AtomicU64,
+}
+
+/// A watcher's hold on a poller; dropping it (the client left) unregisters it,
+/// and the poller stops when nobody is left.
+pub struct Subscription {
+    poller: Arc<Poller>,
+    id: u64,
+    rx: watch::Receiver<Latest>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        lock(&self.poller.intervals).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // No code panics while holding these locks.
+    m.lock().expect("progress lock poisoned")
+}
+
+impl ProgressHub {
+    pub fn new(
+        brokers: &str,
+        own: OwnProjection,
+        max_watchers: usize,
+        kafka_timeout: Duration,
+        token: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            brokers: brokers.to_owned(),
+            own,
+            max_watchers,
+            watchers: Arc::new(Semaphore::new(max_watchers)),
+            pollers: Pollers::default(),
+            token,
+            tracker,
+            kafka_timeout,
+        }
+    }
+
+    pub fn own_group(&self) -> &str {
+        &self.own.group
+    }
+
+    pub fn own_topic(&self) -> &str {
+        &self.own.topic
+    }
+
+    /// Subscribes to (group, topic) at `interval`; `counted` watchers take one
+    /// of the instance's watcher slots. Returns once the first snapshot is in.
+    pub async fn subscribe(
+        &self,
+        group: &str,
+        topic: &str,
+        interval: Duration,
+        counted: bool,
+    ) -> Result<(Subscription, Arc<Snapshot>), WatchError> {
+        if self.token.is_cancelled() {
+            return Err(WatchError::ShuttingDown);
+        }
+        let permit = if counted {
+            Some(
+                self.watchers
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| WatchError::TooManyWatchers(self.max_watchers))?,
+            )
+        } else {
+            None
+        };
+        let poller = {
+            let mut pollers = lock(&self.pollers);
+            let key = (group.to_owned(), topic.to_owned());
+            let poller = pollers
+                .entry(key.clone())
+                .or_insert_with(|| self.start_poller(key))
+                .clone();
+            poller
+        };
+        let id = poller.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&poller.intervals).insert(id, interval);
+        let mut sub = Subscription {
+            rx: poller.latest.subscribe(),
+            poller,
+            id,
+            _permit: permit,
+        };
+        let first = sub.first(interval, &self.token).await?;
+        if group != self.own.group
+            && first.state == GroupState::Dead
+            && first.partitions.iter().all(|p| p.committed.is_none())
+        {
+            return Err(Arc::new(ProgressError::UnknownGroup(group.to_owned())).into());
+        }
+        Ok((sub, first))
+    }
+
+    fn start_poller(&self, key: (String, String)) -> Arc<Poller> {
+        let poller = Arc::new(Poller {
+            latest: watch::Sender::new(None),
+            poke: Notify::new(),
+            intervals: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        });
+        let task = PollerTask {
+            poller: poller.clone(),
+            key,
+            brokers: self.brokers.clone(),
+            own: self.own.clone(),
+            timeout: self.kafka_timeout,
+            token: self.token.clone(),
+        };
+        self.tracker.spawn(task.run(self.pollers.clone()));
+        poller
+    }
+}
+
+impl Subscription {
+    /// The first snapshot: the poller's latest if it is recent enough,
+    /// otherwise a fresh poll, right away.
+    async fn first(&mut self, interval: Duration, token: &CancellationToken) -> Result<Arc<Snapshot>, WatchError> {
+        let fresh = |l: &Latest| match l {
+            Some(Ok(s)) => s.time.elapsed().is_ok_and(|age| age <= interval),
+            _ => false,
+        };
+        if !fresh(&self.rx.borrow_and_update()) {
+            self.poller.poke.notify_one();
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return Err(WatchError::ShuttingDown),
+                    changed = self.rx.changed() => {
+                        if changed.is_err() {
+                            return Err(WatchError::ShuttingDown);
+                        }
+                    }
+                }
+                if self.rx.borrow_and_update().is_some() {
+                    break;
+                }
+            }
+        }
+        self.latest().ok_or(WatchError::ShuttingDown)?
+    }
+
+    /// The newest result of the shared poller.
+    pub fn latest(&self) -> Option<Result<Arc<Snapshot>, WatchError>> {
+        self.rx
+            .borrow()
+            .as_ref()
+            .map(|r| r.clone().map_err(WatchError::from))
+    }
+}
+
+struct PollerTask {
+    poller: Arc<Poller>,
+    key: (String, String),
+    brokers: String,
+    own: OwnProjection,
+    timeout: Duration,
+    token: CancellationToken,
+}
+
+impl PollerTask {
+    async fn run(self, pollers: Pollers) {
+        let (group, topic) = self.key.clone();
+        let mut history = History::default();
+        let mut reader = None;
+        tracing::debug!(%group, %topic, "progress poller started");
+        loop {
+            // Stop when nobody watches; checked under the hub's lock so that a
+            // new subscriber either finds this poller alive or starts another.
+            let period = {
+                let mut map = lock(&pollers);
+                match lock(&self.poller.intervals).values().min().copied() {
+                    Some(p) => p,
+                    None => {
+                        map.remove(&self.key);
+                        break;
+                    }
+                }
+            };
+
+            let result = self.poll(&mut reader, &group, &topic).await;
+            let latest = result.map(|obs| {
+                let applied = match &self.own.state {
+                    Some(state) if group == self.own.group && topic == self.own.topic => {
+                        state.stats().applied_offsets
+                    }
+                    _ => BTreeMap::new(),
+                };
+                Arc::new(history.observe(&group, &topic, &obs, &applied))
+            });
+            self.poller.latest.send_replace(Some(latest.map_err(Arc::new)));
+
+            tokio::select! {
+                _ = self.token.cancelled() => break,
+                _ = tokio::time::sleep(period) => {}
+                _ = self.poller.poke.notified() => {}
+            }
+        }
+        tracing::debug!(%group, %topic, "progress poller stopped");
+    }
+
+    /// One observation; the reader is built on first use and kept.
+    async fn poll(
+        &self,
+        reader: &mut Option<GroupReader>,
+        group: &str,
+        topic: &str,
+    ) -> Result<super::model::Observation, ProgressError> {
+        let r = match reader.take() {
+            Some(r) => r,
+            None => GroupReader::new(&self.brokers, group, topic, self.timeout)?,
+        };
+        // The reader's calls block: run them off the async workers.
+        let (r, result) = tokio::task::spawn_blocking(move || {
+            let result = r.observe();
+            (r, result)
+        })
+        .await
+        .map_err(|e| ProgressError::Unavailable(format!("progress poll panicked: {e}")))?;
+        *reader = Some(r);
+        result
+    }
+}
