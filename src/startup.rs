@@ -61,6 +61,7 @@ pub struct Application {
     health: Arc<HealthRegistry>,
     publisher: EventPublisher,
     projector: Option<Arc<ProjectorState>>,
+    progress: Arc<ProgressHub>,
 }
 
 /// What tests and tools may look at while the application runs.
@@ -70,6 +71,7 @@ pub struct AppHandle {
     pub health: Arc<HealthRegistry>,
     /// `None` when the projector is disabled.
     pub projector: Option<Arc<ProjectorState>>,
+    pub progress: Arc<ProgressHub>,
 }
 
 impl Application {
@@ -138,19 +140,20 @@ impl Application {
             token.clone(),
         ));
 
+        let progress_hub = Arc::new(ProgressHub::new(
+            &config.kafka_broker_url,
+            OwnProjection {
+                group: config.consumer_group.clone(),
+                topic: config.topic.clone(),
+                state: projector.clone(),
+            },
+            config.max_progress_watchers,
+            config.publish_timeout,
+            token.clone(),
+            tracker.clone(),
+        ));
         let progress = ProjectionApi {
-            hub: Arc::new(ProgressHub::new(
-                &config.kafka_broker_url,
-                OwnProjection {
-                    group: config.consumer_group.clone(),
-                    topic: config.topic.clone(),
-                    state: projector.clone(),
-                },
-                config.max_progress_watchers,
-                config.publish_timeout,
-                token.clone(),
-                tracker.clone(),
-            )),
+            hub: progress_hub.clone(),
             shutdown: token.clone(),
         };
         let api = UserApi {
@@ -201,6 +204,7 @@ impl Application {
             health,
             publisher,
             projector,
+            progress: progress_hub,
         })
     }
 
@@ -214,6 +218,7 @@ impl Application {
             addr: self.addr,
             health: self.health.clone(),
             projector: self.projector.clone(),
+            progress: self.progress.clone(),
         }
     }
 

@@ -69,10 +69,14 @@ impl From<ApiError> for Status {
                     "the event log (Kafka) is unavailable; retry with the same request_id",
                 )
             }
-            ApiError::Progress(WatchError::TooManyWatchers(_)) => Status::resource_exhausted(e.to_string()),
+            ApiError::Progress(WatchError::TooManyWatchers(_)) => {
+                Status::resource_exhausted(e.to_string())
+            }
             ApiError::Progress(WatchError::ShuttingDown) => Status::unavailable(e.to_string()),
             ApiError::Progress(WatchError::Progress(p)) => match &*p {
-                ProgressError::UnknownTopic(_) | ProgressError::UnknownGroup(_) => Status::not_found(p.to_string()),
+                ProgressError::UnknownTopic(_) | ProgressError::UnknownGroup(_) => {
+                    Status::not_found(p.to_string())
+                }
                 ProgressError::Unavailable(detail) => {
                     tracing::warn!(%detail, "kafka unavailable for progress");
                     Status::unavailable("the event log (Kafka) is unavailable; retry later")

@@ -113,8 +113,17 @@ impl ProjectionService for ProjectionApi {
 
 impl ProjectionApi {
     fn names(&self, group: &str, topic: &str) -> (String, String) {
-        let pick = |asked: &str, own: &str| if asked.is_empty() { own.to_owned() } else { asked.to_owned() };
-        (pick(group, self.hub.own_group()), pick(topic, self.hub.own_topic()))
+        let pick = |asked: &str, own: &str| {
+            if asked.is_empty() {
+                own.to_owned()
+            } else {
+                asked.to_owned()
+            }
+        };
+        (
+            pick(group, self.hub.own_group()),
+            pick(topic, self.hub.own_topic()),
+        )
     }
 }
 
@@ -228,7 +237,12 @@ mod tests {
 
     #[test]
     fn interval_bounds() {
-        let d = |ms: i64| Some(prost_types::Duration { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 });
+        let d = |ms: i64| {
+            Some(prost_types::Duration {
+                seconds: ms / 1000,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            })
+        };
         assert_eq!(parse_interval(None).unwrap(), DEFAULT_INTERVAL);
         assert_eq!(parse_interval(d(250)).unwrap(), Duration::from_millis(250));
         assert!(parse_interval(d(99)).is_err());

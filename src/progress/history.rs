@@ -70,7 +70,10 @@ impl History {
                     h.log_end.pop_front();
                 }
             }
-            if raw.committed.is_some() && h.last_committed.is_some() && h.last_committed != raw.committed {
+            if raw.committed.is_some()
+                && h.last_committed.is_some()
+                && h.last_committed != raw.committed
+            {
                 h.last_commit_time = Some(obs.time);
             }
             h.last_committed = raw.committed.or(h.last_committed);
@@ -127,7 +130,12 @@ fn secs_between(earlier: SystemTime, later: SystemTime) -> f64 {
 }
 
 /// Seconds since the log end passed `position` (see the module doc).
-fn lag_seconds(log_end: &VecDeque<(SystemTime, i64)>, position: i64, lag: i64, now: SystemTime) -> f64 {
+fn lag_seconds(
+    log_end: &VecDeque<(SystemTime, i64)>,
+    position: i64,
+    lag: i64,
+    now: SystemTime,
+) -> f64 {
     if lag == 0 {
         return 0.0;
     }
@@ -231,16 +239,27 @@ mod tests {
 
     #[test]
     fn a_consumer_that_keeps_up_is_ok_with_no_lag() {
-        let s = run(&[(0, Some(10), 10, true), (1, Some(20), 20, true), (2, Some(30), 30, true)]);
+        let s = run(&[
+            (0, Some(10), 10, true),
+            (1, Some(20), 20, true),
+            (2, Some(30), 30, true),
+        ]);
         let p = &s.partitions[0];
-        assert_eq!((p.lag, p.status, p.lag_seconds), (0, PartitionStatus::Ok, 0.0));
+        assert_eq!(
+            (p.lag, p.status, p.lag_seconds),
+            (0, PartitionStatus::Ok, 0.0)
+        );
         assert!((p.consume_rate - 10.0).abs() < 1e-9);
         assert_eq!(p.last_commit_time, Some(at(2)));
     }
 
     #[test]
     fn a_position_that_does_not_move_under_lag_is_stalled() {
-        let s = run(&[(0, Some(5), 10, true), (1, Some(5), 12, true), (2, Some(5), 12, true)]);
+        let s = run(&[
+            (0, Some(5), 10, true),
+            (1, Some(5), 12, true),
+            (2, Some(5), 12, true),
+        ]);
         assert_eq!(s.partitions[0].status, PartitionStatus::Stalled);
         assert_eq!(s.partitions[0].lag, 7);
         assert_eq!(s.totals.total_lag, 7);
@@ -248,20 +267,34 @@ mod tests {
 
     #[test]
     fn growing_lag_while_committing_is_lagging() {
-        let s = run(&[(0, Some(0), 10, true), (1, Some(5), 20, true), (2, Some(10), 30, true)]);
+        let s = run(&[
+            (0, Some(0), 10, true),
+            (1, Some(5), 20, true),
+            (2, Some(10), 30, true),
+        ]);
         assert_eq!(s.partitions[0].status, PartitionStatus::Lagging);
     }
 
     #[test]
     fn no_owner_is_stopped_and_a_short_window_is_ok() {
-        assert_eq!(run(&[(0, Some(5), 10, false)]).partitions[0].status, PartitionStatus::Stopped);
-        assert_eq!(run(&[(0, Some(5), 10, true), (1, Some(5), 10, true)]).partitions[0].status, PartitionStatus::Ok);
+        assert_eq!(
+            run(&[(0, Some(5), 10, false)]).partitions[0].status,
+            PartitionStatus::Stopped
+        );
+        assert_eq!(
+            run(&[(0, Some(5), 10, true), (1, Some(5), 10, true)]).partitions[0].status,
+            PartitionStatus::Ok
+        );
     }
 
     #[test]
     fn lag_seconds_interpolates_when_the_log_end_passed_the_position() {
         // Log end 100 at t=0 and 200 at t=10: offset 150 was appended near t=5.
-        let s = run(&[(0, Some(100), 100, true), (10, Some(100), 200, true), (20, Some(150), 200, true)]);
+        let s = run(&[
+            (0, Some(100), 100, true),
+            (10, Some(100), 200, true),
+            (20, Some(150), 200, true),
+        ]);
         let p = &s.partitions[0];
         assert_eq!(p.lag, 50);
         // Record 150 appended at 0 + 10 * (151 - 100) / 100 = 5.1 s; now is 20 s.

@@ -53,6 +53,8 @@ pub struct ProgressHub {
     /// Pollers are joined with the other tasks at shutdown.
     tracker: TaskTracker,
     kafka_timeout: Duration,
+    /// Polls of Kafka made by all pollers, for tests and metrics.
+    polls: Arc<AtomicU64>,
 }
 
 struct Poller {
@@ -102,7 +104,13 @@ impl ProgressHub {
             token,
             tracker,
             kafka_timeout,
+            polls: Arc::default(),
         }
+    }
+
+    /// How many times Kafka was polled so far, over all watched groups.
+    pub fn polls(&self) -> u64 {
+        self.polls.load(Ordering::Relaxed)
     }
 
     pub fn own_group(&self) -> &str {
@@ -138,11 +146,10 @@ impl ProgressHub {
         let poller = {
             let mut pollers = lock(&self.pollers);
             let key = (group.to_owned(), topic.to_owned());
-            let poller = pollers
+            pollers
                 .entry(key.clone())
                 .or_insert_with(|| self.start_poller(key))
-                .clone();
-            poller
+                .clone()
         };
         let id = poller.next_id.fetch_add(1, Ordering::Relaxed);
         lock(&poller.intervals).insert(id, interval);
@@ -176,6 +183,7 @@ impl ProgressHub {
             own: self.own.clone(),
             timeout: self.kafka_timeout,
             token: self.token.clone(),
+            polls: self.polls.clone(),
         };
         self.tracker.spawn(task.run(self.pollers.clone()));
         poller
@@ -185,7 +193,11 @@ impl ProgressHub {
 impl Subscription {
     /// The first snapshot: the poller's latest if it is recent enough,
     /// otherwise a fresh poll, right away.
-    async fn first(&mut self, interval: Duration, token: &CancellationToken) -> Result<Arc<Snapshot>, WatchError> {
+    async fn first(
+        &mut self,
+        interval: Duration,
+        token: &CancellationToken,
+    ) -> Result<Arc<Snapshot>, WatchError> {
         let fresh = |l: &Latest| match l {
             Some(Ok(s)) => s.time.elapsed().is_ok_and(|age| age <= interval),
             _ => false,
@@ -225,6 +237,7 @@ struct PollerTask {
     own: OwnProjection,
     timeout: Duration,
     token: CancellationToken,
+    polls: Arc<AtomicU64>,
 }
 
 impl PollerTask {
@@ -248,6 +261,7 @@ impl PollerTask {
             };
 
             let result = self.poll(&mut reader, &group, &topic).await;
+            self.polls.fetch_add(1, Ordering::Relaxed);
             let latest = result.map(|obs| {
                 let applied = match &self.own.state {
                     Some(state) if group == self.own.group && topic == self.own.topic => {
@@ -257,7 +271,9 @@ impl PollerTask {
                 };
                 Arc::new(history.observe(&group, &topic, &obs, &applied))
             });
-            self.poller.latest.send_replace(Some(latest.map_err(Arc::new)));
+            self.poller
+                .latest
+                .send_replace(Some(latest.map_err(Arc::new)));
 
             tokio::select! {
                 _ = self.token.cancelled() => break,

@@ -31,12 +31,20 @@ pub struct GroupReader {
 }
 
 impl GroupReader {
-    pub fn new(brokers: &str, group: &str, topic: &str, timeout: Duration) -> Result<Self, ProgressError> {
+    pub fn new(
+        brokers: &str,
+        group: &str,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Self, ProgressError> {
         let consumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .set("client.id", format!("{}-progress", crate::kafka::client_id()))
+            .set(
+                "client.id",
+                format!("{}-progress", crate::kafka::client_id()),
+            )
             .create()
             .map_err(|e| ProgressError::Unavailable(e.to_string()))?;
         Ok(Self {
@@ -80,12 +88,13 @@ impl GroupReader {
                 .consumer
                 .fetch_watermarks(&self.topic, p, self.timeout)
                 .map_err(unavailable)?;
-            let committed = committed
-                .find_partition(&self.topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) if o >= 0 => Some(o),
-                    _ => None,
-                });
+            let committed =
+                committed
+                    .find_partition(&self.topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some(o),
+                        _ => None,
+                    });
             partitions.push(RawPartition {
                 partition: p,
                 committed,
@@ -182,7 +191,7 @@ mod tests {
             b.extend(name.as_bytes());
             b.extend((parts.len() as i32).to_be_bytes());
             for p in parts {
-                b.extend((p as i32).to_be_bytes());
+                b.extend(p.to_be_bytes());
             }
         }
         b.extend((-1i32).to_be_bytes()); // null user data

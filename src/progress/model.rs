@@ -18,9 +18,11 @@ impl GroupState {
     pub fn from_kafka(state: &str) -> Self {
         match state {
             "Stable" => Self::Stable,
-            "PreparingRebalance" | "CompletingRebalance" | "AwaitingSync" | "Assigning" | "Reconciling" => {
-                Self::Rebalancing
-            }
+            "PreparingRebalance"
+            | "CompletingRebalance"
+            | "AwaitingSync"
+            | "Assigning"
+            | "Reconciling" => Self::Rebalancing,
             "Empty" => Self::Empty,
             "Dead" => Self::Dead,
             _ => Self::Unknown,

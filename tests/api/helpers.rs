@@ -21,7 +21,7 @@ use user_service::{
     projector::ProjectorStats,
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, Position, User,
-        user_service_client::UserServiceClient,
+        projection_service_client::ProjectionServiceClient, user_service_client::UserServiceClient,
     },
     startup::{AppHandle, Application, StartupError},
 };
@@ -80,6 +80,7 @@ pub struct TestApp {
     pub handle: AppHandle,
     pub users: UserServiceClient<Channel>,
     pub health: HealthClient<Channel>,
+    pub progress: ProjectionServiceClient<Channel>,
     stop: CancellationToken,
     task: JoinHandle<Result<(), StartupError>>,
 }
@@ -107,7 +108,8 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
         addr,
         handle,
         users: UserServiceClient::new(channel.clone()),
-        health: HealthClient::new(channel),
+        health: HealthClient::new(channel.clone()),
+        progress: ProjectionServiceClient::new(channel),
         stop,
         task,
     }

@@ -9,6 +9,7 @@ mod create_and_get;
 mod dead_letter;
 mod health;
 mod idempotency;
+mod progress;
 mod restart;
 mod shutdown;
 mod stack_round_trip;

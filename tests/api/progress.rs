@@ -1,0 +1,419 @@
+//! `ProjectionService`: the group's progress per partition, live, from any
+//! instance, agreeing with Kafka's own tool.
+
+use crate::helpers::{
+    OwnRedis, TestApp, producer, spawn_app, spawn_app_with, test_config, wait_until,
+};
+use futures::StreamExt;
+use rdkafka::producer::FutureRecord;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+use tonic::{Code, Streaming};
+use user_service::{
+    domain::{Email, User, UserCreated, UserId, UserName},
+    proto::user::v1::{
+        GetProgressRequest, GroupState, PartitionStatus, ProgressSnapshot, WatchProgressRequest,
+        WatchProgressResponse,
+    },
+};
+
+fn every(ms: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+async fn watch(
+    app: &TestApp,
+    req: WatchProgressRequest,
+) -> Result<Streaming<WatchProgressResponse>, tonic::Status> {
+    app.progress
+        .clone()
+        .watch_progress(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn next(stream: &mut Streaming<WatchProgressResponse>) -> ProgressSnapshot {
+    tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("a snapshot every interval")
+        .expect("the stream is open")
+        .expect("no error")
+        .snapshot
+        .expect("a snapshot")
+}
+
+async fn snapshot(app: &TestApp) -> ProgressSnapshot {
+    app.progress
+        .clone()
+        .get_progress(GetProgressRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+}
+
+fn event(id: i64) -> UserCreated {
+    UserCreated::new(User {
+        id: UserId::parse(id).unwrap(),
+        name: UserName::parse(&format!("user {id}")).unwrap(),
+        email: Email::parse("p@example.com").unwrap(),
+        created_at_ms: 0,
+    })
+}
+
+#[tokio::test]
+async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
+    let mut redis = OwnRedis::start();
+    let mut config = test_config();
+    config.redis_server_url = redis.url();
+    config.redis_timeout = Duration::from_millis(500);
+    let app = spawn_app_with(config).await;
+    app.wait_assigned().await;
+
+    let mut stream = watch(
+        &app,
+        WatchProgressRequest {
+            interval: every(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let first = next(&mut stream).await;
+    assert_eq!(first.group, app.config.consumer_group);
+    assert_eq!(first.partitions.len(), 3);
+    assert_eq!(first.totals.unwrap().total_lag, 0);
+
+    // Pause the projector by taking Redis away, then produce N events.
+    redis.stop();
+    let n = 30;
+    let p = producer();
+    for id in 1..=n {
+        let e = event(id);
+        p.send(
+            FutureRecord::to(&app.config.topic)
+                .key(&e.key())
+                .payload(&e.to_json()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen = vec![first];
+    loop {
+        let s = next(&mut stream).await;
+        seen.push(s.clone());
+        let stalled = s
+            .partitions
+            .iter()
+            .filter(|p| p.lag > 0)
+            .all(|p| p.status() == PartitionStatus::Stalled);
+        if s.totals.unwrap().total_lag == n && stalled {
+            assert!(s.partitions.iter().all(|p| p.owner.is_some()));
+            break;
+        }
+        assert!(seen.len() < 200, "never saw lag {n} and STALLED: {s:#?}");
+    }
+
+    redis.restart();
+    loop {
+        let s = next(&mut stream).await;
+        seen.push(s.clone());
+        if s.totals.unwrap().total_lag == 0
+            && s.partitions
+                .iter()
+                .all(|p| p.status() == PartitionStatus::Ok)
+        {
+            // Caught up: the applied offset of this instance equals the commit.
+            for p in &s.partitions {
+                assert_eq!(
+                    p.applied_offset.or(p.committed_offset),
+                    p.committed_offset,
+                    "partition {}",
+                    p.partition
+                );
+            }
+            break;
+        }
+        assert!(seen.len() < 400, "never caught up: {s:#?}");
+    }
+
+    // Figures that must not go backwards did not.
+    for pair in seen.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(
+            b.time.unwrap().seconds * 1_000_000_000 + b.time.unwrap().nanos as i64
+                >= a.time.unwrap().seconds * 1_000_000_000 + a.time.unwrap().nanos as i64
+        );
+        for (pa, pb) in a.partitions.iter().zip(&b.partitions) {
+            assert!(pb.log_end_offset >= pa.log_end_offset);
+            assert!(pb.committed_offset.unwrap_or(0) >= pa.committed_offset.unwrap_or(0));
+        }
+    }
+    app.stop()
+        .await
+        .expect("an open progress stream does not hold shutdown");
+}
+
+/// `kafka-consumer-groups --describe`, from the tools jar the stack installed:
+/// partition → (current offset, log end, lag, consumer id).
+fn official_describe(group: &str) -> BTreeMap<i32, (Option<i64>, i64, Option<i64>, String)> {
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-tool");
+    let out = std::process::Command::new(tool)
+        .args([
+            "consumer-groups",
+            "--bootstrap-server",
+            &crate::helpers::kafka_brokers(),
+            "--describe",
+            "--group",
+            group,
+        ])
+        .output()
+        .expect("scripts/kafka-tool runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut rows = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with(group)) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG CONSUMER-ID HOST CLIENT-ID
+        let num = |s: &str| s.parse::<i64>().ok();
+        rows.insert(
+            cols[2].parse().unwrap(),
+            (
+                num(cols[3]),
+                cols[4].parse().unwrap(),
+                num(cols[5]),
+                cols[6].to_owned(),
+            ),
+        );
+    }
+    rows
+}
+
+#[tokio::test]
+async fn figures_agree_with_kafka_consumer_groups_describe() {
+    let app = spawn_app().await;
+    let mut last = None;
+    for i in 0..20 {
+        last = Some(app.create(&format!("u{i}"), "u@example.com").await.unwrap());
+    }
+    let last = last.unwrap();
+    app.get_at(
+        last.user.unwrap().id,
+        last.position,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    // Wait for the auto-commit to catch up with what was applied.
+    wait_until(Duration::from_secs(30), || async {
+        snapshot(&app).await.totals.unwrap().total_lag == 0
+    })
+    .await
+    .expect("lag reaches 0");
+
+    let ours = snapshot(&app).await;
+    let theirs = official_describe(&app.config.consumer_group);
+    assert_eq!(ours.state(), GroupState::Stable);
+    assert_eq!(theirs.len(), 3, "{theirs:?}");
+    for p in &ours.partitions {
+        let (current, log_end, lag, consumer) = &theirs[&p.partition];
+        assert_eq!(p.committed_offset, *current, "partition {}", p.partition);
+        assert_eq!(p.log_end_offset, *log_end, "partition {}", p.partition);
+        assert_eq!(Some(p.lag), *lag, "partition {}", p.partition);
+        assert_eq!(
+            &p.owner.as_ref().unwrap().member_id,
+            consumer,
+            "partition {}",
+            p.partition
+        );
+    }
+    assert_eq!(ours.totals.unwrap().total_lag, 0);
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn either_instance_reports_every_partition_with_its_owner() {
+    let a = spawn_app().await;
+    a.wait_assigned().await;
+    let b = spawn_app_with(a.config.clone()).await;
+    wait_until(Duration::from_secs(60), || async {
+        !a.stats().assignment.is_empty() && !b.stats().assignment.is_empty()
+    })
+    .await
+    .expect("both own partitions");
+
+    for app in [&a, &b] {
+        let own = app.stats().assignment;
+        let s = {
+            let mut s = snapshot(app).await;
+            // The group may still be settling; wait until it reports two members.
+            for _ in 0..100 {
+                if s.members.len() == 2 && s.partitions.iter().all(|p| p.owner.is_some()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s = snapshot(app).await;
+            }
+            s
+        };
+        assert_eq!(
+            s.partitions
+                .iter()
+                .map(|p| p.partition)
+                .collect::<BTreeSet<_>>(),
+            BTreeSet::from([0, 1, 2])
+        );
+        let owners: BTreeSet<_> = s
+            .partitions
+            .iter()
+            .map(|p| p.owner.clone().unwrap().member_id)
+            .collect();
+        assert_eq!(owners.len(), 2, "two members share the partitions: {s:#?}");
+        for p in &s.partitions {
+            let owner = p.owner.as_ref().unwrap();
+            assert!(owner.client_id.starts_with("user-service@"));
+            assert!(!owner.host.is_empty());
+            // Only the owning instance knows its applied, uncommitted offset.
+            if !own.contains(&p.partition) {
+                assert_eq!(p.applied_offset, None);
+            }
+        }
+    }
+    b.stop().await.expect("clean stop");
+    a.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn watchers_are_bounded_share_one_poller_and_reconnect() {
+    let mut config = test_config();
+    config.max_progress_watchers = 4;
+    let app = spawn_app_with(config).await;
+
+    // Bad requests.
+    let err = watch(
+        &app,
+        WatchProgressRequest {
+            interval: every(50),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = watch(
+        &app,
+        WatchProgressRequest {
+            partitions: vec![7],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = watch(
+        &app,
+        WatchProgressRequest {
+            group: "no-such-group-anywhere".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = app
+        .progress
+        .clone()
+        .get_progress(GetProgressRequest {
+            topic: "no-such-topic-anywhere".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Four watchers of one group, each with its first snapshot at once.
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut s = watch(
+            &app,
+            WatchProgressRequest {
+                interval: every(200),
+                partitions: vec![1],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let first = next(&mut s).await;
+        assert_eq!(first.partitions.len(), 1, "filtered to partition 1");
+        streams.push(s);
+    }
+    let err = watch(&app, WatchProgressRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    // A quiet group still gets a snapshot per interval, and the four share
+    // one poll of Kafka per interval instead of one each.
+    let polls_before = app.handle.progress.polls();
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        for s in streams.iter_mut() {
+            let snap = next(s).await;
+            times.push(snap.time.unwrap());
+        }
+    }
+    let polls = app.handle.progress.polls() - polls_before;
+    assert!(polls <= 20, "40 snapshots to 4 watchers took {polls} polls");
+    assert!(times.len() == 40);
+
+    // A watcher that leaves frees its slot; a new one can join.
+    drop(streams.pop());
+    let mut rejoined = None;
+    for _ in 0..100 {
+        match watch(
+            &app,
+            WatchProgressRequest {
+                interval: every(200),
+                ..Default::default()
+            },
+        )
+        .await
+        {
+            Ok(s) => {
+                rejoined = Some(s);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    streams.push(rejoined.expect("the slot came back"));
+
+    // Shutdown ends every stream.
+    app.stop()
+        .await
+        .expect("open progress streams do not hold shutdown");
+    for mut s in streams {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .expect("the stream ends")
+            {
+                Some(Ok(_)) => continue,
+                _ => break,
+            }
+        }
+    }
+}
