@@ -186,7 +186,7 @@ mod tests {
     fn parses_a_consumer_protocol_assignment() {
         let mut b = vec![0, 1]; // version 1
         b.extend(2i32.to_be_bytes()); // two topics
-        for (name, parts) in [("other", vec![9]), ("users", vec![2, 0])] {
+        for (name, parts) in [("other", vec![9i32]), ("users", vec![2, 0])] {
             b.extend((name.len() as i16).to_be_bytes());
             b.extend(name.as_bytes());
             b.extend((parts.len() as i32).to_be_bytes());
