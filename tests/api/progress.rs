@@ -406,14 +406,9 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
         .await
         .expect("open progress streams do not hold shutdown");
     for mut s in streams {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), s.next())
-                .await
-                .expect("the stream ends")
-            {
-                Some(Ok(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Some(Ok(_)) = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("the stream ends")
+        {}
     }
 }
