@@ -211,7 +211,11 @@ fn to_proto(s: &Snapshot) -> pb::ProgressSnapshot {
                 lag: p.lag,
                 lag_seconds: p.lag_seconds,
                 consume_rate: p.consume_rate,
-                owner: p.owner.as_ref().map(member),
+                owner: p.owner.as_ref().map(|m| pb::PartitionOwner {
+                    member_id: m.member_id.clone(),
+                    client_id: m.client_id.clone(),
+                    host: m.host.clone(),
+                }),
                 status: match p.status {
                     PartitionStatus::Ok => pb::PartitionStatus::Ok,
                     PartitionStatus::Lagging => pb::PartitionStatus::Lagging,
