@@ -202,8 +202,12 @@ impl Subscription {
             Some(Ok(s)) => s.time.elapsed().is_ok_and(|age| age <= interval),
             _ => false,
         };
-        if !fresh(&self.rx.borrow_and_update()) {
-            self.poller.poke.notify_one();
+        let latest = self.rx.borrow_and_update().clone();
+        if !fresh(&latest) {
+            // A new poller polls at once by itself; an existing one is woken.
+            if latest.is_some() {
+                self.poller.poke.notify_one();
+            }
             loop {
                 tokio::select! {
                     _ = token.cancelled() => return Err(WatchError::ShuttingDown),
