@@ -1,0 +1,239 @@
+//go:build sidecar
+
+// Package sidecartest drives the service through an nginx sidecar during a
+// rolling restart. It runs only under scripts/check-sidecar, which starts the
+// instances and the proxies and sets the environment; `go test ./...` leaves it
+// out (build tag `sidecar`).
+package sidecartest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	userv1 "github.com/user-service/user-service/clients/go/gen/user/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// The retry policy a client of the service should use: UNAVAILABLE is safe to
+// retry (CreateUser carries a request_id). grpc-go also retries, on its own,
+// calls that a GOAWAY left unprocessed (gRPC's retry design, A6).
+const serviceConfig = `{"methodConfig": [{
+  "name": [{"service": "user.v1.UserService"}, {"service": "user.v1.ProjectionService"}],
+  "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}`
+
+func env(t *testing.T, name string) string {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		t.Fatalf("%s is not set: run this test through scripts/check-sidecar", name)
+	}
+	return v
+}
+
+func dial(t *testing.T, addr string) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(serviceConfig))
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// TestRollingRestartBehindSidecar keeps creating and reading users and
+// watching progress through the sidecar while scripts/check-sidecar starts a
+// second instance and SIGTERMs the first. Every failed call must be one the
+// client saw as retryable UNAVAILABLE, and the drained instance must have said
+// NOT_SERVING on its health Watch before the stream closed.
+func TestRollingRestartBehindSidecar(t *testing.T) {
+	sidecar := env(t, "SIDECAR_ADDR")
+	drained := env(t, "DRAINED_ADDR")
+	rolledFile := env(t, "ROLLED_FILE")
+	readyFile := env(t, "READY_FILE")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+
+	// The drained instance's own health stream, watched directly (as the mesh's
+	// health checker would).
+	watchDone := make(chan []healthpb.HealthCheckResponse_ServingStatus, 1)
+	var watching atomic.Bool
+	go func() {
+		var seen []healthpb.HealthCheckResponse_ServingStatus
+		defer func() { watchDone <- seen }()
+		stream, err := healthpb.NewHealthClient(dial(t, drained)).Watch(ctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			return
+		}
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			seen = append(seen, r.GetStatus())
+			watching.Store(true)
+		}
+	}()
+
+	conn := dial(t, sidecar)
+	users := userv1.NewUserServiceClient(conn)
+	progress := userv1.NewProjectionServiceClient(conn)
+
+	var calls, unavailable atomic.Int64
+	var mu sync.Mutex
+	var bad []error
+	record := func(err error) {
+		calls.Add(1)
+		if err == nil {
+			return
+		}
+		if status.Code(err) == codes.Unavailable {
+			unavailable.Add(1)
+			return
+		}
+		mu.Lock()
+		bad = append(bad, err)
+		mu.Unlock()
+	}
+
+	rolled := func() bool { _, err := os.Stat(rolledFile); return err == nil }
+	var stopAt atomic.Int64 // unix nanos; 0 until the restart is done
+	running := func() bool {
+		if ctx.Err() != nil {
+			return false
+		}
+		if s := stopAt.Load(); s != 0 {
+			return time.Now().UnixNano() < s
+		}
+		if rolled() {
+			stopAt.Store(time.Now().Add(2 * time.Second).UnixNano())
+		}
+		return true
+	}
+
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; running(); i++ {
+				cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+				created, err := users.CreateUser(cctx, &userv1.CreateUserRequest{
+					Name: fmt.Sprintf("rolling %d-%d", w, i), Email: "rolling@example.com",
+					RequestId: fmt.Sprintf("rolling-%d-%d-%d", os.Getpid(), w, i),
+				})
+				record(err)
+				if err == nil {
+					_, err = users.GetUser(cctx, &userv1.GetUserRequest{
+						Id: created.GetUser().GetId(), MinPosition: created.GetPosition()})
+					record(err)
+				}
+				ccancel()
+			}
+		}(w)
+	}
+
+	// Progress streams through the sidecar; a stream that ends (its instance
+	// drained) is reopened, and lands on the new instance.
+	var snapshots, reopened atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for running() {
+			stream, err := progress.WatchProgress(ctx, &userv1.WatchProgressRequest{Interval: durationpb.New(200 * time.Millisecond)})
+			record(err)
+			if err != nil {
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			for running() {
+				snap, err := stream.Recv()
+				if err != nil {
+					if !errors.Is(err, io.EOF) {
+						record(err)
+					}
+					reopened.Add(1)
+					break
+				}
+				if len(snap.GetSnapshot().GetPartitions()) != 3 {
+					record(fmt.Errorf("snapshot with %d partitions", len(snap.GetSnapshot().GetPartitions())))
+				}
+				snapshots.Add(1)
+			}
+		}
+	}()
+	// Tell scripts/check-sidecar to start the restart once load flows and the
+	// drained instance's health is being watched.
+	for ctx.Err() == nil && !(watching.Load() && calls.Load() >= 50 && snapshots.Load() >= 1) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := os.WriteFile(readyFile, nil, 0o644); err != nil {
+		t.Fatalf("cannot signal readiness: %v", err)
+	}
+	wg.Wait()
+
+	if !rolled() {
+		t.Fatalf("the restart never finished")
+	}
+	seen := <-watchDone
+	t.Logf("%d calls, %d UNAVAILABLE (retryable), %d progress snapshots, %d stream reopenings; drained instance's health: %v",
+		calls.Load(), unavailable.Load(), snapshots.Load(), reopened.Load(), seen)
+	for _, err := range bad {
+		t.Errorf("a call failed with a non-retryable error: %v", err)
+	}
+	if calls.Load() < 100 {
+		t.Errorf("only %d calls went through", calls.Load())
+	}
+	if snapshots.Load() < 5 {
+		t.Errorf("only %d progress snapshots flowed through the sidecar", snapshots.Load())
+	}
+	if len(seen) < 2 || seen[0] != healthpb.HealthCheckResponse_SERVING ||
+		seen[len(seen)-1] != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("the drained instance's Watch should go SERVING → NOT_SERVING before closing, saw %v", seen)
+	}
+}
+
+// TestGoawayIsRetried sends more calls than nginx allows on one client
+// connection (keepalive_requests 1000 on this sidecar): nginx then ends the
+// connection with a GOAWAY, and grpc-go retries what it left unprocessed, so
+// no call fails.
+func TestGoawayIsRetried(t *testing.T) {
+	addr := env(t, "GOAWAY_SIDECAR_ADDR")
+	health := healthpb.NewHealthClient(dial(t, addr))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	var firstErr atomic.Value
+	for w := 0; w < 16; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 160; i++ {
+				if _, err := health.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err.Error())
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if failed.Load() > 0 {
+		t.Fatalf("%d of 2560 calls failed across nginx's GOAWAYs; first: %v", failed.Load(), firstErr.Load())
+	}
+}
