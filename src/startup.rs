@@ -27,6 +27,8 @@ use tonic::transport::{Server, server::TcpIncoming};
 
 /// The name the user service reports under in `grpc.health.v1`.
 pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
+/// The name the progress service reports under in `grpc.health.v1`.
+pub const PROJECTION_SERVICE_NAME: &str = "user.v1.ProjectionService";
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +110,10 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start-up");
         }
 
-        let health = Arc::new(HealthRegistry::new(&["", USER_SERVICE_NAME], token.clone()));
+        let health = Arc::new(HealthRegistry::new(
+            &["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME],
+            token.clone(),
+        ));
 
         let projector = config
             .projector_enabled

@@ -10,7 +10,7 @@ use crate::{
 };
 use futures::{Stream, StreamExt, stream};
 use std::{pin::Pin, sync::Arc, time::Duration};
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -71,39 +71,41 @@ impl ProjectionService for ProjectionApi {
         validate_partitions(&r.partitions, Some(&first))?;
         tracing::info!(?interval, "progress watcher joined");
 
-        let mut ticks = tokio::time::interval(interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let filter = r.partitions;
-        // The stream is polled only as fast as the client reads, and each item
-        // is the newest snapshot at that moment: a slow watcher skips snapshots
-        // instead of queueing them, and holds back nobody.
-        let state = (sub, ticks, Some(first), false);
-        let stream = stream::unfold(state, move |(sub, mut ticks, first, done)| {
+        // The stream is polled only as fast as the client reads; each item is
+        // the newest poll at that moment, at most one per interval, never the
+        // same twice. A slow watcher skips snapshots instead of queueing them,
+        // and holds back nobody.
+        let state = (
+            sub,
+            Some(first),
+            None::<(std::time::SystemTime, Instant)>,
+            false,
+        );
+        let stream = stream::unfold(state, move |(mut sub, first, last, done)| {
             let filter = filter.clone();
             async move {
                 if done {
                     return None;
                 }
-                let snapshot = match first {
-                    Some(first) => {
-                        ticks.tick().await; // the first tick is immediate
-                        Ok(first)
+                let snapshot = match (first, last) {
+                    (Some(first), _) => Ok(first),
+                    (None, Some((time, sent_at))) => {
+                        sub.next_after(time, sent_at + interval).await?
                     }
-                    None => {
-                        ticks.tick().await;
-                        sub.latest()?
-                    }
+                    (None, None) => return None,
                 };
-                let (item, done) = match snapshot {
+                let (item, last, done) = match snapshot {
                     Ok(s) => (
                         Ok(pb::WatchProgressResponse {
                             snapshot: Some(to_proto(&s.filtered(&filter))),
                         }),
+                        Some((s.time, Instant::now())),
                         false,
                     ),
-                    Err(e) => (Err(Status::from(ApiError::from(e))), true),
+                    Err(e) => (Err(Status::from(ApiError::from(e))), None, true),
                 };
-                Some((item, (sub, ticks, None, done)))
+                Some((item, (sub, None, last, done)))
             }
         })
         .take_until(self.shutdown.clone().cancelled_owned());

@@ -63,7 +63,7 @@ impl UserService for UserApi {
         let user = match r.min_position {
             None => self.store.get_user(id).await.map_err(ApiError::from)?,
             Some(pos) => {
-                let pos = validate_position(pos)?;
+                let pos = validate_position(pos, self.publisher.known_partitions())?;
                 let deadline = deadline.unwrap_or_else(|| Instant::now() + self.max_position_wait);
                 self.wait_for(id, pos, deadline).await?
             }
@@ -147,12 +147,18 @@ impl UserApi {
     }
 }
 
-fn validate_position(pos: Position) -> Result<(i32, i64), ApiError> {
+/// A position must name a partition the topic has (when known) and an offset.
+fn validate_position(pos: Position, partitions: Option<i32>) -> Result<(i32, i64), ApiError> {
     let mut violations = Vec::new();
     if pos.partition < 0 {
         violations.push(FieldViolation {
             field: "min_position.partition",
             description: "must not be negative".into(),
+        });
+    } else if let Some(n) = partitions.filter(|n| pos.partition >= *n) {
+        violations.push(FieldViolation {
+            field: "min_position.partition",
+            description: format!("the topic has {n} partitions"),
         });
     }
     if pos.offset < 0 {

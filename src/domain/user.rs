@@ -4,7 +4,7 @@
 //! characters after trimming, with no control characters; an email is one
 //! `local@domain` address of at most 254 characters (local part at most 64,
 //! domain with a dot, no spaces); an id is 1 to 2^63-1; a request id is 1 to
-//! 128 printable ASCII characters.
+//! 128 visible ASCII characters (no spaces).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -138,7 +138,7 @@ impl RequestId {
         if raw.len() > REQUEST_ID_MAX_LEN || !raw.chars().all(|c| c.is_ascii_graphic()) {
             return Err(ValidationError::one(
                 "request_id",
-                format!("must be at most {REQUEST_ID_MAX_LEN} printable ASCII characters"),
+                format!("must be 1 to {REQUEST_ID_MAX_LEN} visible ASCII characters (no spaces)"),
             ));
         }
         Ok(Some(Self(raw.to_owned())))

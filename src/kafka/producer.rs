@@ -7,7 +7,13 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord, Producer},
     util::Timeout,
 };
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI32, Ordering},
+    },
+    time::Duration,
+};
 
 /// Where the broker put an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +33,9 @@ pub struct EventPublisher {
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
+    /// The topic's partition count as last seen by [`EventPublisher::ping`];
+    /// 0 until then.
+    partitions: Arc<AtomicI32>,
 }
 
 impl EventPublisher {
@@ -55,6 +64,7 @@ impl EventPublisher {
             producer,
             topic: topic.to_owned(),
             timeout,
+            partitions: Arc::default(),
         })
     }
 
@@ -83,20 +93,33 @@ impl EventPublisher {
         }
     }
 
-    /// Asks a broker for the topic's metadata: the health probe.
+    /// Asks a broker for the topic's metadata: the health probe. Also notes
+    /// the topic's partition count.
     pub async fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
         let producer = self.producer.clone();
         let topic = self.topic.clone();
         // fetch_metadata blocks: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
+        let count = tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(Some(&topic), timeout)
-                .map(|_| ())
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map_or(0, |t| t.partitions().len() as i32)
+                })
                 .map_err(|e| KafkaError::Unavailable(e.to_string()))
         })
         .await
-        .map_err(|e| KafkaError::Unavailable(format!("metadata probe panicked: {e}")))?
+        .map_err(|e| KafkaError::Unavailable(format!("metadata probe panicked: {e}")))??;
+        self.partitions.store(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The topic's partition count, once a probe has seen the topic.
+    pub fn known_partitions(&self) -> Option<i32> {
+        Some(self.partitions.load(Ordering::Relaxed)).filter(|n| *n > 0)
     }
 
     /// Publishes raw bytes with headers (the dead-letter path) and waits.

@@ -13,7 +13,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -152,7 +152,16 @@ impl ProgressHub {
                 .clone()
         };
         let id = poller.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&poller.intervals).insert(id, interval);
+        let faster = {
+            let mut intervals = lock(&poller.intervals);
+            let faster = intervals.values().min().is_some_and(|m| interval < *m);
+            intervals.insert(id, interval);
+            faster
+        };
+        if faster {
+            // The poller may be sleeping a longer period: wake it to re-plan.
+            poller.poke.notify_one();
+        }
         let mut sub = Subscription {
             rx: poller.latest.subscribe(),
             poller,
@@ -223,6 +232,25 @@ impl Subscription {
             }
         }
         self.latest().ok_or(WatchError::ShuttingDown)?
+    }
+
+    /// The next snapshot newer than `after`, no sooner than `not_before`:
+    /// each call gives a fresh poll, never the same snapshot twice. `None`
+    /// when the poller is gone (shutdown).
+    pub async fn next_after(
+        &mut self,
+        after: SystemTime,
+        not_before: tokio::time::Instant,
+    ) -> Option<Result<Arc<Snapshot>, WatchError>> {
+        tokio::time::sleep_until(not_before).await;
+        loop {
+            match self.latest() {
+                Some(Ok(s)) if s.time > after => return Some(Ok(s)),
+                Some(Err(e)) => return Some(Err(e)),
+                _ => {}
+            }
+            self.rx.changed().await.ok()?;
+        }
     }
 
     /// The newest result of the shared poller.

@@ -367,16 +367,22 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     // A quiet group still gets a snapshot per interval, and the four share
     // one poll of Kafka per interval instead of one each.
     let polls_before = app.handle.progress.polls();
-    let mut times = Vec::new();
+    let mut times = vec![Vec::new(); streams.len()];
     for _ in 0..10 {
-        for s in streams.iter_mut() {
+        for (s, t) in streams.iter_mut().zip(times.iter_mut()) {
             let snap = next(s).await;
-            times.push(snap.time.unwrap());
+            let time = snap.time.unwrap();
+            t.push(time.seconds * 1_000_000_000 + time.nanos as i64);
         }
     }
     let polls = app.handle.progress.polls() - polls_before;
     assert!(polls <= 20, "40 snapshots to 4 watchers took {polls} polls");
-    assert!(times.len() == 40);
+    for t in &times {
+        assert!(
+            t.windows(2).all(|w| w[1] > w[0]),
+            "each snapshot is a fresh poll: {t:?}"
+        );
+    }
 
     // A watcher that leaves frees its slot; a new one can join.
     drop(streams.pop());
@@ -400,6 +406,40 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     streams.push(rejoined.expect("the slot came back"));
+
+    // A faster watcher joining a slowly polled group still gets fresh polls.
+    drop(streams);
+    let mut streams = Vec::new();
+    let mut slow = watch(
+        &app,
+        WatchProgressRequest {
+            interval: every(3_600_000),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    next(&mut slow).await;
+    let mut fast = watch(
+        &app,
+        WatchProgressRequest {
+            interval: every(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut fast_times = Vec::new();
+    for _ in 0..4 {
+        let t = next(&mut fast).await.time.unwrap();
+        fast_times.push(t.seconds * 1_000_000_000 + t.nanos as i64);
+    }
+    assert!(
+        fast_times.windows(2).all(|w| w[1] > w[0]),
+        "fresh polls for the fast watcher: {fast_times:?}"
+    );
+    streams.push(slow);
+    streams.push(fast);
 
     // Shutdown ends every stream.
     app.stop()

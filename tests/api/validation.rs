@@ -127,6 +127,22 @@ async fn each_invalid_field_is_reported_and_nothing_is_published() {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&err), ["min_position.partition"]);
+    // A partition the topic does not have is refused at once, not waited for.
+    crate::helpers::wait_until(std::time::Duration::from_secs(30), || async {
+        app.users
+            .clone()
+            .get_user(GetUserRequest {
+                id: 1,
+                min_position: Some(Position {
+                    partition: 99,
+                    offset: 0,
+                }),
+            })
+            .await
+            .is_err_and(|e| e.code() == Code::InvalidArgument)
+    })
+    .await
+    .expect("partition 99 of a 3-partition topic is INVALID_ARGUMENT once the topic is known");
 
     // Nothing reached the log.
     assert_eq!(
