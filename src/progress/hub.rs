@@ -64,6 +64,9 @@ struct Poller {
     /// Active subscriptions and their intervals; the poller runs at the fastest.
     intervals: Mutex<HashMap<u64, Duration>>,
     next_id: AtomicU64,
+    /// The period the poller sleeps now (nanoseconds), so a faster watcher
+    /// knows to wake it.
+    period_nanos: AtomicU64,
 }
 
 /// A watcher's hold on a poller; dropping it (the client left) unregisters it,
@@ -152,11 +155,12 @@ impl ProgressHub {
                 .clone()
         };
         let id = poller.next_id.fetch_add(1, Ordering::Relaxed);
+        // Under the intervals lock, which the poller also holds while it plans
+        // its period: either it sees this interval, or this sees its period.
         let faster = {
             let mut intervals = lock(&poller.intervals);
-            let faster = intervals.values().min().is_some_and(|m| interval < *m);
             intervals.insert(id, interval);
-            faster
+            interval < Duration::from_nanos(poller.period_nanos.load(Ordering::Relaxed))
         };
         if faster {
             // The poller may be sleeping a longer period: wake it to re-plan.
@@ -184,6 +188,7 @@ impl ProgressHub {
             poke: Notify::new(),
             intervals: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            period_nanos: AtomicU64::new(0),
         });
         let task = PollerTask {
             poller: poller.clone(),
@@ -283,8 +288,13 @@ impl PollerTask {
             // new subscriber either finds this poller alive or starts another.
             let period = {
                 let mut map = lock(&pollers);
-                match lock(&self.poller.intervals).values().min().copied() {
-                    Some(p) => p,
+                let intervals = lock(&self.poller.intervals);
+                match intervals.values().min().copied() {
+                    Some(p) => {
+                        let nanos = u64::try_from(p.as_nanos()).unwrap_or(u64::MAX);
+                        self.poller.period_nanos.store(nanos, Ordering::Relaxed);
+                        p
+                    }
                     None => {
                         map.remove(&self.key);
                         break;

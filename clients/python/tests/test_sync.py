@@ -1,0 +1,263 @@
+"""The sync API against a live service ($USER_SERVICE_ADDR)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2
+from support import TIMEOUT, random_id, unique_email
+
+import userservice_client as usc
+from userservice_client.user.v1 import projection_pb2, user_pb2
+
+PARTITIONS = 3  # KAFKA_TOPIC_PARTITIONS' default, which scripts/with-service keeps
+
+
+def _ms(n: int) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(n)
+    return d
+
+
+def _error(fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
+
+
+# --- the generated package itself -------------------------------------------
+
+
+def test_generated_code_is_a_proper_subpackage():
+    # The messages belong to the package's modules (pickling, repr), while the
+    # descriptor pool keeps the proto file names the server's reflection uses.
+    assert user_pb2.User.__module__ == "userservice_client.user.v1.user_pb2"
+    assert user_pb2.DESCRIPTOR.name == "user/v1/user.proto"
+    assert projection_pb2.DESCRIPTOR.name == "user/v1/projection.proto"
+    u = user_pb2.User(id=7, name="Ada", email="ada@example.com")
+    assert pickle.loads(pickle.dumps(u)) == u
+
+
+# --- UserService ---------------------------------------------------------------
+
+
+def test_create_then_get_with_position(users):
+    email = unique_email("ada")
+    created = users.CreateUser(
+        user_pb2.CreateUserRequest(name="  Ada Lovelace  ", email=email), timeout=TIMEOUT
+    )
+    assert created.user.id > 0
+    assert created.user.name == "Ada Lovelace"  # surrounding spaces trimmed
+    assert created.user.email == email
+    assert created.user.HasField("create_time")
+    assert 0 <= created.position.partition < PARTITIONS
+    assert created.position.offset >= 0
+
+    got = users.GetUser(
+        user_pb2.GetUserRequest(id=created.user.id, min_position=created.position), timeout=TIMEOUT
+    )
+    assert got.user == created.user
+
+
+def test_get_unknown_user_is_not_found(users):
+    err = _error(lambda: users.GetUser(user_pb2.GetUserRequest(id=random_id()), timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_invalid_argument_carries_bad_request_field_violations(users):
+    err = _error(
+        lambda: users.CreateUser(user_pb2.CreateUserRequest(name="", email="nope"), timeout=TIMEOUT)
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    status = usc.rich_status(err)
+    assert status is not None
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status.message == err.details()
+
+    violations = usc.field_violations(err)
+    assert [field for field, _ in violations] == ["name", "email"]
+    assert all(description for _, description in violations)
+
+
+def test_reused_client_chosen_id_is_already_exists(users):
+    uid = random_id()
+    created = users.CreateUser(
+        user_pb2.CreateUserRequest(id=uid, name="First", email=unique_email()), timeout=TIMEOUT
+    )
+    assert created.user.id == uid
+
+    err = _error(
+        lambda: users.CreateUser(
+            user_pb2.CreateUserRequest(id=uid, name="Second", email=unique_email()), timeout=TIMEOUT
+        )
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    # The first one stays.
+    got = users.GetUser(
+        user_pb2.GetUserRequest(id=uid, min_position=created.position), timeout=TIMEOUT
+    )
+    assert got.user.name == "First"
+
+
+def test_retry_with_request_id_is_idempotent(users):
+    req = user_pb2.CreateUserRequest(
+        name="Grace Hopper", email=unique_email("grace"), request_id=f"py-{uuid.uuid4()}"
+    )
+    first = users.CreateUser(req, timeout=TIMEOUT)
+    again = users.CreateUser(req, timeout=TIMEOUT)
+    assert again.user == first.user
+    assert again.position == first.position
+
+    # The same key with other fields is refused.
+    other = user_pb2.CreateUserRequest()
+    other.CopyFrom(req)
+    other.email = unique_email("other")
+    err = _error(lambda: users.CreateUser(other, timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in usc.field_violations(err)] == ["request_id"]
+
+
+def test_get_waiting_for_an_unreachable_position_is_deadline_exceeded(users):
+    created = users.CreateUser(
+        user_pb2.CreateUserRequest(name="Waiter", email=unique_email()), timeout=TIMEOUT
+    )
+    far = user_pb2.Position(partition=created.position.partition, offset=10**12)
+    start = time.monotonic()
+    err = _error(
+        lambda: users.GetUser(user_pb2.GetUserRequest(id=created.user.id, min_position=far), timeout=0.3)
+    )
+    elapsed = time.monotonic() - start
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.0, f"the call took {elapsed:.2f}s for a 0.3s deadline"
+
+
+def test_get_waiting_for_a_partition_the_topic_lacks_is_invalid_argument(users):
+    err = _error(
+        lambda: users.GetUser(
+            user_pb2.GetUserRequest(id=1, min_position=user_pb2.Position(partition=PARTITIONS, offset=0)),
+            timeout=TIMEOUT,
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in usc.field_violations(err)] == ["min_position.partition"]
+
+
+# --- ProjectionService -----------------------------------------------------------
+
+
+def _check_snapshot(snapshot: projection_pb2.ProgressSnapshot) -> None:
+    assert sorted(p.partition for p in snapshot.partitions) == list(range(PARTITIONS))
+    assert snapshot.HasField("time")
+    for p in snapshot.partitions:
+        assert p.lag >= 0
+        assert p.log_end_offset >= p.log_start_offset
+    if os.environ.get("USER_SERVICE_TOPIC"):  # set by scripts/with-service
+        assert snapshot.topic == os.environ["USER_SERVICE_TOPIC"]
+    if os.environ.get("USER_SERVICE_GROUP"):
+        assert snapshot.group == os.environ["USER_SERVICE_GROUP"]
+
+
+def test_get_progress_reports_every_partition(progress):
+    resp = progress.GetProgress(projection_pb2.GetProgressRequest(), timeout=TIMEOUT)
+    _check_snapshot(resp.snapshot)
+
+
+def test_watch_progress_streams_snapshots_and_cancels(progress):
+    stream = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=_ms(200)), timeout=TIMEOUT
+    )
+    start = time.monotonic()
+    received, times = [], []
+    for resp in stream:
+        _check_snapshot(resp.snapshot)
+        received.append(time.monotonic() - start)
+        times.append(resp.snapshot.time.ToNanoseconds())
+        if len(received) == 4:
+            break
+    assert len(received) == 4
+    # One at once, then one per interval.
+    assert received[0] < 2.0
+    assert received[3] - received[0] >= 0.5, received
+    # Each a fresh poll of Kafka, never the same snapshot twice.
+    assert times == sorted(set(times)), times
+
+    assert stream.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+
+
+def _snapshot_times(stream, n: int) -> list:
+    times = []
+    for resp in stream:
+        times.append(resp.snapshot.time.ToNanoseconds())
+        if len(times) == n:
+            break
+    stream.cancel()
+    return times
+
+
+def test_watch_progress_faster_watcher_replans_a_slow_poller(progress):
+    # Pollers of earlier tests (intervals up to 1 s) stop once their last sleep ends.
+    time.sleep(1.5)
+    slow = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=duration_pb2.Duration(seconds=3600)), timeout=TIMEOUT
+    )
+    try:
+        next(slow)
+        fast = progress.WatchProgress(
+            projection_pb2.WatchProgressRequest(interval=_ms(200)), timeout=TIMEOUT
+        )
+        start = time.monotonic()
+        times = _snapshot_times(fast, 4)
+        elapsed = time.monotonic() - start
+    finally:
+        slow.cancel()
+    assert len(set(times)) == 4, times
+    assert elapsed < 2.0, f"4 snapshots 200 ms apart took {elapsed:.2f}s"
+
+
+def test_watch_progress_joining_after_a_slow_watcher_left_is_not_stalled(progress):
+    time.sleep(1.5)  # as above
+    slow = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=duration_pb2.Duration(seconds=3600)), timeout=TIMEOUT
+    )
+    next(slow)
+    slow.cancel()
+    # 1 s, so that the slow watcher's snapshot is surely recent enough to be
+    # served at once: the service then does not poke the poller either.
+    fast = progress.WatchProgress(projection_pb2.WatchProgressRequest(interval=_ms(1000)), timeout=4)
+    # 3 snapshots 1 s apart take 2 s.
+    assert len(_snapshot_times(fast, 3)) == 3
+
+
+def test_watch_progress_rejects_a_too_short_interval(progress):
+    stream = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=_ms(50)), timeout=TIMEOUT
+    )
+    err = _error(lambda: next(stream))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in usc.field_violations(err)] == ["interval"]
+
+
+# --- grpc.health.v1 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", ["", "user.v1.UserService", "user.v1.ProjectionService"])
+def test_health_serving(health, service):
+    resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_unknown_service_is_not_found(health):
+    err = _error(
+        lambda: health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=TIMEOUT)
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
