@@ -24,7 +24,9 @@ async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
         ServingStatus::Serving
     );
     assert_eq!(
-        app.health_status("user.v1.ProjectionService").await.unwrap(),
+        app.health_status("user.v1.ProjectionService")
+            .await
+            .unwrap(),
         ServingStatus::Serving
     );
     app.wait_assigned().await;
