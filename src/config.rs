@@ -5,6 +5,7 @@
 //! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
 //! that `scripts/stack up` starts.
 
+use crate::cache::RedisClientKind;
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, time::Duration};
 
@@ -72,7 +73,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
-    /// Connections in the Redis pool.
+    /// How calls reach Redis: `pool` (bb8 pool of connections) or `shared`
+    /// (one multiplexed connection that concurrent calls pipeline on).
+    #[arg(long, env = "REDIS_CLIENT", value_enum, default_value_t = RedisClientKind::Pool)]
+    pub redis_client: RedisClientKind,
+
+    /// Connections in the Redis pool (with `REDIS_CLIENT=pool`).
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: u32,
 

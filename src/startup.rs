@@ -88,6 +88,7 @@ impl Application {
         let store = RedisStore::new(
             &config.redis_url(),
             Keys::new(&config.redis_key_prefix, &config.topic),
+            config.redis_client,
             config.redis_pool_size,
             config.redis_timeout,
         )?;

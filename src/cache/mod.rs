@@ -13,4 +13,6 @@ mod error;
 mod store;
 
 pub use error::CacheError;
-pub use store::{ApplyOp, ApplyOutcome, Keys, RedisStore, Reservation, StoredAnswer};
+pub use store::{
+    ApplyOp, ApplyOutcome, Keys, RedisClientKind, RedisStore, Reservation, StoredAnswer,
+};

@@ -3,7 +3,10 @@
 use super::CacheError;
 use crate::domain::{NewUser, User, UserId};
 use bb8_redis::RedisConnectionManager;
-use redis::Script;
+use redis::{
+    Cmd, Pipeline, RedisFuture, Script, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+};
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
 
@@ -116,33 +119,96 @@ struct Scripts {
     apply: Script,
 }
 
-/// The service's Redis client: a bb8 pool of multiplexed connections, with a
-/// timeout on every call so a stalled Redis becomes `Unavailable`, not a hang.
+/// How calls reach Redis. Every call the service makes is a single command, a
+/// pipeline or a Lua script (atomic by itself), so none needs a connection to
+/// itself: both kinds serve all of them, and the benchmarks compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisClientKind {
+    /// A bb8 pool of multiplexed connections: each call takes one.
+    Pool,
+    /// One shared multiplexed connection (redis-rs `ConnectionManager`, which
+    /// reconnects): concurrent calls pipeline on it.
+    Shared,
+}
+
+/// The connection a call runs on.
+enum Conn<'a> {
+    Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
+    Shared(ConnectionManager),
+}
+
+impl ConnectionLike for Conn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Pooled(c) => c.get_db(),
+            Conn::Shared(c) => c.get_db(),
+        }
+    }
+}
+
+/// The service's Redis client, with a timeout on every call so a stalled
+/// Redis becomes `Unavailable`, not a hang.
 #[derive(Clone)]
 pub struct RedisStore {
     pool: bb8::Pool<RedisConnectionManager>,
+    /// Set when calls go over one shared connection instead of the pool.
+    shared: Option<ConnectionManager>,
     keys: Keys,
     timeout: Duration,
     scripts: Arc<Scripts>,
 }
 
 impl RedisStore {
-    /// Builds the pool without connecting: the service starts while Redis is
+    /// Builds the client without connecting: the service starts while Redis is
     /// down and reports it through health instead of failing.
     pub fn new(
         url: &str,
         keys: Keys,
+        kind: RedisClientKind,
         pool_size: u32,
         timeout: Duration,
     ) -> Result<Self, CacheError> {
-        let manager = RedisConnectionManager::new(url)
-            .map_err(|e| CacheError::Unavailable(format!("bad Redis URL {url:?}: {e}")))?;
+        let bad_url =
+            |e: redis::RedisError| CacheError::Unavailable(format!("bad Redis URL {url:?}: {e}"));
+        let manager = RedisConnectionManager::new(url).map_err(bad_url)?;
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             .connection_timeout(timeout)
             .build_unchecked(manager);
+        let shared = match kind {
+            RedisClientKind::Pool => None,
+            RedisClientKind::Shared => {
+                let client = redis::Client::open(url).map_err(bad_url)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Some(ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?)
+            }
+        };
         Ok(Self {
             pool,
+            shared,
             keys,
             timeout,
             scripts: Arc::new(Scripts {
@@ -153,13 +219,16 @@ impl RedisStore {
         })
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// A connection for one call: the shared one, or one from the pool.
+    async fn conn(&self) -> Result<Conn<'_>, CacheError> {
+        Ok(match &self.shared {
+            Some(shared) => Conn::Shared(shared.clone()),
+            None => Conn::Pooled(self.pool.get().await?),
+        })
     }
 
-    /// The pool, for callers that need a raw connection (tests, tools).
-    pub fn pool(&self) -> &bb8::Pool<RedisConnectionManager> {
-        &self.pool
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     async fn timed<T>(
@@ -174,8 +243,8 @@ impl RedisStore {
     /// PING, for the health probe.
     pub async fn ping(&self) -> Result<(), CacheError> {
         self.timed(async {
-            let mut conn = self.pool.get().await?;
-            let pong: String = redis::cmd("PING").query_async(&mut *conn).await?;
+            let mut conn = self.conn().await?;
+            let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
             if pong == "PONG" {
                 Ok(())
             } else {
@@ -189,8 +258,8 @@ impl RedisStore {
     pub async fn get_user(&self, id: UserId) -> Result<Option<User>, CacheError> {
         let key = self.keys.user(id);
         self.timed(async {
-            let mut conn = self.pool.get().await?;
-            let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut *conn).await?;
+            let mut conn = self.conn().await?;
+            let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
             raw.map(|r| decode_user(&key, &r)).transpose()
         })
         .await
@@ -206,14 +275,14 @@ impl RedisStore {
     ) -> Result<(bool, Option<User>), CacheError> {
         let key = self.keys.user(id);
         self.timed(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.conn().await?;
             // The position is read first: the apply script writes both at once,
             // so a position at or past `offset` means the user read after it is
             // at least that fresh.
             let (applied, raw): (Option<i64>, Option<String>) = redis::pipe()
                 .hget(self.keys.applied(), partition)
                 .get(&key)
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             let user = raw.map(|r| decode_user(&key, &r)).transpose()?;
             Ok((applied.is_some_and(|a| a >= offset), user))
@@ -224,10 +293,10 @@ impl RedisStore {
     /// Offset of the last applied event, per partition.
     pub async fn applied_positions(&self) -> Result<HashMap<i32, i64>, CacheError> {
         self.timed(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.conn().await?;
             Ok(redis::cmd("HGETALL")
                 .arg(self.keys.applied())
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?)
         })
         .await
@@ -244,7 +313,7 @@ impl RedisStore {
         let fingerprint = user.fingerprint();
         let (state, value): (String, String) = self
             .timed(async {
-                let mut conn = self.pool.get().await?;
+                let mut conn = self.conn().await?;
                 Ok(self
                     .scripts
                     .reserve
@@ -256,7 +325,7 @@ impl RedisStore {
                     .arg(request_ttl.as_secs().max(1))
                     .arg(self.keys.reservation_prefix())
                     .arg(self.keys.user_prefix())
-                    .invoke_async(&mut *conn)
+                    .invoke_async(&mut conn)
                     .await?)
             })
             .await?;
@@ -307,13 +376,13 @@ impl RedisStore {
         // Serialising strings and integers cannot fail.
         let json = serde_json::to_string(&record).expect("a request record serialises");
         self.timed(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.conn().await?;
             let _: () = redis::cmd("SET")
                 .arg(self.keys.request(Some(request_id.as_str())))
                 .arg(json)
                 .arg("EX")
                 .arg(request_ttl.as_secs().max(1))
-                .query_async(&mut *conn)
+                .query_async(&mut conn)
                 .await?;
             Ok(())
         })
@@ -324,7 +393,7 @@ impl RedisStore {
     pub async fn release(&self, user: &NewUser, id: UserId) -> Result<(), CacheError> {
         let request_id = user.request_id.as_ref().map(|r| r.as_str());
         self.timed(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.conn().await?;
             let _: i64 = self
                 .scripts
                 .release
@@ -332,7 +401,7 @@ impl RedisStore {
                 .key(self.keys.request(request_id))
                 .arg(user.fingerprint())
                 .arg(if request_id.is_some() { "1" } else { "0" })
-                .invoke_async(&mut *conn)
+                .invoke_async(&mut conn)
                 .await?;
             Ok(())
         })
@@ -367,9 +436,9 @@ impl RedisStore {
             }
         }
         self.timed(async {
-            let mut conn = self.pool.get().await?;
+            let mut conn = self.conn().await?;
             let (applied, duplicates, skipped): (u64, u64, u64) =
-                invocation.invoke_async(&mut *conn).await?;
+                invocation.invoke_async(&mut conn).await?;
             Ok(ApplyOutcome {
                 applied,
                 duplicates,

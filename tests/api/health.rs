@@ -7,14 +7,25 @@ use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 use user_service::{
+    cache::RedisClientKind,
     domain::{Email, User, UserCreated, UserId, UserName},
     proto::user::v1::Position,
 };
 
 #[tokio::test]
 async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
+    redis_outage(RedisClientKind::Pool).await;
+}
+
+#[tokio::test]
+async fn the_shared_redis_connection_recovers_too() {
+    redis_outage(RedisClientKind::Shared).await;
+}
+
+async fn redis_outage(kind: RedisClientKind) {
     let mut redis = OwnRedis::start();
     let mut config = test_config();
+    config.redis_client = kind;
     config.redis_server_url = redis.url();
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;

@@ -4,7 +4,7 @@
 use crate::helpers::{group_lag, spawn_app, spawn_app_with, test_config};
 use std::time::Duration;
 use user_service::{
-    cache::{ApplyOp, Keys, RedisStore},
+    cache::{ApplyOp, Keys, RedisClientKind, RedisStore},
     domain::{Email, User, UserId, UserName},
 };
 
@@ -83,6 +83,7 @@ async fn a_replayed_batch_changes_nothing() {
     let store = RedisStore::new(
         &config.redis_url(),
         Keys::new(&config.redis_key_prefix, &config.topic),
+        RedisClientKind::Shared,
         2,
         Duration::from_secs(2),
     )
