@@ -1,0 +1,1018 @@
+#!/usr/bin/env python3
+"""Turns a scripts/bench run directory into the benchmark report and its charts.
+
+    report.py --run-dir DIR --mode full|smoke --out FILE [--connections N]
+              [--fresh-rate R] [--wall-s S] [--failed STEP]...
+
+Reads DIR/metrics.jsonl (one line per step, written by measure.py, and per
+memory snapshot), each step's raw output (ghz JSON, loadgen JSON,
+redis-benchmark, kafka producer-perf and e2e-latency text) and DIR/env.json.
+Writes FILE (markdown), SVG charts in FILE's directory under bench/, and
+DIR/results.json. Appends scripts/bench.d/notes.md (the hand-written
+analysis) to the report. Exits 2 if a step's output shows it failed (no
+answer, unparseable output, more than 1% errors); missed targets do not fail.
+Standard library only.
+"""
+import argparse
+import html
+import json
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 1024.0
+
+# ------------------------------------------------------------------ parsing
+
+
+def pct(sorted_vals, q):
+    if not sorted_vals:
+        return None
+    rank = min(len(sorted_vals), max(1, int(-(-q * len(sorted_vals) // 1))))
+    return sorted_vals[rank - 1]
+
+
+def read(run_dir, name):
+    with open(os.path.join(run_dir, name + ".out")) as f:
+        return f.read()
+
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in output")
+
+
+# ghz ends a -z run by closing its connections under the calls still in flight;
+# those fail on the client with these messages and are left out of the figures.
+GHZ_CUT = ("use of closed network connection", "the client connection is closing")
+
+
+def parse_ghz(text):
+    d = json.loads(text)
+    details = d.get("details") or []
+    kept = [x for x in details if not any(c in (x.get("error") or "") for c in GHZ_CUT)]
+    cut = len(details) - len(kept)
+    total_s = (d.get("total") or 0) / 1e9
+    lat = sorted(x["latency"] / 1e6 for x in kept)
+    if details:
+        errors = {}
+        for x in kept:
+            if x["status"] != "OK":
+                errors[x["status"]] = errors.get(x["status"], 0) + 1
+        count = len(kept)
+        ok = count - sum(errors.values())
+        rps = count / total_s if total_s else d.get("rps", 0.0)
+        p = {
+            "p50": pct(lat, 0.5),
+            "p90": pct(lat, 0.9),
+            "p99": pct(lat, 0.99),
+            "p999": pct(lat, 0.999),
+            "max": lat[-1] if lat else None,
+            "mean": sum(lat) / len(lat) if lat else None,
+        }
+    else:
+        codes = d.get("statusCodeDistribution") or {}
+        errors = {k: v for k, v in codes.items() if k != "OK"}
+        count, ok, rps = d.get("count", 0), codes.get("OK", 0), d.get("rps", 0.0)
+        dist = {int(x["percentage"]): x["latency"] / 1e6 for x in d.get("latencyDistribution") or []}
+        p = {
+            "p50": dist.get(50),
+            "p90": dist.get(90),
+            "p99": dist.get(99),
+            "p999": None,
+            "max": d.get("slowest", 0) / 1e6,
+            "mean": d.get("average", 0) / 1e6,
+        }
+    return {
+        "count": count,
+        "ok": ok,
+        "cut_at_end": cut,
+        "errors": errors,
+        "error_samples": d.get("errorDistribution") or {},
+        "rps": rps,
+        "latency_ms": p,
+        "concurrency": d.get("options", {}).get("concurrency"),
+        "connections": d.get("options", {}).get("connections"),
+    }
+
+
+def parse_loadgen(text):
+    d = last_json(text)
+    return d
+
+
+def parse_redis_benchmark(text):
+    rps = re.search(r"throughput summary:\s*([\d.]+) requests per second", text)
+    summ = re.search(
+        r"avg\s+min\s+p50\s+p95\s+p99\s+max\s*\n\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+        text,
+    )
+    if not rps or not summ:
+        raise ValueError("no throughput/latency summary")
+    avg, mn, p50, p95, p99, mx = (float(x) for x in summ.groups())
+    p999 = None
+    section = text.split("Latency by percentile distribution:", 1)
+    if len(section) == 2:
+        for m in re.finditer(r"^([\d.]+)% <= ([\d.]+) milliseconds", section[1], re.M):
+            if float(m.group(1)) >= 99.9:
+                p999 = float(m.group(2))
+                break
+    n = re.search(r"(\d+) requests completed in", text)
+    return {
+        "count": int(n.group(1)) if n else None,
+        "rps": float(rps.group(1)),
+        "latency_ms": {"mean": avg, "p50": p50, "p99": p99, "p999": p999, "max": mx},
+        "errors": {},
+    }
+
+
+def parse_producer_perf(text):
+    m = re.search(
+        r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\), ([\d.]+) ms avg latency, "
+        r"([\d.]+) ms max latency, (\d+) ms 50th, (\d+) ms 95th, (\d+) ms 99th, (\d+) ms 99.9th",
+        text,
+    )
+    if not m:
+        raise ValueError("no producer-perf summary line")
+    g = m.groups()
+    return {
+        "count": int(g[0]),
+        "ok": int(g[0]),
+        "rps": float(g[1]),
+        "mb_s": float(g[2]),
+        "latency_ms": {
+            "mean": float(g[3]),
+            "max": float(g[4]),
+            "p50": float(g[5]),
+            "p95": float(g[6]),
+            "p99": float(g[7]),
+            "p999": float(g[8]),
+        },
+        "errors": {},
+    }
+
+
+def parse_e2e(text):
+    avg = re.search(r"Avg latency:\s*([\d.]+) ms", text)
+    p = re.search(r"Percentiles: 50th = ([\d.]+), 99th = ([\d.]+), 99.9th = ([\d.]+)", text)
+    if not avg or not p:
+        raise ValueError("no e2e-latency summary")
+    return {
+        "latency_ms": {
+            "mean": float(avg.group(1)),
+            "p50": float(p.group(1)),
+            "p99": float(p.group(2)),
+            "p999": float(p.group(3)),
+            "max": None,
+        }
+    }
+
+
+PARSERS = {
+    "ghz": parse_ghz,
+    "loadgen": parse_loadgen,
+    "redis-benchmark": parse_redis_benchmark,
+    "producer-perf": parse_producer_perf,
+    "e2e-latency": parse_e2e,
+}
+
+# Every step the report needs, and how to read it.
+STEPS = {
+    "seed-produce": "loadgen",
+    "seed-apply": "loadgen",
+    "ghz-health": "ghz",
+    "lg-health": "loadgen",
+    "ghz-get": "ghz",
+    "lg-get": "loadgen",
+    "redis-get": "redis-benchmark",
+    "redis-client-pool": "loadgen",
+    "redis-client-pool-no-check": "loadgen",
+    "redis-client-multiplexed": "loadgen",
+    "ghz-create": "ghz",
+    "lg-create": "loadgen",
+    "lg-create-single": "loadgen",
+    "kafka-perf": "producer-perf",
+    "lg-fresh-position": "loadgen",
+    "lg-fresh-poll": "loadgen",
+    "kafka-e2e": "e2e-latency",
+    "catchup-produce": "loadgen",
+    "catchup": "loadgen",
+    "redis-set": "redis-benchmark",
+    "lg-get-shared": "loadgen",
+    "lg-create-shared": "loadgen",
+    "lg-create-single-shared": "loadgen",
+}
+# Steps older runs lack (a missing one is not a failure; a failed one is).
+OPTIONAL = {"lg-get-shared", "lg-create-shared", "lg-create-single-shared"}
+
+# ------------------------------------------------------------------ charts (SVG, no dependencies)
+
+PALETTE = {
+    "raw": "#8c8c8c",
+    "ceiling": "#e0a030",
+    "service": "#2f6db5",
+    "service2": "#6fa0dc",
+    "p50": "#6fa0dc",
+    "p99": "#2f6db5",
+    "p999": "#16365c",
+    "max": "#16365c",
+    "idle": "#6fa0dc",
+    "peak": "#2f6db5",
+}
+
+
+def fmt_num(v):
+    if v is None:
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def svg_bars(title, unit, rows, series, refs=()):
+    """Horizontal grouped bars. rows: [(label, [value per series])];
+    series: [(name, color)]; refs: [(value, label)] vertical reference lines."""
+    label_w, plot_w, right = 250, 430, 70
+    bar_h, gap = 14, 10
+    n_series = len(series)
+    group_h = n_series * bar_h + gap
+    top = 48 if n_series > 1 else 34
+    height = top + len(rows) * group_h + 28
+    width = label_w + plot_w + right
+    vmax = max(
+        [v for _, vals in rows for v in vals if v is not None] + [r[0] for r in refs] + [1e-9]
+    )
+    scale = plot_w / (vmax * 1.05)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    if n_series > 1:
+        x = label_w
+        for name, color in series:
+            out.append(f'<rect x="{x}" y="30" width="10" height="10" fill="{color}"/>')
+            out.append(f'<text x="{x + 14}" y="39">{html.escape(name)}</text>')
+            x += 14 + 8 * len(name) + 16
+    y = top
+    for label, vals in rows:
+        mid = y + n_series * bar_h / 2
+        out.append(
+            f'<text x="{label_w - 8}" y="{mid + 4}" text-anchor="end">{html.escape(label)}</text>'
+        )
+        for i, v in enumerate(vals):
+            by = y + i * bar_h
+            if v is None:
+                out.append(f'<text x="{label_w + 4}" y="{by + bar_h - 3}" fill="#999">n/a</text>')
+                continue
+            w = max(1.0, v * scale)
+            out.append(
+                f'<rect x="{label_w}" y="{by + 1}" width="{w:.1f}" height="{bar_h - 2}" '
+                f'fill="{series[i][1]}"/>'
+            )
+            out.append(f'<text x="{label_w + w + 4:.1f}" y="{by + bar_h - 3}">{fmt_num(v)}</text>')
+        y += group_h
+    axis_y = y
+    out.append(
+        f'<line x1="{label_w}" y1="{top - 4}" x2="{label_w}" y2="{axis_y}" stroke="#333"/>'
+    )
+    # The unit is in the title; the bottom line is left to the reference lines' labels.
+    del unit
+    for value, label in refs:
+        x = label_w + value * scale
+        out.append(
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_y}" stroke="#c0392b" '
+            f'stroke-dasharray="4,3"/>'
+        )
+        out.append(
+            f'<text x="{x + 3:.1f}" y="{axis_y + 18}" fill="#c0392b">{html.escape(label)}</text>'
+        )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def svg_line(title, xlabel, ylabel, points):
+    """One line: points [(x, y)]."""
+    width, height = 720, 260
+    left, right, top, bottom = 70, 20, 34, 40
+    pw, ph = width - left - right, height - top - bottom
+    xmax = max([p[0] for p in points] + [1e-9])
+    ymax = max([p[1] for p in points] + [1e-9])
+    sx, sy = pw / xmax, ph / (ymax * 1.05)
+    pts = " ".join(f"{left + x * sx:.1f},{top + ph - y * sy:.1f}" for x, y in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'
+        f'<rect width="{width}" height="{height}" fill="white"/>\n'
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>\n'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>\n'
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>\n'
+        f'<polyline fill="none" stroke="{PALETTE["service"]}" stroke-width="2" points="{pts}"/>\n'
+        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end">{fmt_num(ymax)}</text>\n'
+        f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>\n'
+        f'<text x="{left + pw}" y="{top + ph + 16}" text-anchor="end">{fmt_num(xmax)}</text>\n'
+        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" fill="#555">{html.escape(xlabel)}</text>\n'
+        f'<text x="14" y="{top + ph / 2}" fill="#555" transform="rotate(-90 14 {top + ph / 2})" '
+        f'text-anchor="middle">{html.escape(ylabel)}</text>\n'
+        "</svg>\n"
+    )
+
+
+# ------------------------------------------------------------------ report
+
+
+class Report:
+    def __init__(self, a):
+        self.a = a
+        self.run_dir = a.run_dir
+        self.problems = []
+        self.steps = {}
+        self.mem = []
+        with open(os.path.join(a.run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                if r["type"] == "step":
+                    self.steps[r["name"]] = r
+                elif r["type"] == "mem":
+                    self.mem.append(r)
+        try:
+            with open(os.path.join(a.run_dir, "env.json")) as f:
+                self.env = json.load(f)
+        except (OSError, ValueError):
+            self.env = {}
+        self.r = {}
+        for name, kind in STEPS.items():
+            self.r[name] = self.load(name, kind)
+
+    def load(self, name, kind):
+        meta = self.steps.get(name)
+        if meta is None:
+            if name not in OPTIONAL:
+                self.problems.append(f"{name}: did not run")
+            return None
+        if meta["rc"] != 0:
+            self.problems.append(f"{name}: exit code {meta['rc']}")
+        try:
+            d = PARSERS[kind](read(self.run_dir, name))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.problems.append(f"{name}: unreadable output ({e})")
+            return None
+        d["_kind"] = kind
+        d["_meta"] = meta
+        # Calls that did not succeed, as a share of all.
+        count = d.get("count")
+        if kind in ("ghz", "loadgen") and count is not None and "errors" in d:
+            errs = sum(d["errors"].values())
+            if count == 0 or d.get("ok", count - errs) == 0:
+                self.problems.append(f"{name}: no successful call")
+            elif errs / count > 0.01:
+                self.problems.append(f"{name}: {errs} of {count} calls failed: {d['errors']}")
+        if d.get("failed") is True:
+            self.problems.append(f"{name}: the tool reported a failure")
+        if name.startswith("lg-fresh") and d.get("creates_ok"):
+            if d.get("not_seen", 0) / d["creates_ok"] > 0.01:
+                self.problems.append(f"{name}: {d['not_seen']} users never became readable")
+        return d
+
+    # -- helpers
+    def cpu_per_req(self, name, who="svc"):
+        d, m = self.r.get(name), self.steps.get(name)
+        if not d or not m or m.get(f"{who}_cpu_s") is None:
+            return None
+        n = d.get("count") or d.get("creates_ok")
+        if not n:
+            return None
+        return m[f"{who}_cpu_s"] / n * 1e6  # µs per request
+
+    def lat(self, name, key):
+        d = self.r.get(name)
+        if not d:
+            return None
+        lm = d.get("latency_ms") or d.get("freshness_ms") or {}
+        return lm.get(key)
+
+    def rps(self, name):
+        d = self.r.get(name)
+        return d.get("rps") if d else None
+
+    @staticmethod
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    # -- the document
+    def write(self):
+        out_path = self.a.out
+        chart_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "bench")
+        os.makedirs(chart_dir, exist_ok=True)
+        self.charts = {}
+        smoke = self.a.mode == "smoke"
+        r = self.r
+        L = []
+        e = self.env
+        L.append("# Benchmarks\n")
+        L.append(
+            f"Generated by `scripts/bench{' --smoke' if smoke else ''}` on {e.get('date', '?')}, "
+            f"commit `{e.get('commit', '?')}`, in {self.a.wall_s or '?'} s. "
+            + (
+                "**Smoke run**: a few seconds per step and low rates, so the figures only show "
+                "that the harness works; the full run (`scripts/bench`) gives the numbers to quote.\n"
+                if smoke
+                else "**Full run.**\n"
+            )
+        )
+        if self.problems or self.a.failed:
+            L.append("**Failed steps:** " + "; ".join(self.a.failed + self.problems) + "\n")
+
+        # ---- figures
+        reads_rows = [
+            ("redis-benchmark GET (raw)", "redis-get", "raw"),
+            ("Health/Check, ghz", "ghz-health", "ceiling"),
+            ("Health/Check, loadgen", "lg-health", "ceiling"),
+            ("GetUser, ghz", "ghz-get", "service"),
+            ("GetUser, loadgen", "lg-get", "service"),
+        ]
+        write_rows = [
+            ("producer-perf, acks=all (raw)", "kafka-perf", "raw"),
+            ("CreateUser, ghz, 100 callers", "ghz-create", "service"),
+            ("CreateUser, loadgen, 100 callers", "lg-create", "service"),
+            ("CreateUser, loadgen, 1 caller", "lg-create-single", "service2"),
+        ]
+        raw_get = self.rps("redis-get")
+        raw_prod = self.rps("kafka-perf")
+        fresh = r.get("lg-fresh-position")
+        fresh_poll = r.get("lg-fresh-poll")
+        catch = r.get("catchup")
+        raw_set = self.rps("redis-set")
+
+        # ---- targets
+        T = []
+
+        def verdict(ok, na=False):
+            if na:
+                return "n/a"
+            if ok is None:
+                return "no data"
+            return "met" if ok else "**NOT met**"
+
+        for tool, get, health in (("loadgen", "lg-get", "lg-health"), ("ghz", "ghz-get", "ghz-health")):
+            g, h = self.rps(get), self.rps(health)
+            q = self.ratio(g, raw_get)
+            T.append(
+                (
+                    f"Reads ≥ 0.5 × raw Redis GET ({tool})",
+                    f"{fmt_num(g)} vs {fmt_num(raw_get)} req/s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= 0.5),
+                )
+            )
+            q = self.ratio(g, h)
+            T.append(
+                (
+                    f"Reads ≥ 0.75 × Health/Check ceiling ({tool})",
+                    f"{fmt_num(g)} vs {fmt_num(h)} req/s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= 0.75),
+                )
+            )
+            p = self.lat(get, "p99")
+            T.append((f"Reads p99 ≤ 5 ms ({tool})", f"{fmt_num(p)} ms", verdict(None if p is None else p <= 5)))
+        if r.get("lg-get-shared"):
+            g, h = self.rps("lg-get-shared"), self.rps("lg-health")
+            q = self.ratio(g, h)
+            T.append(
+                (
+                    "Reads ≥ 0.75 × Health/Check ceiling (loadgen, `REDIS_CLIENT=shared`)",
+                    f"{fmt_num(g)} vs {fmt_num(h)} req/s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= 0.75),
+                )
+            )
+            q = self.ratio(g, raw_get)
+            T.append(
+                (
+                    "Reads ≥ 0.5 × raw Redis GET (loadgen, `REDIS_CLIENT=shared`)",
+                    f"{fmt_num(g)} vs {fmt_num(raw_get)} req/s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= 0.5),
+                )
+            )
+            p = self.lat("lg-get-shared", "p99")
+            T.append(
+                (
+                    "Reads p99 ≤ 5 ms (loadgen, `REDIS_CLIENT=shared`)",
+                    f"{fmt_num(p)} ms",
+                    verdict(None if p is None else p <= 5),
+                )
+            )
+        writes = [("loadgen", "lg-create"), ("ghz", "ghz-create")]
+        if r.get("lg-create-shared"):
+            writes.append(("loadgen, `REDIS_CLIENT=shared`", "lg-create-shared"))
+        for tool, name in writes:
+            w = self.rps(name)
+            q = self.ratio(w, raw_prod)
+            T.append(
+                (
+                    f"Writes ≥ 0.5 × producer-perf records/s ({tool})",
+                    f"{fmt_num(w)} vs {fmt_num(raw_prod)} /s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= 0.5),
+                )
+            )
+        p50, p99 = self.lat("lg-create-single", "p50"), self.lat("lg-create-single", "p99")
+        T.append(
+            (
+                "Single caller: single-digit-ms CreateUser (p99 < 10 ms)",
+                f"p50 {fmt_num(p50)} ms, p99 {fmt_num(p99)} ms",
+                verdict(None if p99 is None else p99 < 10),
+            )
+        )
+        if r.get("lg-create-single-shared"):
+            p50 = self.lat("lg-create-single-shared", "p50")
+            p99 = self.lat("lg-create-single-shared", "p99")
+            T.append(
+                (
+                    "Single caller, `REDIS_CLIENT=shared`: p99 < 10 ms",
+                    f"p50 {fmt_num(p50)} ms, p99 {fmt_num(p99)} ms",
+                    verdict(None if p99 is None else p99 < 10),
+                )
+            )
+        if fresh:
+            fp99 = fresh["freshness_ms"]["p99"]
+            rate = fresh.get("achieved_rate", 0)
+            at_rate = rate >= 0.95 * 2000
+            T.append(
+                (
+                    "Freshness p99 ≤ 25 ms at 2,000 creates/s",
+                    f"p99 {fmt_num(fp99)} ms at {fmt_num(rate)} creates/s",
+                    verdict(fp99 <= 25 and at_rate, na=smoke)
+                    + (" (smoke rate)" if smoke else ""),
+                )
+            )
+        if catch:
+            cr = catch.get("rate_applying")
+            T.append(
+                (
+                    "Catch-up ≥ 50,000 events/s",
+                    f"{fmt_num(cr)} events/s over {catch['events']:,} events "
+                    f"({fmt_num(catch.get('rate_from_start'))}/s from process start)",
+                    verdict(None if cr is None else cr >= 50000)
+                    + (" (smoke: too few events to trust)" if smoke else ""),
+                )
+            )
+        idle = [m for m in self.mem if m["svc_tag"] == "A" and m["phase"] == "idle"]
+        peaks = [m["hwm_kb"] for m in self.mem if m["phase"] != "idle"]
+        if idle:
+            v = idle[0]["rss_kb"] / MIB
+            T.append(("RSS idle ≤ 64 MiB", f"{v:.1f} MiB", verdict(v <= 64)))
+        if peaks:
+            v = max(peaks) / MIB
+            T.append(("RSS under load ≤ 256 MiB", f"{v:.1f} MiB (peak of all phases)", verdict(v <= 256)))
+
+        L.append("## Targets\n")
+        L.append("| target | measured | verdict |\n|---|---|---|")
+        for t in T:
+            L.append(f"| {t[0]} | {t[1]} | {t[2]} |")
+        L.append("")
+
+        # ---- machine
+        L.append("## Machine\n")
+        L.append("| | |\n|---|---|")
+        for k, label in (
+            ("nproc", "CPUs (`nproc`)"),
+            ("cpu_model", "CPU model (`lscpu`)"),
+            ("mem_gib", "memory (GiB)"),
+            ("kernel", "kernel"),
+            ("loadavg", f"load average at the {e.get('loadavg_at', 'end')} of the run"),
+            ("kafka", "Apache Kafka"),
+            ("redis", "Redis"),
+            ("rustc", "rustc"),
+            ("java", "Java (Kafka and its tools)"),
+            ("ghz", "ghz"),
+            ("redis_benchmark", "redis-benchmark"),
+        ):
+            v = e.get(k, "?")
+            if isinstance(v, list):
+                v = " ".join(v)
+            L.append(f"| {label} | {v} |")
+        L.append(
+            "\nOne shared, noisy 2-core VM: the service, Redis, the Kafka broker (JVM) and the load "
+            "generator all run on it at once, so every figure includes the others' CPU. Runs vary by "
+            "±20% or more between repetitions.\n"
+        )
+
+        # ---- how
+        L.append("## How it was measured\n")
+        L.append(
+            "```sh\nscripts/bench            # full run; writes this file and docs/bench/*.svg\n"
+            "scripts/bench --smoke    # a few seconds per step; writes the report under "
+            "~/.cache/user-service/bench/<run>/\n```\n"
+        )
+        L.append(
+            "The script builds the release binaries, starts the stack (`scripts/stack up`), then a "
+            "release `user-service` with its own topic, consumer group and key prefix (Redis db "
+            f"14, `DRAIN_GRACE=0s`, "
+            + (
+                f"**and `{self.a.service_env}`**, otherwise defaults: pool of 16, linger 2 ms). "
+                if self.a.service_env
+                else "everything else default: pool of 16, linger 2 ms, `RUST_LOG=info`). "
+            )
+            + f"gRPC clients use {self.a.connections} HTTP/2 connections each. Every step is bounded in "
+            "time. The service's CPU is utime+stime from `/proc/PID/stat` over the step, divided by "
+            "the calls the step made; memory is `VmRSS`, and the peak `VmHWM` per phase (reset with "
+            "`/proc/PID/clear_refs`).\n"
+        )
+        L.append(
+            "- **loadgen** is `src/bin/loadgen.rs`: tonic's client, closed loop (each caller waits for "
+            "its answer), many calls in flight over a few connections, bounded retries with a fresh "
+            "connection on UNAVAILABLE, an h2/GOAWAY INTERNAL or a transport CANCELLED (tried behind "
+            "`scripts/sidecar` with nginx sending GOAWAY every 1,000 calls: no failed call). **ghz** "
+            "is v0.120.0 by reflection; "
+            "its p99.9 comes from its per-call details.\n"
+            "- Reads: GetUser on ids seeded through the projector (events produced straight to the "
+            "topic); redis-benchmark GETs as many keys of 100 bytes in Redis db 15, 50 clients, no "
+            "pipelining.\n"
+            "- Writes: CreateUser with service-assigned ids and a request id (idempotency record), "
+            "so each call is a Lua reservation, a produce with acks=all and the answer's SET. "
+            "producer-perf sends records of the size of our event JSON to a 3-partition topic, acks=all.\n"
+            "- Freshness: loadgen issues CreateUser on schedule (open loop) and measures from the "
+            "answer until GetUser returns the user: *position* passes the returned position (the "
+            "service polls its applied position, 1 ms doubling to 50 ms), *poll* calls GetUser "
+            "without it every 1 ms. Kafka's `EndToEndLatency` sends one record at a time and "
+            "times its consumption (acks=all), on a 1-partition topic of the same broker.\n"
+            "- Catch-up: N events produced straight to a fresh topic, then a service on a fresh "
+            "group starts; loadgen reads the applied positions from Redis every 5 ms (\"applying\": "
+            "from the first applied batch to the last; \"from start\": from process start) and then "
+            "waits for GetProgress' total lag 0 (committed offsets: auto-commit runs every second).\n"
+        )
+
+        # ---- 1 reads
+        L.append("## 1. Reads: GetUser vs Redis GET, and the gRPC ceiling\n")
+        L.append(self.table(reads_rows, show_c=True))
+        L.append(
+            f"\nGetUser / raw GET: loadgen {fmt_num(self.ratio(self.rps('lg-get'), raw_get))}×, "
+            f"ghz {fmt_num(self.ratio(self.rps('ghz-get'), raw_get))}×. "
+            f"GetUser / Health/Check (same tool): loadgen "
+            f"{fmt_num(self.ratio(self.rps('lg-get'), self.rps('lg-health')))}×, ghz "
+            f"{fmt_num(self.ratio(self.rps('ghz-get'), self.rps('ghz-health')))}×.\n"
+        )
+        self.chart(
+            L,
+            "reads-throughput",
+            svg_bars(
+                "Reads: requests/s (50 callers)",
+                "requests/s",
+                [(lbl, [self.rps(n)]) for lbl, n, _ in reads_rows],
+                [("req/s", PALETTE["service"])],
+            ),
+        )
+        self.chart(
+            L,
+            "reads-latency",
+            svg_bars(
+                "Reads: latency (ms)",
+                "ms",
+                [(lbl, [self.lat(n, "p50"), self.lat(n, "p99"), self.lat(n, "p999")]) for lbl, n, _ in reads_rows],
+                [("p50", PALETTE["p50"]), ("p99", PALETTE["p99"]), ("p99.9", PALETTE["p999"])],
+                refs=[(5, "p99 target 5 ms")],
+            ),
+        )
+
+        L.append("### Diagnostic: the Redis client alone\n")
+        L.append(
+            "The same GETs (50 callers, same keys) straight from loadgen to Redis through the client "
+            "the service uses — a bb8 pool of 16 multiplexed connections, which PINGs every connection "
+            "it hands out (`test_on_check_out`, on by default) — then the pool without that PING, then "
+            "one multiplexed connection shared by all callers (it pipelines concurrent commands).\n"
+        )
+        client_rows = [
+            ("bb8 pool, PING on checkout (as the service)", "redis-client-pool", "service"),
+            ("bb8 pool, no checkout PING", "redis-client-pool-no-check", "service2"),
+            ("one multiplexed connection", "redis-client-multiplexed", "raw"),
+        ]
+        L.append(self.table(client_rows))
+        L.append(
+            "\nHere \"client CPU\" is the Redis client library's own cost (loadgen does nothing else).\n"
+        )
+        self.chart(
+            L,
+            "redis-client",
+            svg_bars(
+                "Redis GET through the service's client library: requests/s",
+                "requests/s",
+                [(lbl, [self.rps(n)]) for lbl, n, _ in client_rows]
+                + [("redis-benchmark GET (raw)", [raw_get])],
+                [("req/s", PALETTE["service"])],
+            ),
+        )
+
+        # ---- 2 writes
+        L.append("## 2. Writes: CreateUser vs Kafka's producer perf test\n")
+        L.append(self.table(write_rows, show_c=True))
+        rs = (self.steps.get("kafka-perf") or {}).get("record_size", "?")
+        L.append(
+            f"\nRecord size {rs} bytes (our events' average JSON). CreateUser / producer-perf: loadgen "
+            f"{fmt_num(self.ratio(self.rps('lg-create'), raw_prod))}×, ghz "
+            f"{fmt_num(self.ratio(self.rps('ghz-create'), raw_prod))}×. producer-perf pipelines "
+            "one producer's batches; CreateUser answers each call only after its own acknowledgement.\n"
+        )
+        self.chart(
+            L,
+            "writes-throughput",
+            svg_bars(
+                "Writes: records/s",
+                "records/s",
+                [(lbl, [self.rps(n)]) for lbl, n, _ in write_rows],
+                [("records/s", PALETTE["service"])],
+            ),
+        )
+        self.chart(
+            L,
+            "writes-latency",
+            svg_bars(
+                "Writes: latency (ms)",
+                "ms",
+                [(lbl, [self.lat(n, "p50"), self.lat(n, "p99"), self.lat(n, "p999")]) for lbl, n, _ in write_rows],
+                [("p50", PALETTE["p50"]), ("p99", PALETTE["p99"]), ("p99.9", PALETTE["p999"])],
+                refs=[(10, "10 ms")],
+            ),
+        )
+
+        # ---- 2b shared client
+        L.append("### `REDIS_CLIENT=pool` (default) vs `REDIS_CLIENT=shared`\n")
+        if any(r.get(n) for n in OPTIONAL):
+            L.append(
+                "The same loadgen runs on a second instance with `REDIS_CLIENT=shared` (one "
+                "multiplexed connection, redis-rs `ConnectionManager`) over A's topic and read model, "
+                "its projector off: A's projector applies its events, so A's CPU over the step is "
+                "added to its service CPU.\n"
+            )
+            shared_rows = [
+                ("GetUser, pool", "lg-get", "service"),
+                ("GetUser, shared", "lg-get-shared", "service2"),
+                ("CreateUser 100 callers, pool", "lg-create", "service"),
+                ("CreateUser 100 callers, shared", "lg-create-shared", "service2"),
+                ("CreateUser 1 caller, pool", "lg-create-single", "service"),
+                ("CreateUser 1 caller, shared", "lg-create-single-shared", "service2"),
+            ]
+            L.append(self.table(shared_rows))
+            L.append("")
+            self.chart(
+                L,
+                "redis-client-service",
+                svg_bars(
+                    "GetUser and CreateUser (loadgen): pool vs shared Redis client",
+                    "requests/s",
+                    [
+                        ("GetUser, 50 callers", [self.rps("lg-get"), self.rps("lg-get-shared")]),
+                        ("CreateUser, 100 callers", [self.rps("lg-create"), self.rps("lg-create-shared")]),
+                        ("CreateUser, 1 caller", [self.rps("lg-create-single"), self.rps("lg-create-single-shared")]),
+                    ],
+                    [("pool", PALETTE["service"]), ("shared", PALETTE["ceiling"])],
+                ),
+            )
+        else:
+            L.append(
+                "Not measured in this run: it predates `REDIS_CLIENT`. The notes below give a "
+                "smoke-sized comparison.\n"
+            )
+
+        # ---- 3 freshness
+        L.append(f"## 3. Freshness at {fmt_num(self.a.fresh_rate)} creates/s\n")
+        L.append("| | creates/s | p50 ms | p99 ms | p99.9 ms | max ms | CreateUser p99 ms | not readable | GetUser calls |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        for lbl, d in (("service, GetUser with position", fresh), ("service, GetUser polled every 1 ms", fresh_poll)):
+            if not d:
+                L.append(f"| {lbl} | — | | | | | | | |")
+                continue
+            f = d["freshness_ms"]
+            L.append(
+                f"| {lbl} | {fmt_num(d.get('achieved_rate'))} | {fmt_num(f['p50'])} | {fmt_num(f['p99'])} | "
+                f"{fmt_num(f['p999'])} | {fmt_num(f['max'])} | {fmt_num(d['create_latency_ms']['p99'])} | "
+                f"{d.get('not_seen', 0)} | {d.get('get_calls', 0):,} |"
+            )
+        k = r.get("kafka-e2e")
+        if k:
+            f = k["latency_ms"]
+            L.append(
+                f"| Kafka EndToEndLatency, acks=all, one at a time | — | {fmt_num(f['p50'])} | {fmt_num(f['p99'])} | "
+                f"{fmt_num(f['p999'])} | — | | | |"
+            )
+        L.append(
+            "\nThe service's figure starts at CreateUser's answer (the produce is already acknowledged) "
+            "and ends when GetUser returns the user; Kafka's starts before the send and ends at the "
+            "consumer, and its percentiles are whole milliseconds.\n"
+        )
+        rows = []
+        for lbl, d in (("position", fresh), ("poll 1 ms", fresh_poll)):
+            if d:
+                f = d["freshness_ms"]
+                rows.append((f"service, {lbl}", [f["p50"], f["p99"], f["max"]]))
+        if k:
+            rows.append(("Kafka e2e (p99.9 as max)", [k["latency_ms"]["p50"], k["latency_ms"]["p99"], k["latency_ms"]["p999"]]))
+        self.chart(
+            L,
+            "freshness",
+            svg_bars(
+                "Freshness: create answered → readable (ms)",
+                "ms",
+                rows,
+                [("p50", PALETTE["p50"]), ("p99", PALETTE["p99"]), ("max", PALETTE["max"])],
+                refs=[(25, "p99 target 25 ms")],
+            ),
+        )
+
+        # ---- 4 catch-up
+        L.append("## 4. Catch-up: a new projector over a backlog\n")
+        if catch:
+            prod = r.get("catchup-produce") or {}
+            L.append("| | |\n|---|---|")
+            L.append(f"| events in the topic (3 partitions) | {catch['events']:,} |")
+            L.append(f"| produced by loadgen at | {fmt_num(prod.get('rps'))} events/s |")
+            L.append(f"| service SERVING after | {catch['t_serving_s']:.2f} s |")
+            L.append(f"| first batch applied after | {catch['t_first_applied_s']:.2f} s |")
+            L.append(f"| everything applied after | {catch['t_applied_s']:.2f} s |")
+            lag0 = catch.get("t_lag0_s")
+            L.append(f"| GetProgress total lag 0 after | {'—' if lag0 is None else f'{lag0:.2f} s'} |")
+            L.append(f"| **projector rate (applying)** | **{fmt_num(catch.get('rate_applying'))} events/s** |")
+            L.append(f"| projector rate from process start | {fmt_num(catch.get('rate_from_start'))} events/s |")
+            L.append(f"| redis-benchmark SET, 50 clients, -P 16 (raw) | {fmt_num(raw_set)} SET/s |")
+            L.append(
+                f"| projector / raw SET | {fmt_num(self.ratio(catch.get('rate_applying'), raw_set))}× |"
+            )
+            cpu = self.steps.get("catchup", {}).get("svc_cpu_s")
+            if cpu is not None:
+                L.append(f"| service CPU during catch-up | {cpu:.2f} s = {cpu / catch['events'] * 1e6:.1f} µs/event |")
+            L.append("")
+            self.chart(
+                L,
+                "catchup",
+                svg_bars(
+                    "Catch-up: events (or SETs) per second",
+                    "per second",
+                    [
+                        ("projector, applying", [catch.get("rate_applying")]),
+                        ("projector, from process start", [catch.get("rate_from_start")]),
+                        ("redis-benchmark SET -P 16 (raw)", [raw_set]),
+                    ],
+                    [("per s", PALETTE["service"])],
+                    refs=[(50000, "target 50k/s")],
+                ),
+            )
+            if len(catch.get("samples", [])) > 2:
+                self.chart(
+                    L,
+                    "catchup-progress",
+                    svg_line(
+                        "Catch-up: events applied to Redis",
+                        "seconds since the service started",
+                        "events",
+                        [(0.0, 0)] + [(t / 1000.0, n) for t, n in catch["samples"]],
+                    ),
+                )
+
+        # ---- 5 memory
+        L.append("## 5. Memory\n")
+        L.append("| service | phase | RSS at end MiB | peak RSS in phase MiB |\n|---|---|---|---|")
+        for m in self.mem:
+            L.append(
+                f"| {m['svc_tag']} | {m['phase']} | {m['rss_kb'] / MIB:.1f} | {m['hwm_kb'] / MIB:.1f} |"
+            )
+        L.append(
+            "\nService A served steps 1–3 (plus the seeding), S the `REDIS_CLIENT=shared` runs, B the "
+            "catch-up; A's \"idle\" is two seconds after it became SERVING. Peaks are per phase.\n"
+        )
+        self.chart(
+            L,
+            "memory",
+            svg_bars(
+                "Service memory (MiB)",
+                "MiB",
+                [(f"{m['svc_tag']}: {m['phase']}", [m["rss_kb"] / MIB, m["hwm_kb"] / MIB]) for m in self.mem],
+                [("RSS at end", PALETTE["idle"]), ("peak in phase", PALETTE["peak"])],
+                refs=[(64, "64 MiB"), (256, "256 MiB")],
+            ),
+        )
+
+        # ---- 6 cpu
+        L.append("## 6. CPU per request\n")
+        L.append(
+            "| step | calls | service µs/call | Redis µs/call | Kafka µs/call | client CPU s | wall s | Redis commands per call |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
+        for name in (
+            "ghz-health", "lg-health", "ghz-get", "lg-get", "redis-get", "redis-client-pool",
+            "redis-client-pool-no-check", "redis-client-multiplexed", "ghz-create", "lg-create",
+            "lg-create-single", "kafka-perf", "lg-get-shared", "lg-create-shared",
+            "lg-create-single-shared", "lg-fresh-position", "lg-fresh-poll", "catchup", "redis-set",
+        ):
+            d, m = r.get(name), self.steps.get(name)
+            if not d or not m:
+                continue
+            n = d.get("count") or d.get("creates_ok") or d.get("events")
+            if not n:
+                continue
+
+            def per(who):
+                v = m.get(f"{who}_cpu_s")
+                return "—" if v is None else f"{v / n * 1e6:.1f}"
+
+            svc = per("svc") if not name.startswith(("redis-", "kafka-")) else "—"
+            cmds = m.get("redis_commands") or {}
+            top = sorted(cmds.items(), key=lambda kv: -kv[1])
+            cs = ", ".join(f"{k.upper()} {v / n:.2f}" for k, v in top if v / n >= 0.01) or "—"
+            L.append(
+                f"| {name} | {n:,} | {svc} | {per('redis')} | {per('kafka')} | "
+                f"{m.get('client_cpu_s', 0):.2f} | {m['wall_s']:.1f} | {cs} |"
+            )
+        L.append(
+            "\nRedis commands per call come from `INFO commandstats` before and after the step (any other "
+            "client of that Redis would count too). "
+            "The freshness rows count one call per create (each also makes one or more GetUser calls). "
+            "A client whose CPU seconds approach the wall time × 2 cores is saturating the machine "
+            "itself, not the service.\n"
+        )
+
+        # ---- notes
+        notes = os.path.join(HERE, "notes.md")
+        if os.path.exists(notes):
+            with open(notes) as f:
+                L.append(f.read())
+
+        with open(out_path, "w") as f:
+            f.write("\n".join(L).rstrip() + "\n")
+        for name, svg in self.charts.items():
+            with open(os.path.join(chart_dir, name + ".svg"), "w") as f:
+                f.write(svg)
+        with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+            json.dump(
+                {
+                    "mode": self.a.mode,
+                    "env": self.env,
+                    "targets": T,
+                    "problems": self.problems,
+                    "steps": {k: {kk: vv for kk, vv in (v or {}).items() if kk != "_kind"} for k, v in self.r.items()},
+                    "mem": self.mem,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
+        return T
+
+    def chart(self, L, name, svg):
+        self.charts[name] = svg
+        L.append(f"![{name}](bench/{name}.svg)\n")
+
+    def table(self, rows, show_c=False):
+        L = [
+            "| | calls | req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | service CPU µs/call | client CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for lbl, name, _ in rows:
+            d, m = self.r.get(name), self.steps.get(name) or {}
+            if not d:
+                L.append(f"| {lbl} | — | | | | | | | | |")
+                continue
+            lm = d.get("latency_ms", {})
+            errs = d.get("errors") or {}
+            es = ", ".join(f"{k} {v}" for k, v in errs.items()) or "0"
+            if d.get("cut_at_end"):
+                es += f" ({d['cut_at_end']} cut by ghz at the end, left out)"
+            c = self.cpu_per_req(name) if not name.startswith(("redis-", "kafka-")) else None
+            L.append(
+                f"| {lbl} | {d.get('count') or 0:,} | {fmt_num(d.get('rps'))} | {fmt_num(lm.get('p50'))} | "
+                f"{fmt_num(lm.get('p99'))} | {fmt_num(lm.get('p999'))} | {fmt_num(lm.get('max'))} | {es} | "
+                f"{fmt_num(c)} | {m.get('client_cpu_s', 0):.2f} |"
+            )
+        return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--mode", choices=["full", "smoke"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--connections", default="4")
+    ap.add_argument("--fresh-rate", type=float, default=2000)
+    ap.add_argument("--wall-s", default="")
+    ap.add_argument("--service-env", default="")
+    ap.add_argument("--failed", action="append", default=[])
+    a = ap.parse_args()
+    rep = Report(a)
+    targets = rep.write()
+    # A short summary for the terminal (and CI logs).
+    print(f"[bench] report: {a.out}")
+    for t in targets:
+        print(f"[bench]   {t[2].replace('**', ''):<9} {t[0]}: {t[1]}")
+    if rep.problems:
+        for p in rep.problems:
+            print(f"[bench] problem: {p}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
