@@ -73,9 +73,10 @@ pub struct Config {
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
-    /// How calls reach Redis: `pool` (bb8 pool of connections) or `shared`
-    /// (one multiplexed connection that concurrent calls pipeline on).
-    #[arg(long, env = "REDIS_CLIENT", value_enum, default_value_t = RedisClientKind::Pool)]
+    /// How calls reach Redis: `shared` (one multiplexed connection that
+    /// concurrent calls pipeline on; 2× the pool's GetUser rate in
+    /// docs/benchmarks.md) or `pool` (a bb8 pool of connections).
+    #[arg(long, env = "REDIS_CLIENT", value_enum, default_value_t = RedisClientKind::Shared)]
     pub redis_client: RedisClientKind,
 
     /// Connections in the Redis pool (with `REDIS_CLIENT=pool`).

@@ -142,7 +142,9 @@ impl UserApi {
                 });
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            // Short pauses: the projector applies within milliseconds, and a
+            // long back-off would add up to its length to the read's latency.
+            pause = (pause * 2).min(Duration::from_millis(4));
         }
     }
 }

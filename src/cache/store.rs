@@ -193,6 +193,9 @@ impl RedisStore {
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             .connection_timeout(timeout)
+            // bb8 PINGs each connection it hands out by default: one more round
+            // trip per call. The health probe already PINGs every second.
+            .test_on_check_out(false)
             .build_unchecked(manager);
         let shared = match kind {
             RedisClientKind::Pool => None,
