@@ -192,10 +192,10 @@ impl RedisStore {
         let manager = RedisConnectionManager::new(url).map_err(bad_url)?;
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
+            // bb8 PINGs each connection it hands out (one more round trip per
+            // call): it is how the pool notices a connection to a Redis that
+            // went away; without it, dead connections are handed out forever.
             .connection_timeout(timeout)
-            // bb8 PINGs each connection it hands out by default: one more round
-            // trip per call. The health probe already PINGs every second.
-            .test_on_check_out(false)
             .build_unchecked(manager);
         let shared = match kind {
             RedisClientKind::Pool => None,
