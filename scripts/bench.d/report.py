@@ -202,12 +202,12 @@ STEPS = {
     "catchup-produce": "loadgen",
     "catchup": "loadgen",
     "redis-set": "redis-benchmark",
-    "lg-get-shared": "loadgen",
-    "lg-create-shared": "loadgen",
-    "lg-create-single-shared": "loadgen",
+    "lg-get-pool": "loadgen",
+    "lg-create-pool": "loadgen",
+    "lg-create-single-pool": "loadgen",
 }
 # Steps older runs lack (a missing one is not a failure; a failed one is).
-OPTIONAL = {"lg-get-shared", "lg-create-shared", "lg-create-single-shared"}
+OPTIONAL = {"lg-get-pool", "lg-create-pool", "lg-create-single-pool"}
 
 # ------------------------------------------------------------------ charts (SVG, no dependencies)
 
@@ -483,12 +483,12 @@ class Report:
             )
             p = self.lat(get, "p99")
             T.append((f"Reads p99 ≤ 5 ms ({tool})", f"{fmt_num(p)} ms", verdict(None if p is None else p <= 5)))
-        if r.get("lg-get-shared"):
-            g, h = self.rps("lg-get-shared"), self.rps("lg-health")
+        if r.get("lg-get-pool"):
+            g, h = self.rps("lg-get-pool"), self.rps("lg-health")
             q = self.ratio(g, h)
             T.append(
                 (
-                    "Reads ≥ 0.75 × Health/Check ceiling (loadgen, `REDIS_CLIENT=shared`)",
+                    "Reads ≥ 0.75 × Health/Check ceiling (loadgen, `REDIS_CLIENT=pool`)",
                     f"{fmt_num(g)} vs {fmt_num(h)} req/s = {fmt_num(q)}×",
                     verdict(None if q is None else q >= 0.75),
                 )
@@ -496,22 +496,22 @@ class Report:
             q = self.ratio(g, raw_get)
             T.append(
                 (
-                    "Reads ≥ 0.5 × raw Redis GET (loadgen, `REDIS_CLIENT=shared`)",
+                    "Reads ≥ 0.5 × raw Redis GET (loadgen, `REDIS_CLIENT=pool`)",
                     f"{fmt_num(g)} vs {fmt_num(raw_get)} req/s = {fmt_num(q)}×",
                     verdict(None if q is None else q >= 0.5),
                 )
             )
-            p = self.lat("lg-get-shared", "p99")
+            p = self.lat("lg-get-pool", "p99")
             T.append(
                 (
-                    "Reads p99 ≤ 5 ms (loadgen, `REDIS_CLIENT=shared`)",
+                    "Reads p99 ≤ 5 ms (loadgen, `REDIS_CLIENT=pool`)",
                     f"{fmt_num(p)} ms",
                     verdict(None if p is None else p <= 5),
                 )
             )
         writes = [("loadgen", "lg-create"), ("ghz", "ghz-create")]
-        if r.get("lg-create-shared"):
-            writes.append(("loadgen, `REDIS_CLIENT=shared`", "lg-create-shared"))
+        if r.get("lg-create-pool"):
+            writes.append(("loadgen, `REDIS_CLIENT=pool`", "lg-create-pool"))
         for tool, name in writes:
             w = self.rps(name)
             q = self.ratio(w, raw_prod)
@@ -530,12 +530,12 @@ class Report:
                 verdict(None if p99 is None else p99 < 10),
             )
         )
-        if r.get("lg-create-single-shared"):
-            p50 = self.lat("lg-create-single-shared", "p50")
-            p99 = self.lat("lg-create-single-shared", "p99")
+        if r.get("lg-create-single-pool"):
+            p50 = self.lat("lg-create-single-pool", "p50")
+            p99 = self.lat("lg-create-single-pool", "p99")
             T.append(
                 (
-                    "Single caller, `REDIS_CLIENT=shared`: p99 < 10 ms",
+                    "Single caller, `REDIS_CLIENT=pool`: p99 < 10 ms",
                     f"p50 {fmt_num(p50)} ms, p99 {fmt_num(p99)} ms",
                     verdict(None if p99 is None else p99 < 10),
                 )
@@ -616,9 +616,9 @@ class Report:
             "release `user-service` with its own topic, consumer group and key prefix (Redis db "
             f"14, `DRAIN_GRACE=0s`, "
             + (
-                f"**and `{self.a.service_env}`**, otherwise defaults: pool of 16, linger 2 ms). "
+                f"**and `{self.a.service_env}`**, otherwise defaults: one shared Redis connection, linger 2 ms). "
                 if self.a.service_env
-                else "everything else default: pool of 16, linger 2 ms, `RUST_LOG=info`). "
+                else "everything else default: one shared Redis connection, linger 2 ms, `RUST_LOG=info`). "
             )
             + f"gRPC clients use {self.a.connections} HTTP/2 connections each. Every step is bounded in "
             "time. The service's CPU is utime+stime from `/proc/PID/stat` over the step, divided by "
@@ -683,15 +683,16 @@ class Report:
 
         L.append("### Diagnostic: the Redis client alone\n")
         L.append(
-            "The same GETs (50 callers, same keys) straight from loadgen to Redis through the client "
-            "the service uses — a bb8 pool of 16 multiplexed connections, which PINGs every connection "
-            "it hands out (`test_on_check_out`, on by default) — then the pool without that PING, then "
-            "one multiplexed connection shared by all callers (it pipelines concurrent commands).\n"
+            "The same GETs (50 callers, same keys) straight from loadgen to Redis through the clients "
+            "the service can use — a bb8 pool of 16 multiplexed connections, which PINGs every connection "
+            "it hands out (`test_on_check_out`, on by default; `REDIS_CLIENT=pool`), the pool without that "
+            "PING, and one multiplexed connection shared by all callers (`REDIS_CLIENT=shared`, the default; "
+            "it pipelines concurrent commands).\n"
         )
         client_rows = [
-            ("bb8 pool, PING on checkout (as the service)", "redis-client-pool", "service"),
+            ("bb8 pool, PING on checkout (`REDIS_CLIENT=pool`)", "redis-client-pool", "service"),
             ("bb8 pool, no checkout PING", "redis-client-pool-no-check", "service2"),
-            ("one multiplexed connection", "redis-client-multiplexed", "raw"),
+            ("one multiplexed connection (`REDIS_CLIENT=shared`)", "redis-client-multiplexed", "raw"),
         ]
         L.append(self.table(client_rows))
         L.append(
@@ -742,21 +743,21 @@ class Report:
         )
 
         # ---- 2b shared client
-        L.append("### `REDIS_CLIENT=pool` (default) vs `REDIS_CLIENT=shared`\n")
+        L.append("### `REDIS_CLIENT=shared` (default) vs `REDIS_CLIENT=pool`\n")
         if any(r.get(n) for n in OPTIONAL):
             L.append(
-                "The same loadgen runs on a second instance with `REDIS_CLIENT=shared` (one "
-                "multiplexed connection, redis-rs `ConnectionManager`) over A's topic and read model, "
+                "The same loadgen runs on a second instance with `REDIS_CLIENT=pool` (a bb8 pool of "
+                "16 multiplexed connections, PING on checkout) over A's topic and read model, "
                 "its projector off: A's projector applies its events, so A's CPU over the step is "
                 "added to its service CPU.\n"
             )
             shared_rows = [
-                ("GetUser, pool", "lg-get", "service"),
-                ("GetUser, shared", "lg-get-shared", "service2"),
-                ("CreateUser 100 callers, pool", "lg-create", "service"),
-                ("CreateUser 100 callers, shared", "lg-create-shared", "service2"),
-                ("CreateUser 1 caller, pool", "lg-create-single", "service"),
-                ("CreateUser 1 caller, shared", "lg-create-single-shared", "service2"),
+                ("GetUser, shared (default)", "lg-get", "service"),
+                ("GetUser, pool", "lg-get-pool", "service2"),
+                ("CreateUser 100 callers, shared (default)", "lg-create", "service"),
+                ("CreateUser 100 callers, pool", "lg-create-pool", "service2"),
+                ("CreateUser 1 caller, shared (default)", "lg-create-single", "service"),
+                ("CreateUser 1 caller, pool", "lg-create-single-pool", "service2"),
             ]
             L.append(self.table(shared_rows))
             L.append("")
@@ -764,14 +765,14 @@ class Report:
                 L,
                 "redis-client-service",
                 svg_bars(
-                    "GetUser and CreateUser (loadgen): pool vs shared Redis client",
+                    "GetUser and CreateUser (loadgen): shared (default) vs pool Redis client",
                     "requests/s",
                     [
-                        ("GetUser, 50 callers", [self.rps("lg-get"), self.rps("lg-get-shared")]),
-                        ("CreateUser, 100 callers", [self.rps("lg-create"), self.rps("lg-create-shared")]),
-                        ("CreateUser, 1 caller", [self.rps("lg-create-single"), self.rps("lg-create-single-shared")]),
+                        ("GetUser, 50 callers", [self.rps("lg-get"), self.rps("lg-get-pool")]),
+                        ("CreateUser, 100 callers", [self.rps("lg-create"), self.rps("lg-create-pool")]),
+                        ("CreateUser, 1 caller", [self.rps("lg-create-single"), self.rps("lg-create-single-pool")]),
                     ],
-                    [("pool", PALETTE["service"]), ("shared", PALETTE["ceiling"])],
+                    [("shared (default)", PALETTE["service"]), ("pool", PALETTE["ceiling"])],
                 ),
             )
         else:
@@ -906,8 +907,8 @@ class Report:
         for name in (
             "ghz-health", "lg-health", "ghz-get", "lg-get", "redis-get", "redis-client-pool",
             "redis-client-pool-no-check", "redis-client-multiplexed", "ghz-create", "lg-create",
-            "lg-create-single", "kafka-perf", "lg-get-shared", "lg-create-shared",
-            "lg-create-single-shared", "lg-fresh-position", "lg-fresh-poll", "catchup", "redis-set",
+            "lg-create-single", "kafka-perf", "lg-get-pool", "lg-create-pool",
+            "lg-create-single-pool", "lg-fresh-position", "lg-fresh-poll", "catchup", "redis-set",
         ):
             d, m = r.get(name), self.steps.get(name)
             if not d or not m:
