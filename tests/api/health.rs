@@ -1,16 +1,13 @@
 //! `grpc.health.v1` follows the dependencies, and the spec for unknown names.
 
-use crate::helpers::{OwnRedis, free_port, producer, spawn_app, spawn_app_with, test_config};
+use crate::helpers::{
+    OwnRedis, free_port, producer, publish_user_created, spawn_app, spawn_app_with, test_config,
+};
 use futures::StreamExt;
-use rdkafka::producer::FutureRecord;
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-use user_service::{
-    cache::RedisClientKind,
-    domain::{Email, User, UserCreated, UserId, UserName},
-    proto::user::v1::Position,
-};
+use user_service::cache::RedisClientKind;
 
 #[tokio::test]
 async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {
@@ -81,28 +78,8 @@ async fn redis_outage(kind: RedisClientKind) {
     let p = producer();
     let mut positions = Vec::new();
     for id in 1..=6 {
-        let event = UserCreated::new(User {
-            id: UserId::parse(id).unwrap(),
-            name: UserName::parse(&format!("offline {id}")).unwrap(),
-            email: Email::parse("o@example.com").unwrap(),
-            created_at_ms: 0,
-        });
-        let d = p
-            .send(
-                FutureRecord::to(&app.config.topic)
-                    .key(&event.key())
-                    .payload(&event.to_json()),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-        positions.push((
-            id,
-            Position {
-                partition: d.partition,
-                offset: d.offset,
-            },
-        ));
+        let pos = publish_user_created(&p, &app.config.topic, id, &format!("offline {id}")).await;
+        positions.push((id, pos));
     }
     crate::helpers::wait_until(Duration::from_secs(30), || async {
         app.stats().apply_failures > 0

@@ -7,7 +7,7 @@ use clap::Parser;
 use rdkafka::{
     ClientConfig,
     consumer::{BaseConsumer, Consumer},
-    producer::FutureProducer,
+    producer::{FutureProducer, FutureRecord},
 };
 use std::{future::Future, net::SocketAddr, sync::Once, time::Duration};
 use tokio::task::JoinHandle;
@@ -18,6 +18,7 @@ use tonic_health::pb::{
 };
 use user_service::{
     config::{Config, LogFormat},
+    domain::{Email, User as DomainUser, UserCreated, UserId, UserName},
     projector::ProjectorStats,
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, Position, User,
@@ -231,6 +232,35 @@ pub fn producer() -> FutureProducer {
         .set("linger.ms", "0")
         .create()
         .expect("a producer")
+}
+
+/// Publishes a valid `UserCreated` for `id` (named `name`) straight to
+/// `topic`, as another instance's command side would, and returns its position.
+pub async fn publish_user_created(
+    producer: &FutureProducer,
+    topic: &str,
+    id: i64,
+    name: &str,
+) -> Position {
+    let event = UserCreated::new(DomainUser {
+        id: UserId::parse(id).unwrap(),
+        name: UserName::parse(name).unwrap(),
+        email: Email::parse("direct@example.com").unwrap(),
+        created_at_ms: 0,
+    });
+    let d = producer
+        .send(
+            FutureRecord::to(topic)
+                .key(&event.key())
+                .payload(&event.to_json()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the broker acknowledges");
+    Position {
+        partition: d.partition,
+        offset: d.offset,
+    }
 }
 
 /// A consumer in `group` that does not subscribe: reads offsets and watermarks.

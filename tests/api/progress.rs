@@ -2,21 +2,18 @@
 //! instance, agreeing with Kafka's own tool.
 
 use crate::helpers::{
-    OwnRedis, TestApp, producer, spawn_app, spawn_app_with, test_config, wait_until,
+    OwnRedis, TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config,
+    wait_until,
 };
 use futures::StreamExt;
-use rdkafka::producer::FutureRecord;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 use tonic::{Code, Streaming};
-use user_service::{
-    domain::{Email, User, UserCreated, UserId, UserName},
-    proto::user::v1::{
-        GetProgressRequest, GroupState, PartitionStatus, ProgressSnapshot, WatchProgressRequest,
-        WatchProgressResponse,
-    },
+use user_service::proto::user::v1::{
+    GetProgressRequest, GroupState, PartitionStatus, ProgressSnapshot, WatchProgressRequest,
+    WatchProgressResponse,
 };
 
 fn every(ms: i64) -> Option<prost_types::Duration> {
@@ -58,15 +55,6 @@ async fn snapshot(app: &TestApp) -> ProgressSnapshot {
         .unwrap()
 }
 
-fn event(id: i64) -> UserCreated {
-    UserCreated::new(User {
-        id: UserId::parse(id).unwrap(),
-        name: UserName::parse(&format!("user {id}")).unwrap(),
-        email: Email::parse("p@example.com").unwrap(),
-        created_at_ms: 0,
-    })
-}
-
 #[tokio::test]
 async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let mut redis = OwnRedis::start();
@@ -95,15 +83,7 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let n = 30;
     let p = producer();
     for id in 1..=n {
-        let e = event(id);
-        p.send(
-            FutureRecord::to(&app.config.topic)
-                .key(&e.key())
-                .payload(&e.to_json()),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        publish_user_created(&p, &app.config.topic, id, &format!("user {id}")).await;
     }
     let mut seen = vec![first];
     loop {
