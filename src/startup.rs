@@ -166,6 +166,8 @@ impl Application {
             store,
             publisher: publisher.clone(),
             request_ttl: config.request_id_ttl,
+            pending_ttl: (config.publish_timeout * 2 + Duration::from_secs(5))
+                .min(config.request_id_ttl),
             max_position_wait: config.max_position_wait,
         };
         // Our contract, the health service's, and google.rpc's error details, so

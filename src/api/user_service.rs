@@ -23,6 +23,10 @@ pub struct UserApi {
     pub publisher: EventPublisher,
     /// How long a request id's answer is kept for retries.
     pub request_ttl: Duration,
+    /// How long a request id stays "in progress" without an answer: longer
+    /// than a publish can take, so a call that died mid-way (a crash) leaves
+    /// its request id usable again soon after.
+    pub pending_ttl: Duration,
     /// Longest wait for a position when the call has no deadline.
     pub max_position_wait: Duration,
 }
@@ -78,7 +82,7 @@ impl UserService for UserApi {
 impl UserApi {
     /// Reserve the id, publish, remember the answer: the command side.
     async fn create(&self, new: NewUser) -> Result<StoredAnswer, ApiError> {
-        let id = match self.store.reserve(&new, self.request_ttl).await? {
+        let id = match self.store.reserve(&new, self.pending_ttl).await? {
             Reservation::Reserved(id) => id,
             Reservation::Exists(id) => return Err(ApiError::AlreadyExists(id)),
             Reservation::Replay(answer) => {

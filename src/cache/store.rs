@@ -306,11 +306,11 @@ impl RedisStore {
     }
 
     /// Reserves the user's id (or assigns one) and, with a request id, records
-    /// the request as pending; all in one atomic script.
+    /// the request as pending for `pending_ttl`; all in one atomic script.
     pub async fn reserve(
         &self,
         user: &NewUser,
-        request_ttl: Duration,
+        pending_ttl: Duration,
     ) -> Result<Reservation, CacheError> {
         let request_id = user.request_id.as_ref().map(|r| r.as_str());
         let fingerprint = user.fingerprint();
@@ -325,9 +325,10 @@ impl RedisStore {
                     .arg(if request_id.is_some() { "1" } else { "0" })
                     .arg(&fingerprint)
                     .arg(user.id.map(|i| i.to_string()).unwrap_or_default())
-                    .arg(request_ttl.as_secs().max(1))
+                    .arg(pending_ttl.as_secs().max(1))
                     .arg(self.keys.reservation_prefix())
                     .arg(self.keys.user_prefix())
+                    .arg(owner(user))
                     .invoke_async(&mut conn)
                     .await?)
             })
@@ -402,7 +403,7 @@ impl RedisStore {
                 .release
                 .key(self.keys.reservation(id))
                 .key(self.keys.request(request_id))
-                .arg(user.fingerprint())
+                .arg(owner(user))
                 .arg(if request_id.is_some() { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await?;
@@ -449,6 +450,15 @@ impl RedisStore {
             })
         })
         .await
+    }
+}
+
+/// Who holds an id reservation: the request id when there is one (so that its
+/// retry can take the id again), else the request's fields.
+fn owner(user: &NewUser) -> String {
+    match &user.request_id {
+        Some(r) => format!("req:{}", r.as_str()),
+        None => format!("fp:{}", user.fingerprint()),
     }
 }
 

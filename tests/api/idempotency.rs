@@ -71,3 +71,61 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
     b.stop().await.expect("clean stop");
     a.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_request_id_whose_call_died_mid_way_is_usable_again() {
+    use user_service::{
+        cache::{Keys, RedisClientKind, RedisStore, Reservation},
+        domain::{NewUser, UserId},
+    };
+    let config = crate::helpers::test_config();
+    let store = RedisStore::new(
+        &config.redis_url(),
+        Keys::new(&config.redis_key_prefix, &config.topic),
+        RedisClientKind::Shared,
+        2,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let id = UserId::parse(77).unwrap();
+    let call =
+        |request_id: &str| NewUser::parse(Some(77), "Ada", "ada@example.com", request_id).unwrap();
+    let pending = Duration::from_secs(1);
+
+    // A call reserves the id, then dies before publishing (no answer, no release).
+    assert_eq!(
+        store.reserve(&call("r1"), pending).await.unwrap(),
+        Reservation::Reserved(id)
+    );
+    // Its retry, while the call could still be running, is told to wait.
+    assert_eq!(
+        store.reserve(&call("r1"), pending).await.unwrap(),
+        Reservation::InProgress
+    );
+    // Another request for the same id finds it taken.
+    assert_eq!(
+        store.reserve(&call("r2"), pending).await.unwrap(),
+        Reservation::Exists(id)
+    );
+    // Once the pending record has expired, the retry takes its id again...
+    crate::helpers::wait_until(Duration::from_secs(10), || async {
+        store.reserve(&call("r1"), pending).await.unwrap() == Reservation::Reserved(id)
+    })
+    .await
+    .expect("the dead call's request id became usable again");
+    // ...and nobody else can.
+    assert_eq!(
+        store.reserve(&call("r2"), pending).await.unwrap(),
+        Reservation::Exists(id)
+    );
+    // Without a request id there is no retry identity: the id stays taken.
+    let anonymous = NewUser::parse(Some(78), "Bob", "bob@example.com", "").unwrap();
+    assert!(matches!(
+        store.reserve(&anonymous, pending).await.unwrap(),
+        Reservation::Reserved(_)
+    ));
+    assert!(matches!(
+        store.reserve(&anonymous, pending).await.unwrap(),
+        Reservation::Exists(_)
+    ));
+}

@@ -3,7 +3,7 @@
 --
 -- KEYS[1] id reservation key
 -- KEYS[2] request-id record (a placeholder key when there is no request id)
--- ARGV[1] the request's fingerprint
+-- ARGV[1] the reservation's owner (see reserve.lua)
 -- ARGV[2] '1' when the request carries a request id
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])

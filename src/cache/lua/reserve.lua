@@ -6,9 +6,13 @@
 -- ARGV[1] '1' when the request carries a request id
 -- ARGV[2] the request's fingerprint (its fields)
 -- ARGV[3] the client's id, or '' to assign one
--- ARGV[4] request-id record TTL, seconds
+-- ARGV[4] TTL of the pending request-id record, seconds: longer than a
+--         publish can take, short enough that a crashed call's request id is
+--         usable again soon
 -- ARGV[5] prefix of id reservation keys
 -- ARGV[6] prefix of read-model user keys (`user_`)
+-- ARGV[7] the reservation's owner: 'req:<request id>', or 'fp:<fingerprint>'
+--         for a request without one
 --
 -- Returns {'replay', record} | {'exists', id} | {'reserved', id}
 local has_req = ARGV[1] == '1'
@@ -17,6 +21,7 @@ local wanted = ARGV[3]
 local ttl = tonumber(ARGV[4])
 local resv_prefix = ARGV[5]
 local user_prefix = ARGV[6]
+local owner = ARGV[7]
 
 if has_req then
   local prev = redis.call('GET', KEYS[1])
@@ -31,7 +36,13 @@ end
 
 local id = wanted
 if id ~= '' then
-  if taken(id) then
+  if redis.call('EXISTS', user_prefix .. id) > 0 then
+    return {'exists', id}
+  end
+  local holder = redis.call('GET', resv_prefix .. id)
+  -- A retry of a call that reserved this id and then died (its pending
+  -- record expired) takes it again; anyone else finds it taken.
+  if holder and not (has_req and holder == owner) then
     return {'exists', id}
   end
 else
@@ -41,7 +52,7 @@ else
   until not taken(id)
 end
 
-redis.call('SET', resv_prefix .. id, fingerprint)
+redis.call('SET', resv_prefix .. id, owner)
 if has_req then
   local record = cjson.encode({state = 'pending', fingerprint = fingerprint, id = id})
   redis.call('SET', KEYS[1], record, 'EX', ttl)
