@@ -183,7 +183,7 @@ def test_watch_progress_streams_snapshots_and_cancels(progress):
             break
     assert len(received) == 4
     # One at once, then one per interval.
-    assert received[0] < 2.0
+    assert received[0] < 5.0
     assert received[3] - received[0] >= 0.5, received
     # Each a fresh poll of Kafka, never the same snapshot twice.
     assert times == sorted(set(times)), times
@@ -221,7 +221,9 @@ def test_watch_progress_faster_watcher_replans_a_slow_poller(progress):
     finally:
         slow.cancel()
     assert len(set(times)) == 4, times
-    assert elapsed < 2.0, f"4 snapshots 200 ms apart took {elapsed:.2f}s"
+    # Not a speed check: the bug this guards against stalled the fast watcher
+    # for the slow one's whole hour.
+    assert elapsed < 10.0, f"4 snapshots 200 ms apart took {elapsed:.2f}s"
 
 
 def test_watch_progress_joining_after_a_slow_watcher_left_is_not_stalled(progress):
@@ -233,8 +235,8 @@ def test_watch_progress_joining_after_a_slow_watcher_left_is_not_stalled(progres
     slow.cancel()
     # 1 s, so that the slow watcher's snapshot is surely recent enough to be
     # served at once: the service then does not poke the poller either.
-    fast = progress.WatchProgress(projection_pb2.WatchProgressRequest(interval=_ms(1000)), timeout=4)
-    # 3 snapshots 1 s apart take 2 s.
+    fast = progress.WatchProgress(projection_pb2.WatchProgressRequest(interval=_ms(1000)), timeout=15)
+    # 3 snapshots 1 s apart take 2 s; the bug this guards against took an hour.
     assert len(_snapshot_times(fast, 3)) == 3
 
 
