@@ -5,7 +5,7 @@
 //! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
 //! that `scripts/stack up` starts.
 
-use crate::cache::RedisClientKind;
+use crate::cache::{RedisClientKind, RedisTarget};
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, time::Duration};
 
@@ -29,6 +29,15 @@ pub struct Config {
         default_value = "redis://127.0.0.1:16379"
     )]
     pub redis_server_url: String,
+
+    /// Sentinels (comma-separated `host:port`) that name the Redis master;
+    /// when set, `REDIS_SERVER_URL` is not used and a failover is followed.
+    #[arg(long, env = "REDIS_SENTINEL_URLS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The master's name in Sentinel.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    pub redis_sentinel_master: String,
 
     /// Topic the `UserCreated` events are published to.
     #[arg(long, env = "KAFKA_TOPIC", default_value = "topic-user-creating")]
@@ -136,6 +145,22 @@ impl Config {
         self.dlq_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.topic))
+    }
+
+    /// Where Redis is: Sentinel when sentinels are given, else the server URL.
+    pub fn redis_target(&self) -> RedisTarget {
+        if self.redis_sentinels.iter().any(|s| !s.trim().is_empty()) {
+            RedisTarget::Sentinel {
+                sentinels: self
+                    .redis_sentinels
+                    .iter()
+                    .map(|s| s.trim().to_owned())
+                    .collect(),
+                master: self.redis_sentinel_master.clone(),
+            }
+        } else {
+            RedisTarget::Server(self.redis_url())
+        }
     }
 
     /// The Redis URL with a scheme, accepting the Go service's bare `host:port`.

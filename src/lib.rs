@@ -15,7 +15,7 @@
 //!   creation, and the consumer configuration the projector uses.
 //! - [`cache`]: the Redis adapter: the read model (users and the applied
 //!   position per partition, written in one atomic step) and the command side's
-//!   id and request-id reservations.
+//!   id and request-id reservations; one server or behind Sentinel.
 //! - [`projector`]: the consumer-group loop: fetch, apply to Redis idempotently,
 //!   then store the offset for commit (at-least-once, effectively once in Redis).
 //! - [`progress`]: the consumer group's progress per partition (committed

@@ -86,7 +86,7 @@ impl Application {
         let dlq_topic = config.dlq_topic();
 
         let store = RedisStore::new(
-            &config.redis_url(),
+            &config.redis_target(),
             Keys::new(&config.redis_key_prefix, &config.topic),
             config.redis_client,
             config.redis_pool_size,

@@ -21,6 +21,9 @@ impl From<redis::RedisError> for CacheError {
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_unrecoverable_error()
+            // A demoted master (after a Sentinel failover) refuses writes.
+            || e.code() == Some("READONLY")
+            || e.to_string().contains("READONLY")
         {
             CacheError::Unavailable(e.to_string())
         } else {

@@ -14,5 +14,6 @@ mod store;
 
 pub use error::CacheError;
 pub use store::{
-    ApplyOp, ApplyOutcome, Keys, RedisClientKind, RedisStore, Reservation, StoredAnswer,
+    ApplyOp, ApplyOutcome, Keys, RedisClientKind, RedisStore, RedisTarget, Reservation,
+    StoredAnswer,
 };

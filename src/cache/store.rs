@@ -4,8 +4,9 @@ use super::CacheError;
 use crate::domain::{NewUser, User, UserId};
 use bb8_redis::RedisConnectionManager;
 use redis::{
-    Cmd, Pipeline, RedisFuture, Script, Value,
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    sentinel::{SentinelClient, SentinelServerType},
 };
 use serde::{Deserialize, Serialize};
 use std::{collections::HashMap, future::Future, sync::Arc, time::Duration};
@@ -131,10 +132,59 @@ pub enum RedisClientKind {
     Shared,
 }
 
+/// Where Redis is: one server, or the master that Sentinel names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://host:port[/db]`.
+    Server(String),
+    /// Ask these sentinels (`host:port` or `redis://` URLs) for `master`; after
+    /// a failover the next call finds the new master.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+/// The master's connection, found through Sentinel and found again when a
+/// call fails (the master went away, or was demoted and answers READONLY).
+struct SentinelSource {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+}
+
+impl SentinelSource {
+    async fn connection(&self) -> Result<MultiplexedConnection, CacheError> {
+        if let Some(c) = self.current.lock().expect("sentinel lock poisoned").clone() {
+            return Ok(c);
+        }
+        // One resolution at a time; a caller that waited finds it done.
+        let mut client = self.client.lock().await;
+        if let Some(c) = self.current.lock().expect("sentinel lock poisoned").clone() {
+            return Ok(c);
+        }
+        let master = client.async_get_client().await?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = master
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        tracing::info!(master = ?master.get_connection_info().addr(), "Redis master found through Sentinel");
+        *self.current.lock().expect("sentinel lock poisoned") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self) {
+        self.current.lock().expect("sentinel lock poisoned").take();
+    }
+}
+
 /// The connection a call runs on.
 enum Conn<'a> {
     Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
     Shared(ConnectionManager),
+    Sentinel(MultiplexedConnection),
 }
 
 impl ConnectionLike for Conn<'_> {
@@ -142,6 +192,7 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Conn::Pooled(c) => c.req_packed_command(cmd),
             Conn::Shared(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -154,6 +205,7 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -161,6 +213,7 @@ impl ConnectionLike for Conn<'_> {
         match self {
             Conn::Pooled(c) => c.get_db(),
             Conn::Shared(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -172,6 +225,8 @@ pub struct RedisStore {
     pool: bb8::Pool<RedisConnectionManager>,
     /// Set when calls go over one shared connection instead of the pool.
     shared: Option<ConnectionManager>,
+    /// Set when Sentinel names the master; it then serves every call.
+    sentinel: Option<Arc<SentinelSource>>,
     keys: Keys,
     timeout: Duration,
     scripts: Arc<Scripts>,
@@ -181,15 +236,41 @@ impl RedisStore {
     /// Builds the client without connecting: the service starts while Redis is
     /// down and reports it through health instead of failing.
     pub fn new(
-        url: &str,
+        target: &RedisTarget,
         keys: Keys,
         kind: RedisClientKind,
         pool_size: u32,
         timeout: Duration,
     ) -> Result<Self, CacheError> {
-        let bad_url =
-            |e: redis::RedisError| CacheError::Unavailable(format!("bad Redis URL {url:?}: {e}"));
-        let manager = RedisConnectionManager::new(url).map_err(bad_url)?;
+        let bad = |what: &str, e: redis::RedisError| {
+            CacheError::Unavailable(format!("bad Redis {what}: {e}"))
+        };
+        let (url, sentinel) = match target {
+            RedisTarget::Server(url) => (url.as_str(), None),
+            RedisTarget::Sentinel { sentinels, master } => {
+                let urls: Vec<String> = sentinels
+                    .iter()
+                    .map(|s| {
+                        if s.contains("://") {
+                            s.clone()
+                        } else {
+                            format!("redis://{s}")
+                        }
+                    })
+                    .collect();
+                let client =
+                    SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)
+                        .map_err(|e| bad("Sentinel settings", e))?;
+                let source = SentinelSource {
+                    client: tokio::sync::Mutex::new(client),
+                    current: std::sync::Mutex::new(None),
+                    timeout,
+                };
+                // The pool and the shared connection are not used with Sentinel.
+                ("redis://127.0.0.1:6379", Some(Arc::new(source)))
+            }
+        };
+        let manager = RedisConnectionManager::new(url).map_err(|e| bad("URL", e))?;
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             // bb8 PINGs each connection it hands out (one more round trip per
@@ -197,21 +278,25 @@ impl RedisStore {
             // went away; without it, dead connections are handed out forever.
             .connection_timeout(timeout)
             .build_unchecked(manager);
-        let shared = match kind {
-            RedisClientKind::Pool => None,
-            RedisClientKind::Shared => {
-                let client = redis::Client::open(url).map_err(bad_url)?;
+        let shared = match (kind, &sentinel) {
+            (RedisClientKind::Shared, None) => {
+                let client = redis::Client::open(url).map_err(|e| bad("URL", e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                Some(ConnectionManager::new_lazy_with_config(client, config).map_err(bad_url)?)
+                Some(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| bad("URL", e))?,
+                )
             }
+            _ => None,
         };
         Ok(Self {
             pool,
             shared,
+            sentinel,
             keys,
             timeout,
             scripts: Arc::new(Scripts {
@@ -224,9 +309,10 @@ impl RedisStore {
 
     /// A connection for one call: the shared one, or one from the pool.
     async fn conn(&self) -> Result<Conn<'_>, CacheError> {
-        Ok(match &self.shared {
-            Some(shared) => Conn::Shared(shared.clone()),
-            None => Conn::Pooled(self.pool.get().await?),
+        Ok(match (&self.sentinel, &self.shared) {
+            (Some(sentinel), _) => Conn::Sentinel(sentinel.connection().await?),
+            (None, Some(shared)) => Conn::Shared(shared.clone()),
+            (None, None) => Conn::Pooled(self.pool.get().await?),
         })
     }
 
@@ -238,9 +324,14 @@ impl RedisStore {
         &self,
         f: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
-        tokio::time::timeout(self.timeout, f)
+        let result = tokio::time::timeout(self.timeout, f)
             .await
-            .unwrap_or_else(|_| Err(CacheError::Unavailable("Redis call timed out".into())))
+            .unwrap_or_else(|_| Err(CacheError::Unavailable("Redis call timed out".into())));
+        if let (Err(CacheError::Unavailable(_)), Some(sentinel)) = (&result, &self.sentinel) {
+            // The master may have moved: ask Sentinel again on the next call.
+            sentinel.forget();
+        }
+        result
     }
 
     /// PING, for the health probe.

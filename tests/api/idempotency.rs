@@ -80,7 +80,7 @@ async fn a_request_id_whose_call_died_mid_way_is_usable_again() {
     };
     let config = crate::helpers::test_config();
     let store = RedisStore::new(
-        &config.redis_url(),
+        &config.redis_target(),
         Keys::new(&config.redis_key_prefix, &config.topic),
         RedisClientKind::Shared,
         2,

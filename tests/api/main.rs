@@ -11,6 +11,7 @@ mod health;
 mod idempotency;
 mod progress;
 mod restart;
+mod sentinel;
 mod shutdown;
 mod stack_round_trip;
 mod validation;

@@ -81,7 +81,7 @@ async fn restart_resumes_from_committed_offsets() {
 async fn a_replayed_batch_changes_nothing() {
     let config = test_config();
     let store = RedisStore::new(
-        &config.redis_url(),
+        &config.redis_target(),
         Keys::new(&config.redis_key_prefix, &config.topic),
         RedisClientKind::Shared,
         2,

@@ -1,0 +1,173 @@
+//! Redis behind Sentinel: the service finds the master through Sentinel and
+//! follows a failover, losing nothing that was applied before it.
+
+use crate::helpers::{free_port, spawn_app_with, test_config, unique, wait_until};
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// A server process of the test's own, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server(args: &[&str]) -> Proc {
+    Proc(
+        Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/stack up installs it)"),
+    )
+}
+
+fn cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(&mut conn)
+}
+
+fn master_port(sentinel: u16) -> Option<u16> {
+    let addr: Vec<String> = redis::from_redis_value(
+        cmd(
+            sentinel,
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        )
+        .ok()?,
+    )
+    .ok()?;
+    addr.get(1)?.parse().ok()
+}
+
+fn replicas_known(sentinel: u16) -> usize {
+    cmd(sentinel, &["SENTINEL", "replicas", "mymaster"])
+        .ok()
+        .and_then(|v| redis::from_redis_value::<Vec<redis::Value>>(v).ok())
+        .map_or(0, |r| r.len())
+}
+
+#[tokio::test]
+async fn the_service_follows_a_sentinel_failover() {
+    let (m, r, s) = (free_port(), free_port(), free_port());
+    let common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    let _master = redis_server(&[&["--port", &m.to_string()][..], &common].concat());
+    let _replica = redis_server(
+        &[
+            &[
+                "--port",
+                &r.to_string(),
+                "--replicaof",
+                "127.0.0.1",
+                &m.to_string(),
+            ][..],
+            &common,
+        ]
+        .concat(),
+    );
+    let dir = std::env::temp_dir().join(unique("sentinel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {s}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+             sentinel monitor mymaster 127.0.0.1 {m} 1\n\
+             sentinel down-after-milliseconds mymaster 1000\n\
+             sentinel failover-timeout mymaster 5000\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let _sentinel = redis_server(&[conf.to_str().unwrap(), "--sentinel"]);
+    wait_until(Duration::from_secs(60), || async {
+        master_port(s) == Some(m) && replicas_known(s) > 0
+    })
+    .await
+    .expect("Sentinel watches the master and knows its replica");
+
+    let mut config = test_config();
+    config.redis_server_url = "redis://127.0.0.1:1".into(); // not used with Sentinel
+    config.redis_sentinels = vec![format!("127.0.0.1:{s}")];
+    config.redis_timeout = Duration::from_millis(500);
+    let app = spawn_app_with(config).await;
+    app.wait_health(ServingStatus::Serving).await;
+
+    let before = app
+        .create("Before Failover", "before@example.com")
+        .await
+        .expect("created via the master");
+    let user = before.user.clone().unwrap();
+    assert_eq!(
+        app.get_at(user.id, before.position, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        user
+    );
+
+    // Promote the replica.
+    cmd(s, &["SENTINEL", "FAILOVER", "mymaster"]).expect("failover starts");
+    wait_until(Duration::from_secs(60), || async {
+        master_port(s) == Some(r)
+    })
+    .await
+    .expect("the replica became the master");
+    // ...and Sentinel demoted the old master, which now refuses writes.
+    wait_until(Duration::from_secs(60), || async {
+        cmd(m, &["ROLE"])
+            .ok()
+            .and_then(|v| redis::from_redis_value::<Vec<redis::Value>>(v).ok())
+            .and_then(|v| redis::from_redis_value::<String>(v.first()?.clone()).ok())
+            .as_deref()
+            == Some("slave")
+    })
+    .await
+    .expect("the old master became a replica");
+
+    // Writes go to the new master: calls may say UNAVAILABLE while it switches,
+    // never anything else, and then succeed.
+    let mut after = None;
+    for _ in 0..600 {
+        match app.create("After Failover", "after@example.com").await {
+            Ok(c) => {
+                after = Some(c);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = after.expect("CreateUser works against the new master");
+    let new_user = after.user.clone().unwrap();
+    assert_eq!(
+        app.get_at(new_user.id, after.position, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        new_user
+    );
+    // The new user was written to the new master, not to the demoted one.
+    let key = format!("{}user_{}", app.config.redis_key_prefix, new_user.id);
+    let on_new_master: i64 = redis::from_redis_value(cmd(r, &["EXISTS", &key]).unwrap()).unwrap();
+    assert_eq!(on_new_master, 1);
+    // What was applied before the failover is still there.
+    assert_eq!(
+        app.get_at(user.id, None, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        user
+    );
+    app.wait_health(ServingStatus::Serving).await;
+    app.stop().await.expect("clean stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
