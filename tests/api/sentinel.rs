@@ -116,6 +116,28 @@ async fn the_service_follows_a_sentinel_failover() {
         user
     );
 
+    // Let the replica catch up (replication is asynchronous: a failover
+    // before that would lose writes, as with any Redis failover).
+    let info = |port: u16| -> String {
+        cmd(port, &["INFO", "replication"])
+            .ok()
+            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+            .unwrap_or_default()
+    };
+    let field = |text: &str, name: &str| -> Option<i64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let written = field(&info(m), "master_repl_offset").expect("the master reports its offset");
+    wait_until(Duration::from_secs(60), || async {
+        let replica = info(r);
+        replica.contains("master_link_status:up")
+            && field(&replica, "slave_repl_offset").is_some_and(|o| o >= written)
+    })
+    .await
+    .expect("the replica caught up");
+
     // Promote the replica.
     cmd(s, &["SENTINEL", "FAILOVER", "mymaster"]).expect("failover starts");
     wait_until(Duration::from_secs(60), || async {
