@@ -61,7 +61,21 @@ fn replicas_known(sentinel: u16) -> usize {
 #[tokio::test]
 async fn the_service_follows_a_sentinel_failover() {
     let (m, r, s) = (free_port(), free_port(), free_port());
-    let common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+    // Files (the replica's copy of the master's data, Sentinel's config) go
+    // to a directory of the test's own, not the working directory.
+    let dir = std::env::temp_dir().join(unique("sentinel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    let common = [
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &dir_arg,
+    ];
     let _master = redis_server(&[&["--port", &m.to_string()][..], &common].concat());
     let _replica = redis_server(
         &[
@@ -76,8 +90,6 @@ async fn the_service_follows_a_sentinel_failover() {
         ]
         .concat(),
     );
-    let dir = std::env::temp_dir().join(unique("sentinel"));
-    std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("sentinel.conf");
     std::fs::write(
         &conf,
