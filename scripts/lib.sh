@@ -125,3 +125,14 @@ kafka_class_cmd() {
     -Dlog4j2.configurationFile="$KAFKA_SCRIPTS_DIR/tools-log4j2.xml"
     -cp "$KAFKA_LIBS/*" "$@")
 }
+
+# free_port: a loopback TCP port nothing listens on right now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# cargo_target_dir: where cargo puts builds for this repo ($CARGO_TARGET_DIR or ./target).
+cargo_target_dir() {
+  (cd "$SCRIPTS_DIR/.." && cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+}

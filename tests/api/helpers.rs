@@ -74,6 +74,19 @@ pub fn test_config() -> Config {
     c
 }
 
+/// A Redis adapter of the test's own (its key prefix), without the service.
+pub fn test_store(config: &Config) -> user_service::cache::RedisStore {
+    use user_service::cache::{Keys, RedisClientKind, RedisStore};
+    RedisStore::new(
+        &config.redis_target(),
+        Keys::new(&config.redis_key_prefix, &config.topic),
+        RedisClientKind::Shared,
+        2,
+        Duration::from_secs(2),
+    )
+    .expect("a Redis adapter")
+}
+
 /// One running application and clients to it.
 pub struct TestApp {
     pub config: Config,

@@ -75,18 +75,11 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
 #[tokio::test]
 async fn a_request_id_whose_call_died_mid_way_is_usable_again() {
     use user_service::{
-        cache::{Keys, RedisClientKind, RedisStore, Reservation},
+        cache::Reservation,
         domain::{NewUser, UserId},
     };
     let config = crate::helpers::test_config();
-    let store = RedisStore::new(
-        &config.redis_target(),
-        Keys::new(&config.redis_key_prefix, &config.topic),
-        RedisClientKind::Shared,
-        2,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let store = crate::helpers::test_store(&config);
     let id = UserId::parse(77).unwrap();
     let call =
         |request_id: &str| NewUser::parse(Some(77), "Ada", "ada@example.com", request_id).unwrap();

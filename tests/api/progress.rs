@@ -34,6 +34,20 @@ async fn watch(
         .map(|r| r.into_inner())
 }
 
+async fn watch_every(
+    app: &TestApp,
+    ms: i64,
+) -> Result<Streaming<WatchProgressResponse>, tonic::Status> {
+    watch(
+        app,
+        WatchProgressRequest {
+            interval: every(ms),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 async fn next(stream: &mut Streaming<WatchProgressResponse>) -> ProgressSnapshot {
     tokio::time::timeout(Duration::from_secs(30), stream.next())
         .await
@@ -64,15 +78,7 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let app = spawn_app_with(config).await;
     app.wait_assigned().await;
 
-    let mut stream = watch(
-        &app,
-        WatchProgressRequest {
-            interval: every(200),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut stream = watch_every(&app, 200).await.unwrap();
     let first = next(&mut stream).await;
     assert_eq!(first.group, app.config.consumer_group);
     assert_eq!(first.partitions.len(), 3);
@@ -281,15 +287,7 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     let app = spawn_app_with(config).await;
 
     // Bad requests.
-    let err = watch(
-        &app,
-        WatchProgressRequest {
-            interval: every(50),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = watch_every(&app, 50).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = watch(
         &app,
@@ -368,15 +366,7 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     drop(streams.pop());
     let mut rejoined = None;
     for _ in 0..100 {
-        match watch(
-            &app,
-            WatchProgressRequest {
-                interval: every(200),
-                ..Default::default()
-            },
-        )
-        .await
-        {
+        match watch_every(&app, 200).await {
             Ok(s) => {
                 rejoined = Some(s);
                 break;
@@ -390,25 +380,9 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     // A faster watcher joining a slowly polled group still gets fresh polls.
     drop(streams);
     let mut streams = Vec::new();
-    let mut slow = watch(
-        &app,
-        WatchProgressRequest {
-            interval: every(3_600_000),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut slow = watch_every(&app, 3_600_000).await.unwrap();
     next(&mut slow).await;
-    let mut fast = watch(
-        &app,
-        WatchProgressRequest {
-            interval: every(200),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut fast = watch_every(&app, 200).await.unwrap();
     let mut fast_times = Vec::new();
     for _ in 0..4 {
         let t = next(&mut fast).await.time.unwrap();

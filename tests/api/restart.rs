@@ -4,7 +4,7 @@
 use crate::helpers::{group_lag, spawn_app, spawn_app_with, test_config};
 use std::time::Duration;
 use user_service::{
-    cache::{ApplyOp, Keys, RedisClientKind, RedisStore},
+    cache::ApplyOp,
     domain::{Email, User, UserId, UserName},
 };
 
@@ -80,14 +80,7 @@ async fn restart_resumes_from_committed_offsets() {
 #[tokio::test]
 async fn a_replayed_batch_changes_nothing() {
     let config = test_config();
-    let store = RedisStore::new(
-        &config.redis_target(),
-        Keys::new(&config.redis_key_prefix, &config.topic),
-        RedisClientKind::Shared,
-        2,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let store = crate::helpers::test_store(&config);
     let user = |id: i64, name: &str| User {
         id: UserId::parse(id).unwrap(),
         name: UserName::parse(name).unwrap(),
