@@ -208,6 +208,8 @@ fn to_proto(s: &Snapshot) -> pb::ProgressSnapshot {
                 partition: p.partition,
                 committed_offset: p.committed,
                 applied_offset: p.applied,
+                read_model_offset: None,
+                rebuild_target_offset: None,
                 log_start_offset: p.log_start,
                 log_end_offset: p.log_end,
                 lag: p.lag,

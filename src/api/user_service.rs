@@ -75,6 +75,7 @@ impl UserService for UserApi {
         let user = user.ok_or(ApiError::NotFound(id))?;
         Ok(Response::new(GetUserResponse {
             user: Some(to_proto(&user)),
+            position: None,
         }))
     }
 }
@@ -100,7 +101,7 @@ impl UserApi {
         };
         match self
             .publisher
-            .publish(&UserCreated::new(user.clone()))
+            .publish(&UserCreated::new(user.clone(), new.request_id.clone()))
             .await
         {
             Ok(published) => {

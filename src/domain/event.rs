@@ -2,7 +2,7 @@
 //! applies. JSON, like the Go service's messages, with a schema version so that
 //! the format can evolve; see `docs/events.md`.
 
-use super::{Email, User, UserId, UserName};
+use super::{Email, RequestId, User, UserId, UserName};
 use serde::{Deserialize, Serialize};
 
 /// The version this build writes and the highest it reads.
@@ -19,6 +19,11 @@ pub struct UserCreated {
     pub event_type: String,
     #[serde(flatten)]
     pub user: User,
+    /// The client's idempotency key, carried in the log so that the rule
+    /// "one request, one user" is a rule over the log: a retry with the same
+    /// key is recognised by every replay, not only by a cache that can be lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
 }
 
 /// Why a record could not become an event; it goes to the dead-letter topic
@@ -38,11 +43,12 @@ pub enum EventDecodeError {
 }
 
 impl UserCreated {
-    pub fn new(user: User) -> Self {
+    pub fn new(user: User, request_id: Option<RequestId>) -> Self {
         Self {
             schema_version: SCHEMA_VERSION,
             event_type: EVENT_TYPE.to_owned(),
             user,
+            request_id,
         }
     }
 
@@ -70,6 +76,8 @@ impl UserCreated {
             name: String,
             email: String,
             created_at_ms: i64,
+            #[serde(default)]
+            request_id: Option<String>,
         }
         let raw: Raw = serde_json::from_slice(value)?;
         if raw.schema_version == 0 || raw.schema_version > SCHEMA_VERSION {
@@ -87,7 +95,11 @@ impl UserCreated {
             email: Email::parse(&raw.email).map_err(invalid)?,
             created_at_ms: raw.created_at_ms,
         };
-        let event = Self::new(user);
+        let request_id = match raw.request_id.as_deref() {
+            None | Some("") => None,
+            Some(r) => RequestId::parse(r).map_err(invalid)?,
+        };
+        let event = Self::new(user, request_id);
         if let Some(key) = key {
             let key = String::from_utf8_lossy(key);
             if key != event.key() {
@@ -116,7 +128,7 @@ mod tests {
 
     #[test]
     fn round_trips_with_the_documented_shape() {
-        let e = UserCreated::new(ada());
+        let e = UserCreated::new(ada(), None);
         let json: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
         assert_eq!(
             json,
@@ -131,7 +143,7 @@ mod tests {
 
     #[test]
     fn rejects_what_it_cannot_trust() {
-        let e = UserCreated::new(ada()).to_json();
+        let e = UserCreated::new(ada(), None).to_json();
         assert!(matches!(
             UserCreated::decode(None, None),
             Err(EventDecodeError::Empty)

@@ -126,7 +126,8 @@ impl Email {
 }
 
 /// A client's idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct RequestId(String);
 
 impl RequestId {

@@ -255,12 +255,15 @@ pub async fn publish_user_created(
     id: i64,
     name: &str,
 ) -> Position {
-    let event = UserCreated::new(DomainUser {
-        id: UserId::parse(id).unwrap(),
-        name: UserName::parse(name).unwrap(),
-        email: Email::parse("direct@example.com").unwrap(),
-        created_at_ms: 0,
-    });
+    let event = UserCreated::new(
+        DomainUser {
+            id: UserId::parse(id).unwrap(),
+            name: UserName::parse(name).unwrap(),
+            email: Email::parse("direct@example.com").unwrap(),
+            created_at_ms: 0,
+        },
+        None,
+    );
     let d = producer
         .send(
             FutureRecord::to(topic)
