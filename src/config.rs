@@ -5,7 +5,7 @@
 //! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
 //! that `scripts/stack up` starts.
 
-use crate::cache::{RedisClientKind, RedisTarget};
+use crate::store::{RedisClientKind, RedisTarget};
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, time::Duration};
 

@@ -28,7 +28,7 @@
 //! - [`telemetry`]: `tracing` set-up (`RUST_LOG`, text or JSON).
 
 pub mod api;
-pub mod cache;
+pub mod command;
 pub mod config;
 pub mod domain;
 pub mod kafka;
@@ -36,4 +36,5 @@ pub mod progress;
 pub mod projector;
 pub mod proto;
 pub mod startup;
+pub mod store;
 pub mod telemetry;

@@ -7,11 +7,12 @@
 
 use crate::{
     api::{HealthRegistry, ProjectionApi, UserApi, health::HealthService},
-    cache::{CacheError, Keys, RedisStore},
+    command::CreateUser,
     config::Config,
     kafka::{self, EventPublisher, KafkaError},
     progress::{OwnProjection, ProgressHub},
     projector::{Projector, ProjectorState},
+    store::{CheckpointWatch, Keys, RedisStore, StoreError},
     proto::{
         self,
         user::v1::{
@@ -29,6 +30,10 @@ use tonic::transport::{Server, server::TcpIncoming};
 pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
 /// The name the progress service reports under in `grpc.health.v1`.
 pub const PROJECTION_SERVICE_NAME: &str = "user.v1.ProjectionService";
+/// The health name of this instance's projector: SERVING while it is in its
+/// consumer group (and Kafka and Redis answer); registered only when the
+/// projector runs here.
+pub const PROJECTOR_HEALTH_NAME: &str = "projector";
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +46,7 @@ pub enum StartupError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
-    Cache(#[from] CacheError),
+    Store(#[from] StoreError),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
@@ -111,10 +116,15 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start-up");
         }
 
-        let health = Arc::new(HealthRegistry::new(
-            &["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME],
-            token.clone(),
-        ));
+        let mut registry =
+            HealthRegistry::new(&["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME], token.clone());
+        if config.projector_enabled {
+            registry = registry.with_projector(PROJECTOR_HEALTH_NAME);
+        }
+        let health = Arc::new(registry);
+
+        let watch = CheckpointWatch::new(store.clone(), token.clone());
+        tracker.spawn(watch.clone().run());
 
         let projector = config
             .projector_enabled
@@ -127,6 +137,8 @@ impl Application {
                 dlq_topic,
                 batch_size: config.projector_batch_size.max(1),
                 store: store.clone(),
+                watch: watch.clone(),
+                request_ttl: config.request_id_ttl,
                 publisher: publisher.clone(),
                 state: state.clone(),
             };
@@ -141,6 +153,7 @@ impl Application {
         tracker.spawn(probe_dependencies(
             store.clone(),
             publisher.clone(),
+            projector.clone(),
             health.clone(),
             config.health_probe_interval,
             token.clone(),
@@ -163,12 +176,13 @@ impl Application {
             shutdown: token.clone(),
         };
         let api = UserApi {
-            store,
-            publisher: publisher.clone(),
-            request_ttl: config.request_id_ttl,
-            pending_ttl: (config.publish_timeout * 2 + Duration::from_secs(5))
-                .min(config.request_id_ttl),
+            create: CreateUser {
+                store: store.clone(),
+                publisher: publisher.clone(),
+                watch,
+            },
             max_position_wait: config.max_position_wait,
+            tracker: tracker.clone(),
         };
         // Our contract, the health service's, and google.rpc's error details, so
         // grpcurl can print a BadRequest.
@@ -301,11 +315,13 @@ impl Application {
 async fn probe_dependencies(
     store: RedisStore,
     publisher: EventPublisher,
+    projector: Option<Arc<ProjectorState>>,
     health: Arc<HealthRegistry>,
     interval: Duration,
     token: CancellationToken,
 ) {
     let mut last: Option<(bool, bool)> = None;
+    let mut last_in_group = false;
     let probe_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         let (redis, kafka) = tokio::join!(store.ping(), publisher.ping(probe_timeout));
@@ -322,6 +338,18 @@ async fn probe_dependencies(
             last = Some(now);
         }
         health.set_dependencies(now.0 && now.1);
+        if let Some(state) = &projector {
+            let in_group = state.stats().in_group;
+            if in_group != last_in_group {
+                if in_group {
+                    tracing::info!("projector in its consumer group");
+                } else {
+                    tracing::warn!("projector not in its consumer group");
+                }
+                last_in_group = in_group;
+            }
+            health.set_projector_in_group(in_group);
+        }
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}

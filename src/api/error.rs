@@ -4,10 +4,11 @@
 //! the details go to the log.
 
 use crate::{
-    cache::CacheError,
+    command::CommandError,
     domain::{UserId, ValidationError},
     kafka::KafkaError,
     progress::{ProgressError, WatchError},
+    store::StoreError,
 };
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -17,18 +18,21 @@ use tonic_types::{ErrorDetails, StatusExt};
 pub enum ApiError {
     #[error(transparent)]
     Invalid(#[from] ValidationError),
-    #[error("user {0} already exists")]
-    AlreadyExists(UserId),
     #[error("user {0} not found")]
     NotFound(UserId),
-    #[error("a call with this request_id is still in progress")]
-    InProgress,
-    #[error("request_id was used before with different fields")]
-    RequestIdReused,
     #[error("position {partition}:{offset} not applied before the deadline")]
     NotAppliedInTime { partition: i32, offset: i64 },
+    /// The read model is replaying this partition after a loss (or has not
+    /// opened it yet): it cannot vouch that the user is absent.
+    #[error("the read model is rebuilding partition {0}")]
+    Rebuilding(i32),
+    /// The topic's partition count is not known yet (no broker answered).
+    #[error("the read model cannot tell yet")]
+    CannotTell,
     #[error(transparent)]
-    Cache(#[from] CacheError),
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
@@ -47,7 +51,7 @@ impl From<ApiError> for Status {
                 }
                 Status::with_error_details(Code::InvalidArgument, v.to_string(), details)
             }
-            ApiError::RequestIdReused => Status::with_error_details(
+            ApiError::Command(CommandError::RequestIdReused) => Status::with_error_details(
                 Code::InvalidArgument,
                 e.to_string(),
                 ErrorDetails::with_bad_request_violation(
@@ -55,15 +59,27 @@ impl From<ApiError> for Status {
                     "already used for a request with different fields",
                 ),
             ),
-            ApiError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            ApiError::Command(CommandError::AlreadyExists(_)) => {
+                Status::already_exists(e.to_string())
+            }
+            ApiError::Command(CommandError::Undecided(detail)) => {
+                tracing::info!(%detail, "create undecided");
+                Status::unavailable(format!(
+                    "the outcome is not known yet ({detail}); retry with the same request_id"
+                ))
+            }
             ApiError::NotFound(_) => Status::not_found(e.to_string()),
-            ApiError::InProgress => Status::aborted(format!("{e}; retry shortly")),
             ApiError::NotAppliedInTime { .. } => Status::deadline_exceeded(e.to_string()),
-            ApiError::Cache(CacheError::Unavailable(detail)) => {
+            ApiError::Rebuilding(_) | ApiError::CannotTell => {
+                Status::unavailable(format!("{e}; retry shortly"))
+            }
+            ApiError::Store(StoreError::Unavailable(detail))
+            | ApiError::Command(CommandError::Store(StoreError::Unavailable(detail))) => {
                 tracing::warn!(%detail, "redis unavailable");
                 Status::unavailable("the read model (Redis) is unavailable; retry later")
             }
-            ApiError::Kafka(KafkaError::Unavailable(detail)) => {
+            ApiError::Kafka(KafkaError::Unavailable(detail))
+            | ApiError::Command(CommandError::Kafka(KafkaError::Unavailable(detail))) => {
                 tracing::warn!(%detail, "kafka unavailable");
                 Status::unavailable(
                     "the event log (Kafka) is unavailable; retry with the same request_id",

@@ -21,10 +21,21 @@ use tonic_health::pb::{
 /// `Watch` streams see every change.
 pub struct HealthRegistry {
     services: Mutex<HashMap<String, watch::Sender<ServingStatus>>>,
-    /// Whether Kafka and Redis answer, and whether shutdown has begun.
-    state: Mutex<(bool, bool)>,
+    state: Mutex<State>,
+    /// The name that also needs the projector in its group, if one runs here.
+    projector_name: Option<String>,
     /// Ends every `Watch` stream at shutdown.
     shutdown: CancellationToken,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct State {
+    /// Kafka and Redis answer.
+    reachable: bool,
+    /// Shutdown has begun.
+    draining: bool,
+    /// librdkafka reports the projector in its consumer group.
+    projector_in_group: bool,
 }
 
 impl HealthRegistry {
@@ -36,36 +47,59 @@ impl HealthRegistry {
             .collect();
         Self {
             services: Mutex::new(services),
-            state: Mutex::new((false, false)),
+            state: Mutex::new(State::default()),
+            projector_name: None,
             shutdown,
         }
     }
 
+    /// Registers `name` too, SERVING only while the projector is in its
+    /// group as well: a projector that fell out after a broker blip and did
+    /// not come back shows there.
+    pub fn with_projector(mut self, name: &str) -> Self {
+        self.lock().insert(
+            name.to_owned(),
+            watch::Sender::new(ServingStatus::NotServing),
+        );
+        self.projector_name = Some(name.to_owned());
+        self
+    }
+
     /// Records whether the dependencies answer; SERVING needs both, and no drain.
     pub fn set_dependencies(&self, reachable: bool) {
-        self.update(|s| s.0 = reachable);
+        self.update(|s| s.reachable = reachable);
+    }
+
+    /// Records whether the projector is in its group.
+    pub fn set_projector_in_group(&self, in_group: bool) {
+        self.update(|s| s.projector_in_group = in_group);
     }
 
     /// Shutdown has begun: NOT_SERVING from now on, whatever the probes say.
     pub fn set_draining(&self) {
-        self.update(|s| s.1 = true);
+        self.update(|s| s.draining = true);
     }
 
-    fn update(&self, f: impl FnOnce(&mut (bool, bool))) {
-        let status = {
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        let state = {
             let mut state = self.state.lock().expect("health lock poisoned");
             f(&mut state);
-            if state.0 && !state.1 {
+            *state
+        };
+        let serving = |ok: bool| {
+            if ok {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             }
         };
-        self.set_all(status);
-    }
-
-    fn set_all(&self, status: ServingStatus) {
-        for tx in self.lock().values() {
+        let base = state.reachable && !state.draining;
+        for (name, tx) in self.lock().iter() {
+            let status = if Some(name) == self.projector_name.as_ref() {
+                serving(base && state.projector_in_group)
+            } else {
+                serving(base)
+            };
             tx.send_if_modified(|s| std::mem::replace(s, status) != status);
         }
     }

@@ -3,32 +3,29 @@
 
 use super::ApiError;
 use crate::{
-    cache::{RedisStore, Reservation, StoredAnswer},
-    domain::{FieldViolation, NewUser, User, UserCreated, UserId, ValidationError},
-    kafka::EventPublisher,
+    command::{Created, CreateUser},
+    domain::{EventPosition, FieldViolation, NewUser, User, UserId, ValidationError},
+    kafka::partition_for_key,
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
     },
+    store::WaitError,
 };
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 /// The handlers' shared state; cheap to clone into spawned tasks.
 #[derive(Clone)]
 pub struct UserApi {
-    pub store: RedisStore,
-    pub publisher: EventPublisher,
-    /// How long a request id's answer is kept for retries.
-    pub request_ttl: Duration,
-    /// How long a request id stays "in progress" without an answer: longer
-    /// than a publish can take, so a call that died mid-way (a crash) leaves
-    /// its request id usable again soon after.
-    pub pending_ttl: Duration,
-    /// Longest wait for a position when the call has no deadline.
+    pub create: CreateUser,
+    /// Longest wait for the read model when the call has no deadline.
     pub max_position_wait: Duration,
+    /// Tracks the task each CreateUser runs in, so shutdown waits for it.
+    pub tracker: TaskTracker,
 }
 
 #[tonic::async_trait]
@@ -38,21 +35,23 @@ impl UserService for UserApi {
         &self,
         request: Request<CreateUserRequest>,
     ) -> Result<Response<CreateUserResponse>, Status> {
+        let deadline = self.deadline(&request);
         let r = request.into_inner();
         let new = NewUser::parse(r.id, &r.name, &r.email, &r.request_id).map_err(ApiError::from)?;
-        // Run the command in its own task: a caller that hangs up mid-way must
-        // not leave an id reserved and a request id pending without an answer.
-        let api = self.clone();
-        let answer = tokio::spawn(async move { api.create(new).await })
+        // Run the command in its own task: a caller that hangs up mid-way
+        // does not cut a publish off between the broker and the verdict.
+        let create = self.create.clone();
+        let created = self
+            .tracker
+            .spawn(async move { create.run(&new, deadline).await })
             .await
-            .map_err(|e| ApiError::Task(e.to_string()))??;
-        tracing::info!(id = %answer.user.id, partition = answer.partition, offset = answer.offset, "user created");
+            .map_err(|e| ApiError::Task(e.to_string()))?
+            .map_err(ApiError::from)?;
+        let Created { user, position } = created;
+        tracing::info!(id = %user.id, partition = position.partition, offset = position.offset, "user created");
         Ok(Response::new(CreateUserResponse {
-            user: Some(to_proto(&answer.user)),
-            position: Some(Position {
-                partition: answer.partition,
-                offset: answer.offset,
-            }),
+            user: Some(to_proto(&user)),
+            position: Some(to_position(position)),
         }))
     }
 
@@ -61,96 +60,48 @@ impl UserService for UserApi {
         &self,
         request: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
-        let deadline = grpc_deadline(&request);
+        let deadline = self.deadline(&request);
         let r = request.into_inner();
         let id = UserId::parse(r.id).map_err(ApiError::from)?;
-        let user = match r.min_position {
-            None => self.store.get_user(id).await.map_err(ApiError::from)?,
-            Some(pos) => {
-                let pos = validate_position(pos, self.publisher.known_partitions())?;
-                let deadline = deadline.unwrap_or_else(|| Instant::now() + self.max_position_wait);
-                self.wait_for(id, pos, deadline).await?
-            }
+        let publisher = &self.create.publisher;
+        if let Some(pos) = r.min_position {
+            let (partition, offset) = validate_position(pos, publisher.known_partitions())?;
+            self.create
+                .watch
+                .wait_applied(partition, offset, deadline)
+                .await
+                .map_err(|e| match e {
+                    WaitError::Timeout | WaitError::ShuttingDown => {
+                        ApiError::NotAppliedInTime { partition, offset }
+                    }
+                    WaitError::Store(e) => e.into(),
+                })?;
+        }
+        // The user's own partition vouches for its absence, if complete.
+        let partitions = publisher.known_partitions().ok_or(ApiError::CannotTell)?;
+        let partition = partition_for_key(id.to_string().as_bytes(), partitions);
+        let (state, stored) = self
+            .create
+            .store
+            .lookup(id, partition)
+            .await
+            .map_err(ApiError::from)?;
+        let stored = match stored {
+            Some(s) => s,
+            None if state.is_complete() => return Err(ApiError::NotFound(id).into()),
+            None => return Err(ApiError::Rebuilding(partition).into()),
         };
-        let user = user.ok_or(ApiError::NotFound(id))?;
         Ok(Response::new(GetUserResponse {
-            user: Some(to_proto(&user)),
-            position: None,
+            user: Some(to_proto(&stored.user)),
+            position: stored.position().map(to_position),
         }))
     }
 }
 
 impl UserApi {
-    /// Reserve the id, publish, remember the answer: the command side.
-    async fn create(&self, new: NewUser) -> Result<StoredAnswer, ApiError> {
-        let id = match self.store.reserve(&new, self.pending_ttl).await? {
-            Reservation::Reserved(id) => id,
-            Reservation::Exists(id) => return Err(ApiError::AlreadyExists(id)),
-            Reservation::Replay(answer) => {
-                tracing::info!("request id seen before: same answer");
-                return Ok(answer);
-            }
-            Reservation::InProgress => return Err(ApiError::InProgress),
-            Reservation::Conflict => return Err(ApiError::RequestIdReused),
-        };
-        let user = User {
-            id,
-            name: new.name.clone(),
-            email: new.email.clone(),
-            created_at_ms: now_ms(),
-        };
-        match self
-            .publisher
-            .publish(&UserCreated::new(user.clone(), new.request_id.clone()))
-            .await
-        {
-            Ok(published) => {
-                let answer = StoredAnswer {
-                    user,
-                    partition: published.partition,
-                    offset: published.offset,
-                };
-                if let Err(e) = self.store.complete(&new, &answer, self.request_ttl).await {
-                    // The user exists; only a retry of this request id would
-                    // now see "in progress" until the record expires.
-                    tracing::error!(error = %e, "could not record the answer for the request id");
-                }
-                Ok(answer)
-            }
-            Err(e) => {
-                if let Err(release) = self.store.release(&new, id).await {
-                    tracing::error!(error = %release, %id, "could not release the id after a failed publish");
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    /// Polls the read model until it has applied `pos`, or the deadline.
-    async fn wait_for(
-        &self,
-        id: UserId,
-        pos: (i32, i64),
-        deadline: Instant,
-    ) -> Result<Option<User>, ApiError> {
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let (applied, user) = self.store.get_user_at(id, pos.0, pos.1).await?;
-            if applied {
-                return Ok(user);
-            }
-            let now = Instant::now();
-            if now + pause >= deadline {
-                return Err(ApiError::NotAppliedInTime {
-                    partition: pos.0,
-                    offset: pos.1,
-                });
-            }
-            tokio::time::sleep(pause).await;
-            // Short pauses: the projector applies within milliseconds, and a
-            // long back-off would add up to its length to the read's latency.
-            pause = (pause * 2).min(Duration::from_millis(4));
-        }
+    /// The call's deadline, or the longest wait when it has none.
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        grpc_deadline(request).unwrap_or_else(|| Instant::now() + self.max_position_wait)
     }
 }
 
@@ -197,14 +148,14 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
         _ => return None,
     };
     let margin = (timeout / 20).min(Duration::from_millis(20));
-    Some(Instant::now() + timeout - margin)
+    Instant::now().checked_add(timeout - margin)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+fn to_position(p: EventPosition) -> Position {
+    Position {
+        partition: p.partition,
+        offset: p.offset,
+    }
 }
 
 fn to_proto(user: &User) -> ProtoUser {

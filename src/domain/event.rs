@@ -5,6 +5,15 @@
 use super::{Email, RequestId, User, UserId, UserName};
 use serde::{Deserialize, Serialize};
 
+/// Where an event sits in the log: its partition and offset. A CreateUser
+/// answers with it, and the read model keeps it with the user the event
+/// created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventPosition {
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// The version this build writes and the highest it reads.
 pub const SCHEMA_VERSION: u32 = 1;
 

@@ -2,9 +2,10 @@
 //! a handler that holds a [`NewUser`] holds a valid one.
 
 mod event;
+pub mod ids;
 mod user;
 
-pub use event::{EventDecodeError, SCHEMA_VERSION, UserCreated};
+pub use event::{EventDecodeError, EventPosition, SCHEMA_VERSION, UserCreated};
 pub use user::{
     Email, FieldViolation, NewUser, RequestId, User, UserId, UserName, ValidationError,
 };

@@ -15,6 +15,14 @@ pub use producer::{EventPublisher, Published};
 
 use rdkafka::ClientConfig;
 
+/// The partition Kafka's Java client (and our producer, `murmur2_random`)
+/// puts `key` on: `toPositive(murmur2(key)) % partitions`. Readers use it to
+/// find which partition's checkpoint vouches for a user's absence.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32;
+    (hash & 0x7fff_ffff) % partitions.max(1)
+}
+
 /// Settings of the projector's consumer, following rdkafka's at-least-once
 /// example: offsets are stored by the code only once Redis holds an event's
 /// effect, and the auto-committer commits only what was stored.
@@ -32,6 +40,8 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
+        // librdkafka's own view of the membership, for health (ClientContext::stats).
+        .set("statistics.interval.ms", "1000")
         .set("client.id", client_id());
     c
 }
@@ -48,4 +58,26 @@ pub fn client_id() -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     format!("user-service@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_for_key;
+
+    #[test]
+    fn partitions_like_kafkas_java_client() {
+        // Kafka's UtilsTest murmur2 vectors, through toPositive(h) % n.
+        for (key, hash) in [
+            (&b"21"[..], -973_932_308i32),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+        ] {
+            assert_eq!(murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32, hash);
+            for n in [1, 3, 7, 1000] {
+                assert_eq!(partition_for_key(key, n), (hash & 0x7fff_ffff) % n, "{key:?}");
+            }
+        }
+    }
 }

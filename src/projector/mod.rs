@@ -1,34 +1,45 @@
 //! The projector: a Kafka consumer-group member that keeps the Redis read model.
 //!
-//! Guarantee: at-least-once delivery, effectively once in Redis. A batch is
-//! fetched, applied to Redis by one atomic Lua call that also advances the
-//! applied position per partition (so a replay is skipped), and only then are
-//! its offsets stored for librdkafka's auto-commit, as in rdkafka's
-//! `at_least_once` example. A crash between apply and commit replays events
-//! that change nothing. If Redis fails, nothing is stored or committed and the
-//! batch is retried with back-off until Redis returns or the service stops.
+//! The read model's checkpoint lives in Redis beside the data (see
+//! [`crate::store`]), as Kafka Connect sinks and Kafka Streams' state stores
+//! keep theirs: when this member is given a partition it resumes from the
+//! offset Redis says was applied last, not from Kafka's committed offset. A
+//! Redis that lost its data has no checkpoint, so the partition is replayed
+//! from the start of the log, by itself.
 //!
-//! Limit: a Redis outage longer than `max.poll.interval.ms` (5 min) makes this
-//! member leave the group; it rejoins when it polls again and resumes from the
-//! committed offsets.
+//! A batch is applied by one atomic Lua call that also advances the
+//! checkpoint and that first checks the checkpoint is still the one this
+//! member resumed from (a fence: if Redis lost its data meanwhile, or another
+//! member applied during a rebalance, nothing is written and the partition is
+//! resumed again from what Redis holds). Only then are the offsets stored for
+//! librdkafka's auto-commit, as in rdkafka's `at_least_once` example: Kafka's
+//! committed offsets follow the read model, for the progress stream and for
+//! the tools people point at the group. If Redis fails, nothing is stored or
+//! committed and the batch is retried with back-off.
 
+mod partitions;
 mod state;
 
 pub use state::{ProjectorState, ProjectorStats};
 
 use crate::{
-    cache::{ApplyOp, RedisStore},
-    domain::UserCreated,
+    domain::{EventPosition, UserCreated},
     kafka::{EventPublisher, KafkaError, consumer_config},
+    store::{ApplyOp, ApplyResult, CheckpointWatch, RedisStore},
 };
 use futures::FutureExt;
+use partitions::Cursors;
 use rdkafka::{
-    ClientContext, Message,
+    ClientContext, Message, Statistics,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     message::{Header, OwnedHeaders, OwnedMessage},
 };
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
+
+/// How often an idle projector checks that Redis still holds the checkpoint
+/// it resumed from (a Redis that lost its data is found within this).
+const VERIFY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Errors that stop the projector before it starts.
 #[derive(Debug, thiserror::Error)]
@@ -45,19 +56,31 @@ pub struct Projector {
     pub dlq_topic: String,
     pub batch_size: usize,
     pub store: RedisStore,
+    /// Poked after each applied batch, so waiting calls see it at once.
+    pub watch: Arc<CheckpointWatch>,
+    /// How long the read model remembers a request id after its event.
+    pub request_ttl: Duration,
     /// Used for the dead-letter topic only.
     pub publisher: EventPublisher,
     pub state: Arc<ProjectorState>,
 }
 
-/// Keeps [`ProjectorState`]'s view of the assignment current and logs
-/// rebalances; librdkafka's auto-commit commits the stored offsets of revoked
-/// partitions itself.
-struct ProjectorContext {
+/// Keeps [`ProjectorState`]'s view of the assignment and of the group
+/// membership current, and logs rebalances.
+pub(crate) struct ProjectorContext {
     state: Arc<ProjectorState>,
 }
 
-impl ClientContext for ProjectorContext {}
+impl ClientContext for ProjectorContext {
+    /// librdkafka's own view of the group membership (`cgrp.state` "up" and
+    /// `join_state` "steady"), which health reports.
+    fn stats(&self, statistics: Statistics) {
+        if let Some(cgrp) = statistics.cgrp {
+            self.state
+                .set_membership(cgrp.state == "up" && cgrp.join_state == "steady");
+        }
+    }
+}
 
 impl ConsumerContext for ProjectorContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -76,22 +99,35 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
+type Consumer_ = StreamConsumer<ProjectorContext>;
+
 impl Projector {
     /// Consumes until `token` is cancelled, then commits what it applied and
     /// leaves the group.
     pub async fn run(self, token: CancellationToken) -> Result<(), ProjectorError> {
-        let consumer: StreamConsumer<ProjectorContext> =
+        let consumer: Arc<Consumer_> = Arc::new(
             consumer_config(&self.brokers, &self.group).create_with_context(ProjectorContext {
                 state: self.state.clone(),
-            })?;
+            })?,
+        );
         consumer.subscribe(&[&self.topic])?;
         tracing::info!(topic = %self.topic, group = %self.group, "projector started");
 
+        let mut cursors = Cursors::new(consumer.clone(), self.topic.clone(), self.store.clone());
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(self.batch_size);
         let mut consecutive_errors = 0u32;
+        let mut verify = tokio::time::interval(VERIFY_INTERVAL);
+        verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Partitions given or taken since the last round; resume the new
+            // ones from the read model's checkpoint.
+            cursors.sync(&self.state.stats().assignment, &self.state).await;
             let first = tokio::select! {
                 _ = token.cancelled() => break,
+                _ = verify.tick() => {
+                    cursors.verify(&self.state).await;
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             match first {
@@ -117,15 +153,18 @@ impl Projector {
                     None => break,
                 }
             }
-            if !self.process(&consumer, &batch, &token).await {
+            let fresh: Vec<OwnedMessage> = batch
+                .drain(..)
+                .filter(|m| cursors.admit(m.partition(), m.offset()))
+                .collect();
+            if !fresh.is_empty() && !self.process(&consumer, &mut cursors, &fresh, &token).await {
                 break; // cancelled before the batch was applied: not stored, will replay
             }
-            batch.clear();
         }
 
         // Commit what was applied, then leave the group (dropping the consumer
         // closes it). Both block, so they run off the async workers.
-        let consumer = Arc::new(consumer);
+        drop(cursors);
         let c = consumer.clone();
         let _ = tokio::task::spawn_blocking(move || {
             match c.commit_consumer_state(CommitMode::Sync) {
@@ -145,34 +184,54 @@ impl Projector {
     /// before Redis took it.
     async fn process(
         &self,
-        consumer: &StreamConsumer<ProjectorContext>,
+        consumer: &Consumer_,
+        cursors: &mut Cursors,
         batch: &[OwnedMessage],
         token: &CancellationToken,
     ) -> bool {
         let mut ops = Vec::with_capacity(batch.len());
         let mut dead = 0u64;
         for m in batch {
-            let user = match UserCreated::decode(m.key(), m.payload()) {
-                Ok(event) => Some(event.user),
+            let position = EventPosition {
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            let (user, request_id) = match UserCreated::decode(m.key(), m.payload()) {
+                Ok(event) => (Some(event.user), event.request_id),
                 Err(reason) => {
                     if !self.dead_letter(m, &reason.to_string(), token).await {
                         return false;
                     }
                     dead += 1;
-                    None
+                    (None, None)
                 }
             };
             ops.push(ApplyOp {
-                partition: m.partition(),
-                offset: m.offset(),
+                position,
                 user,
+                request_id,
             });
         }
+        let expected = cursors.expected(ops.iter().map(|o| o.position.partition));
 
         let mut backoff = Duration::from_millis(50);
         let outcome = loop {
-            match self.store.apply(&ops).await {
-                Ok(outcome) => break outcome,
+            match self.store.apply(&ops, &expected, self.request_ttl).await {
+                Ok(ApplyResult::Applied(outcome)) => break outcome,
+                Ok(ApplyResult::Moved {
+                    partition,
+                    checkpoint,
+                }) => {
+                    tracing::warn!(
+                        partition,
+                        redis = ?checkpoint,
+                        resumed_from = ?expected.get(&partition),
+                        "the read model's checkpoint moved (Redis lost data, or another member applied): resuming from Redis"
+                    );
+                    self.state.record_checkpoint_moved();
+                    cursors.forget(expected.keys().copied());
+                    return true;
+                }
                 Err(e) => {
                     self.state.record_apply_failure();
                     tracing::warn!(error = %e, retry_in = ?backoff, "cannot apply batch to Redis");
@@ -184,16 +243,18 @@ impl Projector {
                 }
             }
         };
+        self.watch.poke();
 
-        // The last offset of each partition in the batch: stored so the next
-        // auto-commit (or the final one) commits it.
+        // The last offset of each partition in the batch: the new checkpoint,
+        // and stored so the next auto-commit (or the final one) commits it.
         let mut last: BTreeMap<i32, i64> = BTreeMap::new();
         for op in &ops {
-            last.insert(op.partition, op.offset);
+            last.insert(op.position.partition, op.position.offset);
         }
         for (&partition, &offset) in &last {
+            cursors.advance(partition, offset);
             // rd_kafka_offset_store stores offset + 1, the next to read. It fails
-            // for a partition revoked meanwhile; its new owner replays harmlessly.
+            // for a partition revoked meanwhile; its new owner resumes from Redis.
             if let Err(e) = consumer.store_offset(&self.topic, partition, offset) {
                 tracing::debug!(partition, offset, error = %e, "offset not stored");
             }

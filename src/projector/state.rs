@@ -1,11 +1,11 @@
 //! What the projector has done, shared with the API (progress, tests).
 
-use crate::cache::ApplyOutcome;
+use crate::store::ApplyOutcome;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -17,6 +17,10 @@ pub struct ProjectorState {
     skipped: AtomicU64,
     dead_lettered: AtomicU64,
     apply_failures: AtomicU64,
+    checkpoint_moves: AtomicU64,
+    /// librdkafka says this member is in its group (stats `cgrp.state` up,
+    /// `join_state` steady); refreshed every statistics interval.
+    in_group: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -26,6 +30,8 @@ struct Inner {
     /// Last offset applied to Redis per partition by this instance; committed
     /// at the next auto-commit.
     applied_offsets: BTreeMap<i32, i64>,
+    /// The read model's checkpoint of each partition this member opened.
+    checkpoints: BTreeMap<i32, i64>,
 }
 
 /// A copy of [`ProjectorState`] at one moment.
@@ -45,6 +51,13 @@ pub struct ProjectorStats {
     pub assignment: BTreeSet<i32>,
     /// Last offset this instance applied per partition.
     pub applied_offsets: BTreeMap<i32, i64>,
+    /// The read model's checkpoint of each partition this member resumed.
+    pub checkpoints: BTreeMap<i32, i64>,
+    /// Times Redis was found holding another checkpoint than the one this
+    /// member resumed from (Redis lost data, or a rebalance overlapped).
+    pub checkpoint_moves: u64,
+    /// Whether librdkafka reports this member in its group.
+    pub in_group: bool,
 }
 
 impl ProjectorState {
@@ -64,6 +77,19 @@ impl ProjectorState {
         inner.applied_offsets.extend(last);
     }
 
+    pub(super) fn set_checkpoints(&self, checkpoints: BTreeMap<i32, i64>) {
+        let mut inner = self.inner.lock().expect("projector state lock poisoned");
+        inner.checkpoints = checkpoints;
+    }
+
+    pub(super) fn set_membership(&self, in_group: bool) {
+        self.in_group.store(in_group, Ordering::Relaxed);
+    }
+
+    pub(super) fn record_checkpoint_moved(&self) {
+        self.checkpoint_moves.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn record_apply_failure(&self) {
         self.apply_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -78,6 +104,9 @@ impl ProjectorState {
             apply_failures: self.apply_failures.load(Ordering::Relaxed),
             assignment: inner.assignment.clone(),
             applied_offsets: inner.applied_offsets.clone(),
+            checkpoints: inner.checkpoints.clone(),
+            checkpoint_moves: self.checkpoint_moves.load(Ordering::Relaxed),
+            in_group: self.in_group.load(Ordering::Relaxed),
         }
     }
 }

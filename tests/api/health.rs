@@ -7,7 +7,7 @@ use futures::StreamExt;
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-use user_service::cache::RedisClientKind;
+use user_service::store::RedisClientKind;
 
 #[tokio::test]
 async fn health_follows_redis_and_nothing_is_lost_while_it_is_down() {

@@ -75,8 +75,8 @@ pub fn test_config() -> Config {
 }
 
 /// A Redis adapter of the test's own (its key prefix), without the service.
-pub fn test_store(config: &Config) -> user_service::cache::RedisStore {
-    use user_service::cache::{Keys, RedisClientKind, RedisStore};
+pub fn test_store(config: &Config) -> user_service::store::RedisStore {
+    use user_service::store::{Keys, RedisClientKind, RedisStore};
     RedisStore::new(
         &config.redis_target(),
         Keys::new(&config.redis_key_prefix, &config.topic),
@@ -85,6 +85,21 @@ pub fn test_store(config: &Config) -> user_service::cache::RedisStore {
         Duration::from_secs(2),
     )
     .expect("a Redis adapter")
+}
+
+/// Deletes every key of the test's prefix: Redis "losing its data" for this
+/// test only (FLUSHALL would hit the tests running beside it).
+pub async fn delete_keys(config: &Config) {
+    let client = redis::Client::open(config.redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", config.redis_key_prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    }
 }
 
 /// One running application and clients to it.

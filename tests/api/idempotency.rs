@@ -1,11 +1,15 @@
-//! Retries with a request id answer the same and create nothing; ids are
-//! unique across instances.
+//! Retries are exact: a request id always names the same user, also when the
+//! first attempt's outcome was unknown; of concurrent creates of one id, the
+//! log decides which one created it, and every caller learns that verdict.
 
-use crate::helpers::{inspector, spawn_app, spawn_app_with};
-use rdkafka::consumer::Consumer;
+use crate::helpers::{inspector, producer, spawn_app, spawn_app_with};
+use rdkafka::{consumer::Consumer, producer::FutureRecord};
 use std::time::Duration;
 use tonic::Code;
-use user_service::proto::user::v1::CreateUserRequest;
+use user_service::{
+    domain::{Email, RequestId, User as DomainUser, UserCreated, UserName, ids},
+    proto::user::v1::{CreateUserRequest, Position},
+};
 
 fn log_size(topic: &str, partitions: i32) -> i64 {
     let c = inspector("log-size");
@@ -37,12 +41,68 @@ async fn a_retried_request_id_gets_the_same_answer_and_one_event() {
     let err = app
         .create_req(CreateUserRequest {
             email: "eve@example.com".into(),
+            ..req.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // And so is the same key with a client-chosen id.
+    let err = app
+        .create_req(CreateUserRequest {
+            id: Some(5),
             ..req
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(log_size(&app.config.topic, 3), 1);
+    app.stop().await.expect("clean stop");
+}
+
+/// A publish whose acknowledgement was lost (a timeout): the event is in the
+/// log, the caller got UNAVAILABLE and retries with its request id. The retry
+/// must name the same user, not leave a second one under another id.
+#[tokio::test]
+async fn a_retry_after_an_unknown_outcome_finds_the_first_event() {
+    let app = spawn_app().await;
+    let request_id = RequestId::parse("ambiguous-1").unwrap().unwrap();
+    let id = ids::assigned_id(&request_id, 0);
+    let event = UserCreated::new(
+        DomainUser {
+            id,
+            name: UserName::parse("Ada").unwrap(),
+            email: Email::parse("ada@example.com").unwrap(),
+            created_at_ms: 1_700_000_000_000,
+        },
+        Some(request_id),
+    );
+    let delivery = producer()
+        .send(
+            FutureRecord::to(&app.config.topic)
+                .key(&event.key())
+                .payload(&event.to_json()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let (partition, offset) = (delivery.partition, delivery.offset);
+
+    let retry = app
+        .create_req(CreateUserRequest {
+            id: None,
+            name: "Ada".into(),
+            email: "ada@example.com".into(),
+            request_id: "ambiguous-1".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(retry.user.as_ref().unwrap().id, id.get());
+    assert_eq!(retry.position, Some(Position { partition, offset }));
+    assert_eq!(
+        retry.user.unwrap().create_time.unwrap().seconds,
+        1_700_000_000,
+        "the first event's user, not a new one"
+    );
     app.stop().await.expect("clean stop");
 }
 
@@ -62,63 +122,25 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
             ..Default::default()
         };
         let (ra, rb) = tokio::join!(a.create_req(req("from-a")), b.create_req(req("from-b")));
-        let oks = [ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count();
-        assert_eq!(oks, 1, "round {round}: {ra:?} / {rb:?}");
-        let loser = ra.err().or(rb.err()).unwrap();
-        assert_eq!(loser.code(), Code::AlreadyExists);
+        let (won, lost) = match (ra, rb) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            other => panic!("round {round}: not exactly one winner: {other:?}"),
+        };
+        assert_eq!(lost.code(), Code::AlreadyExists, "round {round}");
+        // The winner is the user the read model (the log's first event) holds.
+        let got = a
+            .users
+            .clone()
+            .get_user(user_service::proto::user::v1::GetUserRequest {
+                id,
+                min_position: won.position,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.user, won.user, "round {round}");
+        assert_eq!(got.position, won.position, "round {round}");
     }
-    assert_eq!(log_size(&a.config.topic, 3), 20, "one event per id");
     b.stop().await.expect("clean stop");
     a.stop().await.expect("clean stop");
-}
-
-#[tokio::test]
-async fn a_request_id_whose_call_died_mid_way_is_usable_again() {
-    use user_service::{
-        cache::Reservation,
-        domain::{NewUser, UserId},
-    };
-    let config = crate::helpers::test_config();
-    let store = crate::helpers::test_store(&config);
-    let id = UserId::parse(77).unwrap();
-    let call =
-        |request_id: &str| NewUser::parse(Some(77), "Ada", "ada@example.com", request_id).unwrap();
-    let pending = Duration::from_secs(1);
-
-    // A call reserves the id, then dies before publishing (no answer, no release).
-    assert_eq!(
-        store.reserve(&call("r1"), pending).await.unwrap(),
-        Reservation::Reserved(id)
-    );
-    // Its retry, while the call could still be running, is told to wait.
-    assert_eq!(
-        store.reserve(&call("r1"), pending).await.unwrap(),
-        Reservation::InProgress
-    );
-    // Another request for the same id finds it taken.
-    assert_eq!(
-        store.reserve(&call("r2"), pending).await.unwrap(),
-        Reservation::Exists(id)
-    );
-    // Once the pending record has expired, the retry takes its id again...
-    crate::helpers::wait_until(Duration::from_secs(10), || async {
-        store.reserve(&call("r1"), pending).await.unwrap() == Reservation::Reserved(id)
-    })
-    .await
-    .expect("the dead call's request id became usable again");
-    // ...and nobody else can.
-    assert_eq!(
-        store.reserve(&call("r2"), pending).await.unwrap(),
-        Reservation::Exists(id)
-    );
-    // Without a request id there is no retry identity: the id stays taken.
-    let anonymous = NewUser::parse(Some(78), "Bob", "bob@example.com", "").unwrap();
-    assert!(matches!(
-        store.reserve(&anonymous, pending).await.unwrap(),
-        Reservation::Reserved(_)
-    ));
-    assert!(matches!(
-        store.reserve(&anonymous, pending).await.unwrap(),
-        Reservation::Exists(_)
-    ));
 }

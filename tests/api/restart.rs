@@ -1,11 +1,11 @@
-//! A restarted projector resumes from the committed offsets: nothing lost,
-//! nothing applied twice. A replayed batch changes nothing.
+//! A restarted projector resumes from the read model's checkpoint: nothing
+//! lost, nothing applied twice. The apply is fenced by that checkpoint.
 
 use crate::helpers::{group_lag, spawn_app, spawn_app_with, test_config};
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 use user_service::{
-    cache::ApplyOp,
-    domain::{Email, User, UserId, UserName},
+    domain::{Email, EventPosition, User, UserId, UserName},
+    store::{ApplyOp, ApplyOutcome, ApplyResult},
 };
 
 #[tokio::test]
@@ -78,7 +78,7 @@ async fn restart_resumes_from_committed_offsets() {
 }
 
 #[tokio::test]
-async fn a_replayed_batch_changes_nothing() {
+async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     let config = test_config();
     let store = crate::helpers::test_store(&config);
     let user = |id: i64, name: &str| User {
@@ -87,52 +87,71 @@ async fn a_replayed_batch_changes_nothing() {
         email: Email::parse("r@example.com").unwrap(),
         created_at_ms: 1,
     };
+    let op = |partition, offset, u: Option<User>| ApplyOp {
+        position: EventPosition { partition, offset },
+        user: u,
+        request_id: None,
+    };
+    let ttl = Duration::from_secs(3600);
+    // Nothing in the log yet: both partitions start at -1, not rebuilding.
+    for p in [0, 1] {
+        let opened = store.open_partition(p, 0).await.unwrap();
+        assert_eq!((opened.checkpoint, opened.rebuild_target), (-1, None));
+    }
     let batch = vec![
-        ApplyOp {
-            partition: 0,
-            offset: 0,
-            user: Some(user(1, "one")),
-        },
-        ApplyOp {
-            partition: 1,
-            offset: 0,
-            user: Some(user(2, "two")),
-        },
-        ApplyOp {
-            partition: 0,
-            offset: 1,
-            user: None,
-        },
-        ApplyOp {
-            partition: 0,
-            offset: 2,
-            user: Some(user(3, "three")),
-        },
+        op(0, 0, Some(user(1, "one"))),
+        op(1, 0, Some(user(2, "two"))),
+        op(0, 1, None),
+        op(0, 2, Some(user(3, "three"))),
     ];
-    let first = store.apply(&batch).await.unwrap();
-    assert_eq!((first.applied, first.duplicates, first.skipped), (3, 0, 0));
-    let again = store.apply(&batch).await.unwrap();
-    assert_eq!((again.applied, again.duplicates, again.skipped), (0, 0, 4));
+    let from_start = BTreeMap::from([(0, -1), (1, -1)]);
+    assert_eq!(
+        store.apply(&batch, &from_start, ttl).await.unwrap(),
+        ApplyResult::Applied(ApplyOutcome {
+            applied: 3,
+            duplicates: 0,
+            skipped: 0
+        })
+    );
+    // A member that resumed from an older checkpoint (a zombie after a
+    // rebalance) is fenced off: nothing is written, it learns where Redis is.
+    assert_eq!(
+        store.apply(&batch, &from_start, ttl).await.unwrap(),
+        ApplyResult::Moved {
+            partition: 0,
+            checkpoint: Some(2)
+        }
+    );
     // A later event for an id already created: the first in the log wins.
     let later = store
-        .apply(&[ApplyOp {
-            partition: 0,
-            offset: 3,
-            user: Some(user(1, "impostor")),
-        }])
+        .apply(
+            &[op(0, 3, Some(user(1, "impostor")))],
+            &BTreeMap::from([(0, 2)]),
+            ttl,
+        )
         .await
         .unwrap();
-    assert_eq!(later.duplicates, 1);
+    assert!(matches!(later, ApplyResult::Applied(o) if o.duplicates == 1));
+    let one = store.get_user(UserId::parse(1).unwrap()).await.unwrap().unwrap();
+    assert_eq!(one.user.name.as_str(), "one");
+    assert_eq!(one.position(), Some(EventPosition { partition: 0, offset: 0 }));
+    let held = store.checkpoints().await.unwrap();
+    assert_eq!((held.applied[&0], held.applied[&1]), (3, 0));
+
+    // Redis loses the checkpoint: the next apply is refused, and opening the
+    // partition again says "replay from the start, up to the log end".
+    crate::helpers::delete_keys(&config).await;
     assert_eq!(
         store
-            .get_user(UserId::parse(1).unwrap())
+            .apply(&[op(0, 4, None)], &BTreeMap::from([(0, 3)]), ttl)
             .await
-            .unwrap()
-            .unwrap()
-            .name
-            .as_str(),
-        "one"
+            .unwrap(),
+        ApplyResult::Moved {
+            partition: 0,
+            checkpoint: None
+        }
     );
-    let positions = store.applied_positions().await.unwrap();
-    assert_eq!((positions[&0], positions[&1]), (3, 0));
+    let reopened = store.open_partition(0, 5).await.unwrap();
+    assert_eq!((reopened.checkpoint, reopened.rebuild_target), (-1, Some(5)));
+    assert!(!store.checkpoints().await.unwrap().state(0).is_complete());
 }

@@ -1,8 +1,8 @@
-//! Errors of the Redis adapter.
+//! Errors of the Redis adapter (the read model and its checkpoint).
 
 /// What went wrong talking to Redis, sorted by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
-pub enum CacheError {
+pub enum StoreError {
     /// Redis cannot be reached or did not answer in time: retry later.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
@@ -14,7 +14,7 @@ pub enum CacheError {
     Corrupt { key: String, reason: String },
 }
 
-impl From<redis::RedisError> for CacheError {
+impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         if e.is_io_error()
             || e.is_connection_dropped()
@@ -25,19 +25,19 @@ impl From<redis::RedisError> for CacheError {
             || e.code() == Some("READONLY")
             || e.to_string().contains("READONLY")
         {
-            CacheError::Unavailable(e.to_string())
+            StoreError::Unavailable(e.to_string())
         } else {
-            CacheError::Protocol(e.to_string())
+            StoreError::Protocol(e.to_string())
         }
     }
 }
 
-impl From<bb8::RunError<redis::RedisError>> for CacheError {
+impl From<bb8::RunError<redis::RedisError>> for StoreError {
     fn from(e: bb8::RunError<redis::RedisError>) -> Self {
         match e {
             bb8::RunError::User(e) => e.into(),
             bb8::RunError::TimedOut => {
-                CacheError::Unavailable("no Redis connection within the timeout".into())
+                StoreError::Unavailable("no Redis connection within the timeout".into())
             }
         }
     }

@@ -1,0 +1,228 @@
+//! The command side of CreateUser: choose the id, publish the event, and
+//! answer with the log's verdict as the read model shows it.
+//!
+//! The rule that decides an outcome is a rule over the log (docs/design.md):
+//! for each id, the first `UserCreated` in its partition creates the user. So
+//! a create answers OK only once its event is applied and the read model says
+//! this event, or an earlier attempt of the same request, created the user.
+//! Redis holds no guard of its own: losing it loses nothing that decides.
+//!
+//! Retries are exact. A request id always names the same user: a service
+//! assigned id is derived from it ([`ids`]), and the read model maps it to
+//! the user its request created. A publish whose outcome is unknown (a
+//! timeout) frees nothing; its retry publishes the same id again, and the
+//! second event creates nothing.
+
+use crate::{
+    domain::{EventPosition, NewUser, RequestId, User, UserCreated, UserId, ids},
+    kafka::{EventPublisher, KafkaError, partition_for_key},
+    store::{CheckpointWatch, RedisStore, StoreError, StoredUser, WaitError},
+};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+use tokio::time::Instant;
+
+/// Service-assigned ids tried per call before giving up (each further one is
+/// used only after the log gave the previous one to another request).
+const MAX_ID_ATTEMPTS: u32 = 8;
+
+/// Why a create did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("user {0} already exists")]
+    AlreadyExists(UserId),
+    #[error("request_id was used before with different fields")]
+    RequestIdReused,
+    /// The read model cannot decide yet (it is rebuilding, or has not applied
+    /// the event in time): retry with the same request id.
+    #[error("the outcome is not known yet: {0}")]
+    Undecided(String),
+    #[error("no free id after {MAX_ID_ATTEMPTS} attempts")]
+    NoFreeId,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+impl From<WaitError> for CommandError {
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::Store(e) => CommandError::Store(e),
+            WaitError::Timeout => CommandError::Undecided(
+                "the read model did not reach the event before the deadline".into(),
+            ),
+            WaitError::ShuttingDown => CommandError::Undecided("shutting down".into()),
+        }
+    }
+}
+
+/// A created user and where its event sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub user: User,
+    pub position: EventPosition,
+}
+
+/// What the read model says of an existing user, for this request.
+enum Verdict {
+    /// This request created it (now or in an earlier attempt).
+    Ours(Created),
+    /// This request id created it, with other fields.
+    Reused,
+    /// Another request created it.
+    Taken,
+}
+
+/// CreateUser's dependencies; cheap to clone into the task a call runs in.
+#[derive(Clone)]
+pub struct CreateUser {
+    pub store: RedisStore,
+    pub publisher: EventPublisher,
+    pub watch: Arc<CheckpointWatch>,
+}
+
+impl CreateUser {
+    /// Creates the user, or tells why not, by `deadline`.
+    pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
+        // A request seen before: its answer, whatever id it got.
+        if let Some(r) = &new.request_id
+            && let Some(id) = self.store.request_owner(r).await?
+            && let Some(existing) = self.store.get_user(id).await?
+        {
+            return match self.verdict(new, &existing).await? {
+                Verdict::Ours(created) => Ok(created),
+                Verdict::Reused => Err(CommandError::RequestIdReused),
+                // The owner record says otherwise: stale; decide below.
+                Verdict::Taken => self.create(new, deadline).await,
+            };
+        }
+        self.create(new, deadline).await
+    }
+
+    async fn create(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
+        let mut attempt = 0;
+        loop {
+            let id = match (new.id, &new.request_id) {
+                (Some(id), _) => id,
+                (None, Some(r)) => ids::assigned_id(r, attempt),
+                (None, None) => ids::id_from_seed(rand::random()),
+            };
+            match self.try_id(new, id, deadline).await? {
+                Verdict::Ours(created) => return Ok(created),
+                Verdict::Reused => return Err(CommandError::RequestIdReused),
+                Verdict::Taken if new.id.is_some() => return Err(CommandError::AlreadyExists(id)),
+                Verdict::Taken => {
+                    attempt += 1;
+                    if attempt >= MAX_ID_ATTEMPTS {
+                        return Err(CommandError::NoFreeId);
+                    }
+                    tracing::info!(%id, attempt, "assigned id taken in the log: trying the next");
+                }
+            }
+        }
+    }
+
+    /// One id: look in the read model, publish if it is free, learn the verdict.
+    async fn try_id(
+        &self,
+        new: &NewUser,
+        id: UserId,
+        deadline: Instant,
+    ) -> Result<Verdict, CommandError> {
+        let partition = self
+            .publisher
+            .known_partitions()
+            .map(|n| partition_for_key(id.to_string().as_bytes(), n));
+        // The fast check: a user the read model has is the log's winner.
+        let existing = match partition {
+            Some(p) => {
+                let (state, existing) = self.store.lookup(id, p).await?;
+                if existing.is_none() && !state.is_complete() {
+                    // Rebuilding after a loss: the id may be taken by an event
+                    // not yet replayed. Publish only once the read model can
+                    // tell; the verdict would wait for the rebuild anyway.
+                    tracing::info!(partition = p, ?state, "waiting for the read model to rebuild");
+                    self.watch.wait_complete(p, deadline).await.map_err(|e| match e {
+                        WaitError::Timeout => CommandError::Undecided(
+                            "the read model is rebuilding from the log".into(),
+                        ),
+                        e => e.into(),
+                    })?;
+                    self.store.get_user(id).await?
+                } else {
+                    existing
+                }
+            }
+            None => self.store.get_user(id).await?,
+        };
+        if let Some(existing) = existing {
+            return self.verdict(new, &existing).await;
+        }
+
+        let user = User {
+            id,
+            name: new.name.clone(),
+            email: new.email.clone(),
+            created_at_ms: now_ms(),
+        };
+        let event = UserCreated::new(user, new.request_id.clone());
+        let published = self.publisher.publish(&event).await?;
+        let position = EventPosition {
+            partition: published.partition,
+            offset: published.offset,
+        };
+        self.watch
+            .wait_applied(position.partition, position.offset, deadline)
+            .await?;
+        let Some(stored) = self.store.get_user(id).await? else {
+            // Applied, yet absent: Redis lost its data just now.
+            return Err(CommandError::Undecided(
+                "the read model lost its data; it is rebuilding".into(),
+            ));
+        };
+        if stored.position() == Some(position) {
+            return Ok(Verdict::Ours(Created {
+                user: stored.user,
+                position,
+            }));
+        }
+        self.verdict(new, &stored).await
+    }
+
+    /// Whether `existing` is this request's user.
+    async fn verdict(&self, new: &NewUser, existing: &StoredUser) -> Result<Verdict, CommandError> {
+        let Some(r) = &new.request_id else {
+            return Ok(Verdict::Taken);
+        };
+        if !self.created_by(r, existing).await? {
+            return Ok(Verdict::Taken);
+        }
+        let same = existing.user.name == new.name
+            && existing.user.email == new.email
+            && new.id.is_none_or(|id| id == existing.user.id);
+        match (same, existing.position()) {
+            (true, Some(position)) => Ok(Verdict::Ours(Created {
+                user: existing.user.clone(),
+                position,
+            })),
+            (true, None) => Err(CommandError::Undecided(
+                "the user was written without its position".into(),
+            )),
+            (false, _) => Ok(Verdict::Reused),
+        }
+    }
+
+    async fn created_by(&self, r: &RequestId, existing: &StoredUser) -> Result<bool, StoreError> {
+        Ok(self.store.request_owner(r).await? == Some(existing.user.id))
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,172 @@
+//! [`CheckpointWatch`]: one poller per instance for every call that waits
+//! until the read model has applied a position (GetUser's read-your-write,
+//! CreateUser's wait for the log's verdict). Redis sees one `HGETALL` pair per
+//! poll, however many calls wait; nobody polls while nobody waits, and the
+//! local projector pokes the poller after each batch, so a wait ends within a
+//! round trip of the apply.
+
+use super::{Checkpoints, PartitionState, RedisStore, StoreError};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Pause between polls while someone waits (a poke cuts it short).
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Why a wait ended without the position.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("position not applied before the deadline")]
+    Timeout,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+/// The newest poll: when it was taken, and what it found.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    taken: Instant,
+    result: Result<Arc<Checkpoints>, String>,
+}
+
+/// Shared by every waiting call on an instance; see the module docs.
+pub struct CheckpointWatch {
+    store: RedisStore,
+    tx: watch::Sender<Option<Snapshot>>,
+    waiters: AtomicUsize,
+    wake: Notify,
+    shutdown: CancellationToken,
+}
+
+impl CheckpointWatch {
+    pub fn new(store: RedisStore, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            tx: watch::Sender::new(None),
+            waiters: AtomicUsize::new(0),
+            wake: Notify::new(),
+            shutdown,
+        })
+    }
+
+    /// Polls while anyone waits, until shutdown.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            if self.waiters.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = self.wake.notified() => continue,
+                }
+            }
+            let result = self
+                .store
+                .checkpoints()
+                .await
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
+            self.tx.send_replace(Some(Snapshot {
+                taken: Instant::now(),
+                result,
+            }));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Something was applied here: poll now.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Waits until the read model has applied `partition` up to `offset`, by a
+    /// poll taken after the call began; answers the partition's state then.
+    pub async fn wait_applied(
+        &self,
+        partition: i32,
+        offset: i64,
+        deadline: Instant,
+    ) -> Result<PartitionState, WaitError> {
+        self.wait_for(partition, deadline, |s| {
+            s.checkpoint().is_some_and(|c| c >= offset)
+        })
+        .await
+    }
+
+    /// Waits until the read model vouches for every event of `partition` up
+    /// to its checkpoint (no rebuild under way).
+    pub async fn wait_complete(
+        &self,
+        partition: i32,
+        deadline: Instant,
+    ) -> Result<PartitionState, WaitError> {
+        self.wait_for(partition, deadline, PartitionState::is_complete)
+            .await
+    }
+
+    async fn wait_for(
+        &self,
+        partition: i32,
+        deadline: Instant,
+        done: impl Fn(PartitionState) -> bool,
+    ) -> Result<PartitionState, WaitError> {
+        let since = Instant::now();
+        let _waiting = Waiting::register(self);
+        let mut rx = self.tx.subscribe();
+        let mut last_error = None;
+        loop {
+            if let Some(snapshot) = rx.borrow_and_update().as_ref().filter(|s| s.taken >= since) {
+                match &snapshot.result {
+                    Ok(c) => {
+                        let state = c.state(partition);
+                        if done(state) {
+                            return Ok(state);
+                        }
+                        last_error = None;
+                    }
+                    Err(e) => last_error = Some(e.clone()),
+                }
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return Err(WaitError::ShuttingDown) },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(match last_error {
+                        Some(e) => WaitError::Store(StoreError::Unavailable(e)),
+                        None => WaitError::Timeout,
+                    });
+                }
+                _ = self.shutdown.cancelled() => return Err(WaitError::ShuttingDown),
+            }
+        }
+    }
+}
+
+/// Counts a waiter for as long as it lives, and wakes the poller.
+struct Waiting<'a>(&'a CheckpointWatch);
+
+impl<'a> Waiting<'a> {
+    fn register(watch: &'a CheckpointWatch) -> Self {
+        watch.waiters.fetch_add(1, Ordering::AcqRel);
+        watch.wake.notify_one();
+        Self(watch)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,247 @@
+//! How the service reaches Redis: one server (a shared multiplexed connection
+//! or a bb8 pool) or the master that Sentinel names, with a timeout on every
+//! call. What the calls do lives in the files named after what they hold.
+
+use super::{Keys, StoreError};
+use bb8_redis::RedisConnectionManager;
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    sentinel::{SentinelClient, SentinelServerType},
+};
+use std::{future::Future, sync::Arc, time::Duration};
+
+/// The Lua scripts, loaded once (EVALSHA, with EVAL as the fallback).
+pub(super) struct Scripts {
+    pub(super) apply: Script,
+    pub(super) open: Script,
+}
+
+/// How calls reach Redis. Every call the service makes is a single command, a
+/// pipeline or a Lua script (atomic by itself), so none needs a connection to
+/// itself: both kinds serve all of them, and the benchmarks compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisClientKind {
+    /// A bb8 pool of multiplexed connections: each call takes one.
+    Pool,
+    /// One shared multiplexed connection (redis-rs `ConnectionManager`, which
+    /// reconnects): concurrent calls pipeline on it.
+    Shared,
+}
+
+/// Where Redis is: one server, or the master that Sentinel names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://host:port[/db]`.
+    Server(String),
+    /// Ask these sentinels (`host:port` or `redis://` URLs) for `master`; after
+    /// a failover the next call finds the new master.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+/// The master's connection, found through Sentinel and found again when a
+/// call fails (the master went away, or was demoted and answers READONLY).
+struct SentinelSource {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+}
+
+impl SentinelSource {
+    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(c) = self.current.lock().expect("sentinel lock poisoned").clone() {
+            return Ok(c);
+        }
+        // One resolution at a time; a caller that waited finds it done.
+        let mut client = self.client.lock().await;
+        if let Some(c) = self.current.lock().expect("sentinel lock poisoned").clone() {
+            return Ok(c);
+        }
+        let master = client.async_get_client().await?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = master
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        tracing::info!(master = ?master.get_connection_info().addr(), "Redis master found through Sentinel");
+        *self.current.lock().expect("sentinel lock poisoned") = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn forget(&self) {
+        self.current.lock().expect("sentinel lock poisoned").take();
+    }
+}
+
+/// The connection a call runs on.
+pub(super) enum Conn<'a> {
+    Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
+    Shared(ConnectionManager),
+    Sentinel(MultiplexedConnection),
+}
+
+impl ConnectionLike for Conn<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_command(cmd),
+            Conn::Shared(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Pooled(c) => c.get_db(),
+            Conn::Shared(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
+/// The service's Redis client, with a timeout on every call so a stalled
+/// Redis becomes `Unavailable`, not a hang.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: bb8::Pool<RedisConnectionManager>,
+    /// Set when calls go over one shared connection instead of the pool.
+    shared: Option<ConnectionManager>,
+    /// Set when Sentinel names the master; it then serves every call.
+    sentinel: Option<Arc<SentinelSource>>,
+    pub(super) keys: Keys,
+    timeout: Duration,
+    pub(super) scripts: Arc<Scripts>,
+}
+
+impl RedisStore {
+    /// Builds the client without connecting: the service starts while Redis is
+    /// down and reports it through health instead of failing.
+    pub fn new(
+        target: &RedisTarget,
+        keys: Keys,
+        kind: RedisClientKind,
+        pool_size: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let bad = |what: &str, e: redis::RedisError| {
+            StoreError::Unavailable(format!("bad Redis {what}: {e}"))
+        };
+        let (url, sentinel) = match target {
+            RedisTarget::Server(url) => (url.as_str(), None),
+            RedisTarget::Sentinel { sentinels, master } => {
+                let urls: Vec<String> = sentinels
+                    .iter()
+                    .map(|s| {
+                        if s.contains("://") {
+                            s.clone()
+                        } else {
+                            format!("redis://{s}")
+                        }
+                    })
+                    .collect();
+                let client =
+                    SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)
+                        .map_err(|e| bad("Sentinel settings", e))?;
+                let source = SentinelSource {
+                    client: tokio::sync::Mutex::new(client),
+                    current: std::sync::Mutex::new(None),
+                    timeout,
+                };
+                // The pool and the shared connection are not used with Sentinel.
+                ("redis://127.0.0.1:6379", Some(Arc::new(source)))
+            }
+        };
+        let manager = RedisConnectionManager::new(url).map_err(|e| bad("URL", e))?;
+        let pool = bb8::Pool::builder()
+            .max_size(pool_size)
+            // bb8 PINGs each connection it hands out (one more round trip per
+            // call): it is how the pool notices a connection to a Redis that
+            // went away; without it, dead connections are handed out forever.
+            .connection_timeout(timeout)
+            .build_unchecked(manager);
+        let shared = match (kind, &sentinel) {
+            (RedisClientKind::Shared, None) => {
+                let client = redis::Client::open(url).map_err(|e| bad("URL", e))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Some(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| bad("URL", e))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Self {
+            pool,
+            shared,
+            sentinel,
+            keys,
+            timeout,
+            scripts: Arc::new(Scripts {
+                apply: Script::new(include_str!("lua/apply.lua")),
+                open: Script::new(include_str!("lua/open.lua")),
+            }),
+        })
+    }
+
+    /// A connection for one call: the shared one, or one from the pool.
+    pub(super) async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        Ok(match (&self.sentinel, &self.shared) {
+            (Some(sentinel), _) => Conn::Sentinel(sentinel.connection().await?),
+            (None, Some(shared)) => Conn::Shared(shared.clone()),
+            (None, None) => Conn::Pooled(self.pool.get().await?),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub(super) async fn timed<T>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = tokio::time::timeout(self.timeout, f)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("Redis call timed out".into())));
+        if let (Err(StoreError::Unavailable(_)), Some(sentinel)) = (&result, &self.sentinel) {
+            // The master may have moved: ask Sentinel again on the next call.
+            sentinel.forget();
+        }
+        result
+    }
+
+    /// PING, for the health probe.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(StoreError::Protocol(format!("PING answered {pong:?}")))
+            }
+        })
+        .await
+    }
+
+}
