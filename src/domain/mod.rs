@@ -2,6 +2,8 @@
 //! a handler that holds a [`NewUser`] holds a valid one.
 
 mod event;
+#[cfg(test)]
+mod proptests;
 mod user;
 
 pub use event::{EventDecodeError, SCHEMA_VERSION, UserCreated};
