@@ -3,6 +3,8 @@
 
 mod event;
 pub mod ids;
+#[cfg(test)]
+mod proptests;
 mod user;
 
 pub use event::{EventDecodeError, EventPosition, SCHEMA_VERSION, UserCreated};
