@@ -51,8 +51,9 @@ mod tests {
             assert!((ASSIGNED_MIN..=ASSIGNED_MAX).contains(&id));
         }
         assert_eq!(id_from_seed(0).get(), ASSIGNED_MIN);
-        assert_eq!(id_from_seed(u64::MAX).get() <= ASSIGNED_MAX, true);
+        assert!(id_from_seed(u64::MAX).get() <= ASSIGNED_MAX);
     }
 
-    const PINNED_REQ_1: i64 = 0;
+    // Computed independently: python3 -c "import hashlib; d = hashlib.sha256(b'user-id:req-1:0').digest(); print((1 << 32) + int.from_bytes(d[:8], 'big') % ((1 << 53) - (1 << 32)))"
+    const PINNED_REQ_1: i64 = 8_520_103_694_629_851;
 }
