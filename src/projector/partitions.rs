@@ -57,6 +57,7 @@ impl Cursors {
                         self.open.insert(partition, cursor);
                     }
                     Err(e) => {
+                        state.record_apply_failure();
                         tracing::warn!(partition, error = %e, "cannot open partition yet");
                     }
                 }

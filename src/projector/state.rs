@@ -45,7 +45,8 @@ pub struct ProjectorStats {
     pub skipped: u64,
     /// Records sent to the dead-letter topic.
     pub dead_lettered: u64,
-    /// Failed attempts to apply a batch (Redis down).
+    /// Failed attempts to apply a batch or to open a partition (Redis or
+    /// Kafka down).
     pub apply_failures: u64,
     /// Partitions this instance owns now.
     pub assignment: BTreeSet<i32>,

@@ -77,6 +77,17 @@ async fn created_user_is_readable_with_and_without_the_position() {
 #[tokio::test]
 async fn unknown_user_is_not_found_and_an_unapplied_position_times_out() {
     let app = spawn_app().await;
+    // Until a projector has resumed the partition, the read model cannot
+    // vouch that a user is absent.
+    let err = app
+        .get_at(987_654_321, None, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::NotFound),
+        "{err:?}"
+    );
+    app.wait_opened().await;
     let err = app
         .get_at(987_654_321, None, Duration::from_secs(5))
         .await

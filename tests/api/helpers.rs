@@ -224,6 +224,17 @@ impl TestApp {
         .unwrap_or_else(|_| panic!("health never became {want:?}"));
     }
 
+    /// Waits until this instance's projector has resumed every partition it
+    /// owns from the read model's checkpoint (so GetUser can vouch for absence).
+    pub async fn wait_opened(&self) {
+        wait_until(Duration::from_secs(60), || async {
+            let s = self.stats();
+            !s.assignment.is_empty() && s.assignment.iter().all(|p| s.checkpoints.contains_key(p))
+        })
+        .await
+        .expect("the projector never opened its partitions");
+    }
+
     /// Waits until this instance's projector owns at least one partition.
     pub async fn wait_assigned(&self) {
         wait_until(Duration::from_secs(60), || async {
