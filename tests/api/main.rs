@@ -10,6 +10,7 @@ mod dead_letter;
 mod health;
 mod idempotency;
 mod progress;
+mod redis_loss;
 mod restart;
 mod sentinel;
 mod shutdown;
