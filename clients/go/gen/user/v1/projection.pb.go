@@ -97,6 +97,9 @@ const (
 	PartitionStatus_PARTITION_STATUS_STALLED PartitionStatus = 3
 	// No member owns the partition.
 	PartitionStatus_PARTITION_STATUS_STOPPED PartitionStatus = 4
+	// The read model lost its data (or never had it) and is replaying the
+	// partition from the log.
+	PartitionStatus_PARTITION_STATUS_REBUILDING PartitionStatus = 5
 )
 
 // Enum value maps for PartitionStatus.
@@ -107,6 +110,7 @@ var (
 		2: "PARTITION_STATUS_LAGGING",
 		3: "PARTITION_STATUS_STALLED",
 		4: "PARTITION_STATUS_STOPPED",
+		5: "PARTITION_STATUS_REBUILDING",
 	}
 	PartitionStatus_value = map[string]int32{
 		"PARTITION_STATUS_UNSPECIFIED": 0,
@@ -114,6 +118,7 @@ var (
 		"PARTITION_STATUS_LAGGING":     2,
 		"PARTITION_STATUS_STALLED":     3,
 		"PARTITION_STATUS_STOPPED":     4,
+		"PARTITION_STATUS_REBUILDING":  5,
 	}
 )
 
@@ -615,8 +620,16 @@ type PartitionProgress struct {
 	Status PartitionStatus `protobuf:"varint,10,opt,name=status,proto3,enum=user.v1.PartitionStatus" json:"status,omitempty"`
 	// When the committed offset was last seen to move; unset if not seen yet.
 	LastCommitTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=last_commit_time,json=lastCommitTime,proto3" json:"last_commit_time,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The read model's own checkpoint, kept in Redis beside the data: the next
+	// offset it will apply, where a projector resumes. Unset when Redis holds
+	// none for the partition (nothing applied yet, or Redis lost its data).
+	ReadModelOffset *int64 `protobuf:"varint,12,opt,name=read_model_offset,json=readModelOffset,proto3,oneof" json:"read_model_offset,omitempty"`
+	// Set while the read model replays the partition after Redis lost its data:
+	// the log end seen when the loss was found. Until the read model reaches it,
+	// GetUser answers UNAVAILABLE rather than a NOT_FOUND it cannot vouch for.
+	RebuildTargetOffset *int64 `protobuf:"varint,13,opt,name=rebuild_target_offset,json=rebuildTargetOffset,proto3,oneof" json:"rebuild_target_offset,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *PartitionProgress) Reset() {
@@ -724,6 +737,20 @@ func (x *PartitionProgress) GetLastCommitTime() *timestamppb.Timestamp {
 		return x.LastCommitTime
 	}
 	return nil
+}
+
+func (x *PartitionProgress) GetReadModelOffset() int64 {
+	if x != nil && x.ReadModelOffset != nil {
+		return *x.ReadModelOffset
+	}
+	return 0
+}
+
+func (x *PartitionProgress) GetRebuildTargetOffset() int64 {
+	if x != nil && x.RebuildTargetOffset != nil {
+		return *x.RebuildTargetOffset
+	}
+	return 0
 }
 
 type GroupTotals struct {
@@ -837,7 +864,7 @@ const file_user_v1_projection_proto_rawDesc = "" +
 	"\x0ePartitionOwner\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x1b\n" +
 	"\tclient_id\x18\x02 \x01(\tR\bclientId\x12\x12\n" +
-	"\x04host\x18\x03 \x01(\tR\x04host\"\x82\x04\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\"\x9c\x05\n" +
 	"\x11PartitionProgress\x12\x1c\n" +
 	"\tpartition\x18\x01 \x01(\x05R\tpartition\x12.\n" +
 	"\x10committed_offset\x18\x02 \x01(\x03H\x00R\x0fcommittedOffset\x88\x01\x01\x12*\n" +
@@ -851,9 +878,13 @@ const file_user_v1_projection_proto_rawDesc = "" +
 	"\x05owner\x18\t \x01(\v2\x17.user.v1.PartitionOwnerR\x05owner\x120\n" +
 	"\x06status\x18\n" +
 	" \x01(\x0e2\x18.user.v1.PartitionStatusR\x06status\x12D\n" +
-	"\x10last_commit_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTimeB\x13\n" +
+	"\x10last_commit_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTime\x12/\n" +
+	"\x11read_model_offset\x18\f \x01(\x03H\x02R\x0freadModelOffset\x88\x01\x01\x127\n" +
+	"\x15rebuild_target_offset\x18\r \x01(\x03H\x03R\x13rebuildTargetOffset\x88\x01\x01B\x13\n" +
 	"\x11_committed_offsetB\x11\n" +
-	"\x0f_applied_offset\"\x97\x01\n" +
+	"\x0f_applied_offsetB\x14\n" +
+	"\x12_read_model_offsetB\x18\n" +
+	"\x16_rebuild_target_offset\"\x97\x01\n" +
 	"\vGroupTotals\x12\x1b\n" +
 	"\ttotal_lag\x18\x01 \x01(\x03R\btotalLag\x12\x17\n" +
 	"\amax_lag\x18\x02 \x01(\x03R\x06maxLag\x12&\n" +
@@ -865,13 +896,14 @@ const file_user_v1_projection_proto_rawDesc = "" +
 	"\x12GROUP_STATE_STABLE\x10\x01\x12\x1b\n" +
 	"\x17GROUP_STATE_REBALANCING\x10\x02\x12\x15\n" +
 	"\x11GROUP_STATE_EMPTY\x10\x03\x12\x14\n" +
-	"\x10GROUP_STATE_DEAD\x10\x04*\xa6\x01\n" +
+	"\x10GROUP_STATE_DEAD\x10\x04*\xc7\x01\n" +
 	"\x0fPartitionStatus\x12 \n" +
 	"\x1cPARTITION_STATUS_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13PARTITION_STATUS_OK\x10\x01\x12\x1c\n" +
 	"\x18PARTITION_STATUS_LAGGING\x10\x02\x12\x1c\n" +
 	"\x18PARTITION_STATUS_STALLED\x10\x03\x12\x1c\n" +
-	"\x18PARTITION_STATUS_STOPPED\x10\x042\xaf\x01\n" +
+	"\x18PARTITION_STATUS_STOPPED\x10\x04\x12\x1f\n" +
+	"\x1bPARTITION_STATUS_REBUILDING\x10\x052\xaf\x01\n" +
 	"\x11ProjectionService\x12P\n" +
 	"\rWatchProgress\x12\x1d.user.v1.WatchProgressRequest\x1a\x1e.user.v1.WatchProgressResponse0\x01\x12H\n" +
 	"\vGetProgress\x12\x1b.user.v1.GetProgressRequest\x1a\x1c.user.v1.GetProgressResponseB_\n" +

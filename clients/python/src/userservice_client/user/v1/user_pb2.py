@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x08Position\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\\\n\x11\x43reateUserRequest\x12\x0f\n\x02id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x05\n\x03_id\"V\n\x12\x43reateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\x12#\n\x08position\x18\x02 \x01(\x0b\x32\x11.user.v1.Position\"E\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\'\n\x0cmin_position\x18\x02 \x01(\x0b\x32\x11.user.v1.Position\".\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User2\x92\x01\n\x0bUserService\x12\x45\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.CreateUserResponse\x12<\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponseB_\n\x17\x64\x65v.userservice.user.v1P\x01ZBgithub.com/user-service/user-service/clients/go/gen/user/v1;userv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12user/v1/user.proto\x12\x07user.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x08Position\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\\\n\x11\x43reateUserRequest\x12\x0f\n\x02id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x05\n\x03_id\"V\n\x12\x43reateUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\x12#\n\x08position\x18\x02 \x01(\x0b\x32\x11.user.v1.Position\"E\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\'\n\x0cmin_position\x18\x02 \x01(\x0b\x32\x11.user.v1.Position\"S\n\x0fGetUserResponse\x12\x1b\n\x04user\x18\x01 \x01(\x0b\x32\r.user.v1.User\x12#\n\x08position\x18\x02 \x01(\x0b\x32\x11.user.v1.Position2\x92\x01\n\x0bUserService\x12\x45\n\nCreateUser\x12\x1a.user.v1.CreateUserRequest\x1a\x1b.user.v1.CreateUserResponse\x12<\n\x07GetUser\x12\x17.user.v1.GetUserRequest\x1a\x18.user.v1.GetUserResponseB_\n\x17\x64\x65v.userservice.user.v1P\x01ZBgithub.com/user-service/user-service/clients/go/gen/user/v1;userv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSERREQUEST']._serialized_start=391
   _globals['_GETUSERREQUEST']._serialized_end=460
   _globals['_GETUSERRESPONSE']._serialized_start=462
-  _globals['_GETUSERRESPONSE']._serialized_end=508
-  _globals['_USERSERVICE']._serialized_start=511
-  _globals['_USERSERVICE']._serialized_end=657
+  _globals['_GETUSERRESPONSE']._serialized_end=545
+  _globals['_USERSERVICE']._serialized_start=548
+  _globals['_USERSERVICE']._serialized_end=694
 # @@protoc_insertion_point(module_scope)

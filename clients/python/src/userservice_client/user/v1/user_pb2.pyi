@@ -57,7 +57,9 @@ class GetUserRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., min_position: _Optional[_Union[Position, _Mapping]] = ...) -> None: ...
 
 class GetUserResponse(_message.Message):
-    __slots__ = ("user",)
+    __slots__ = ("user", "position")
     USER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     user: User
-    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
+    position: Position
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ..., position: _Optional[_Union[Position, _Mapping]] = ...) -> None: ...

@@ -54,12 +54,16 @@ class UserServiceServicer:
     """
 
     def CreateUser(self, request, context):
-        """Validates the user, reserves its id, publishes a `UserCreated` event keyed by
-        the id and answers once the broker has acknowledged it (acks=all).
+        """Validates the user, publishes a `UserCreated` event keyed by the id
+        (acks=all), and answers once the read model has applied it and shows that
+        this event created the user: the log decides (the first event of an id
+        wins), so an answer is never superseded later.
 
-        Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations),
-        ALREADY_EXISTS (the id is taken), UNAVAILABLE (Kafka or Redis unreachable;
-        safe to retry with the same request_id).
+        Errors: INVALID_ARGUMENT (with google.rpc.BadRequest field violations; also
+        a request_id reused with other fields), ALREADY_EXISTS (the log gave the id
+        to another request), UNAVAILABLE (Kafka or Redis unreachable, or the
+        outcome not known yet: retry with the same request_id, which always names
+        the same user).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +75,8 @@ class UserServiceServicer:
         reads its own write on any instance.
 
         Errors: INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED (the position was not
-        applied in time), UNAVAILABLE (Redis unreachable).
+        applied in time), UNAVAILABLE (Redis unreachable, or the read model is
+        rebuilding from the log and cannot vouch that the user is absent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
