@@ -37,9 +37,10 @@ use rdkafka::{
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
-/// How often an idle projector checks that Redis still holds the checkpoint
-/// it resumed from (a Redis that lost its data is found within this).
-const VERIFY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the projector checks that Redis still holds the checkpoint it
+/// resumed from: a Redis that lost its data, or went back in time in a
+/// failover, is found within this, and its partitions marked as rebuilding.
+const VERIFY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Errors that stop the projector before it starts.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,9 @@ pub(super) struct Cursors {
     open: HashMap<i32, Cursor>,
     /// Seeks that did not take, per partition, since it was last applied.
     reseeks: HashMap<i32, u8>,
+    /// The checkpoint a partition had when this member last let it go
+    /// because Redis held another: what is known to have been applied.
+    floors: HashMap<i32, i64>,
 }
 
 impl Cursors {
@@ -42,6 +45,7 @@ impl Cursors {
             store,
             open: HashMap::new(),
             reseeks: HashMap::new(),
+            floors: HashMap::new(),
         }
     }
 
@@ -70,15 +74,37 @@ impl Cursors {
     /// if it has none) and seeks the consumer just past it.
     async fn open_one(&self, partition: i32) -> Result<Cursor, String> {
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        let (low, high) = tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&topic, partition, KAFKA_CALL_TIMEOUT)
+        // The log's ends, and the group's committed offset: what some member
+        // applied before (the committed offsets follow the read model), so a
+        // Redis that went back in time is rebuilt, not trusted.
+        let ((low, high), committed) = tokio::task::spawn_blocking(move || {
+            let marks = consumer
+                .fetch_watermarks(&topic, partition, KAFKA_CALL_TIMEOUT)
+                .map_err(|e| format!("watermarks: {e}"))?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            let committed = consumer
+                .committed_offsets(tpl, KAFKA_CALL_TIMEOUT)
+                .map_err(|e| format!("committed offsets: {e}"))?
+                .find_partition(&topic, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            Ok::<_, String>((marks, committed))
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("watermarks: {e}"))?;
+        .map_err(|e| e.to_string())??;
+        let floor = committed
+            .map(|c| c - 1)
+            .into_iter()
+            .chain(self.floors.get(&partition).copied())
+            .max()
+            .unwrap_or(-1)
+            .min(high - 1);
         let opened = self
             .store
-            .open_partition(partition, high)
+            .open_partition(partition, high, floor)
             .await
             .map_err(|e| e.to_string())?;
         let mut next = opened.checkpoint + 1;
@@ -167,10 +193,14 @@ impl Cursors {
         self.reseeks.remove(&partition);
     }
 
-    /// Reopen these partitions from Redis' checkpoint on the next round.
+    /// Reopen these partitions from Redis' checkpoint on the next round,
+    /// remembering how far they were applied.
     pub(super) fn forget(&mut self, partitions: impl Iterator<Item = i32>) {
         for p in partitions {
-            self.open.remove(&p);
+            if let Some(c) = self.open.remove(&p) {
+                let floor = self.floors.entry(p).or_insert(-1);
+                *floor = (*floor).max(c.checkpoint);
+            }
         }
     }
 

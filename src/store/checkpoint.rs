@@ -74,12 +74,15 @@ pub struct Opened {
 }
 
 impl RedisStore {
-    /// Returns where to resume `partition`; if the read model holds nothing
-    /// for it, records "replay from the start, until `log_end`" first.
+    /// Returns where to resume `partition`. If the read model holds nothing
+    /// for it, or a checkpoint below `floor` (the highest offset known to
+    /// have been applied before; -1 for none), records "rebuilding until
+    /// `log_end` (or `floor`)" first.
     pub async fn open_partition(
         &self,
         partition: i32,
         log_end: i64,
+        floor: i64,
     ) -> Result<Opened, StoreError> {
         self.timed(async {
             let mut conn = self.conn().await?;
@@ -90,6 +93,7 @@ impl RedisStore {
                 .key(self.keys.rebuild())
                 .arg(partition)
                 .arg(log_end)
+                .arg(floor)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(Opened {

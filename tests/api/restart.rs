@@ -104,7 +104,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     let ttl = Duration::from_secs(3600);
     // Nothing in the log yet: both partitions start at -1, not rebuilding.
     for p in [0, 1] {
-        let opened = store.open_partition(p, 0).await.unwrap();
+        let opened = store.open_partition(p, 0, -1).await.unwrap();
         assert_eq!((opened.checkpoint, opened.rebuild_target), (-1, None));
     }
     let batch = vec![
@@ -160,7 +160,19 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
             checkpoint: None
         }
     );
-    let reopened = store.open_partition(0, 5).await.unwrap();
+    let reopened = store.open_partition(0, 5, -1).await.unwrap();
     assert_eq!((reopened.checkpoint, reopened.rebuild_target), (-1, Some(5)));
     assert!(!store.checkpoints().await.unwrap().state(0).is_complete());
+
+    // A Redis that went back in time (a failover to a replica that had not
+    // caught up): its checkpoint is behind what was applied before, so the
+    // partition is rebuilding up to there, not trusted.
+    store.open_partition(1, 0, -1).await.unwrap();
+    store
+        .apply(&[op(1, 0, None)], &BTreeMap::from([(1, -1)]), ttl)
+        .await
+        .unwrap();
+    let behind = store.open_partition(1, 9, 6).await.unwrap();
+    assert_eq!((behind.checkpoint, behind.rebuild_target), (0, Some(7)));
+    assert!(!store.checkpoints().await.unwrap().state(1).is_complete());
 }

@@ -1,22 +1,40 @@
--- Opens a partition for a projector that was just assigned it: returns the
--- read model's checkpoint, where consumption must resume. A partition the read
--- model knows nothing of (a fresh Redis, or one that lost its data) starts
--- from the beginning of the log, and is marked as rebuilding until it reaches
--- the log end seen now, so that readers do not take its gaps for absent users.
+-- Opens a partition for a projector that was just given it (or that found
+-- the checkpoint moved): returns the read model's checkpoint, where
+-- consumption must resume.
+--
+-- A partition the read model knows nothing of (a fresh Redis, or one that
+-- lost its data) starts from the beginning of the log; one whose checkpoint
+-- is behind what is known to have been applied before (a failover to a
+-- replica that had not caught up) resumes from its checkpoint. Either way the
+-- partition is marked as rebuilding until it reaches the log end seen now
+-- (or what was applied before), so that readers do not take its gaps for
+-- absent users.
 --
 -- KEYS[1] checkpoint hash: partition -> offset of the last applied event
 -- KEYS[2] rebuild hash: partition -> log end to reach
 -- ARGV[1] partition
 -- ARGV[2] the partition's log end offset (high watermark), read just before
+-- ARGV[3] the floor: the highest offset known to have been applied before
+--         (the group's committed offset - 1, or this member's last
+--         checkpoint); -1 when none is known
 --
 -- Returns {checkpoint, rebuild target or ''}; '-1' means nothing applied.
 local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
+local floor = tonumber(ARGV[3])
+if current and tonumber(current) >= floor then
   return {current, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
 end
-redis.call('HSET', KEYS[1], ARGV[1], '-1')
-if tonumber(ARGV[2]) > 0 then
-  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-  return {'-1', ARGV[2]}
+local target
+if current then
+  -- Behind what was applied before: the lost tail must be replayed.
+  target = floor + 1
+else
+  current = '-1'
+  redis.call('HSET', KEYS[1], ARGV[1], current)
+  target = math.max(tonumber(ARGV[2]), floor + 1)
 end
-return {'-1', ''}
+local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+if target > held and target > tonumber(current) + 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d', target))
+end
+return {current, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
