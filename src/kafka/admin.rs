@@ -9,7 +9,8 @@ use rdkafka::{
 };
 use std::time::Duration;
 
-/// Creates the topics that are missing; existing ones are left as they are.
+/// Creates the topics that are missing, keeping their records for ever;
+/// existing ones are left as they are.
 pub async fn ensure_topics(
     brokers: &str,
     topics: &[&str],
@@ -22,7 +23,14 @@ pub async fn ensure_topics(
         .create()?;
     let new_topics: Vec<_> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .map(|t| {
+            NewTopic::new(t, partitions, TopicReplication::Fixed(replication))
+                // The log is the only source of truth: keep every record, and
+                // do not compact (the first event of an id decides, so a
+                // compaction that kept only the last would change the outcome).
+                .set("retention.ms", "-1")
+                .set("cleanup.policy", "delete")
+        })
         .collect();
     let opts = AdminOptions::new()
         .operation_timeout(Some(timeout))
