@@ -144,13 +144,20 @@ impl CreateUser {
                     // Rebuilding after a loss: the id may be taken by an event
                     // not yet replayed. Publish only once the read model can
                     // tell; the verdict would wait for the rebuild anyway.
-                    tracing::info!(partition = p, ?state, "waiting for the read model to rebuild");
-                    self.watch.wait_complete(p, deadline).await.map_err(|e| match e {
-                        WaitError::Timeout => CommandError::Undecided(
-                            "the read model is rebuilding from the log".into(),
-                        ),
-                        e => e.into(),
-                    })?;
+                    tracing::info!(
+                        partition = p,
+                        ?state,
+                        "waiting for the read model to rebuild"
+                    );
+                    self.watch
+                        .wait_complete(p, deadline)
+                        .await
+                        .map_err(|e| match e {
+                            WaitError::Timeout => CommandError::Undecided(
+                                "the read model is rebuilding from the log".into(),
+                            ),
+                            e => e.into(),
+                        })?;
                     self.store.get_user(id).await?
                 } else {
                     existing

@@ -12,7 +12,6 @@ use crate::{
     kafka::{self, EventPublisher, KafkaError},
     progress::{OwnProjection, ProgressHub},
     projector::{Projector, ProjectorState},
-    store::{CheckpointWatch, Keys, RedisStore, StoreError},
     proto::{
         self,
         user::v1::{
@@ -20,6 +19,7 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
+    store::{CheckpointWatch, Keys, RedisStore, StoreError},
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
@@ -116,8 +116,10 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start-up");
         }
 
-        let mut registry =
-            HealthRegistry::new(&["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME], token.clone());
+        let mut registry = HealthRegistry::new(
+            &["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME],
+            token.clone(),
+        );
         if config.projector_enabled {
             registry = registry.with_projector(PROJECTOR_HEALTH_NAME);
         }

@@ -3,7 +3,7 @@
 
 use super::ApiError;
 use crate::{
-    command::{Created, CreateUser},
+    command::{CreateUser, Created},
     domain::{EventPosition, FieldViolation, NewUser, User, UserId, ValidationError},
     kafka::partition_for_key,
     proto::user::v1::{

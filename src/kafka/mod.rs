@@ -72,11 +72,18 @@ mod tests {
             (b"foobar", -790_332_482),
             (b"a-little-bit-long-string", -985_981_536),
             (b"a-little-bit-longer-string", -1_486_304_829),
-            (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58_897_971),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
         ] {
             assert_eq!(murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32, hash);
             for n in [1, 3, 7, 1000] {
-                assert_eq!(partition_for_key(key, n), (hash & 0x7fff_ffff) % n, "{key:?}");
+                assert_eq!(
+                    partition_for_key(key, n),
+                    (hash & 0x7fff_ffff) % n,
+                    "{key:?}"
+                );
             }
         }
     }

@@ -122,7 +122,9 @@ impl Projector {
         loop {
             // Partitions given or taken since the last round; resume the new
             // ones from the read model's checkpoint.
-            cursors.sync(&self.state.stats().assignment, &self.state).await;
+            cursors
+                .sync(&self.state.stats().assignment, &self.state)
+                .await;
             let first = tokio::select! {
                 _ = token.cancelled() => break,
                 _ = verify.tick() => {

@@ -167,11 +167,21 @@ impl Cursors {
                     // at the committed offset right after an assignment):
                     // open the partition again, which seeks again.
                     *tries += 1;
-                    tracing::warn!(partition, offset, expected = first, "record past the resume point: seeking again");
+                    tracing::warn!(
+                        partition,
+                        offset,
+                        expected = first,
+                        "record past the resume point: seeking again"
+                    );
                     self.open.remove(&partition);
                     return false;
                 }
-                tracing::warn!(partition, offset, expected = first, "gap in the log accepted");
+                tracing::warn!(
+                    partition,
+                    offset,
+                    expected = first,
+                    "gap in the log accepted"
+                );
             }
             cursor.first = None;
         }

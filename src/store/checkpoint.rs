@@ -151,7 +151,10 @@ mod tests {
 
     #[test]
     fn absence_counts_only_in_a_complete_partition() {
-        assert_eq!(PartitionState::from_parts(None, None), PartitionState::Unknown);
+        assert_eq!(
+            PartitionState::from_parts(None, None),
+            PartitionState::Unknown
+        );
         assert!(!PartitionState::from_parts(Some(3), Some(10)).is_complete());
         assert!(PartitionState::from_parts(Some(9), Some(10)).is_complete());
         assert!(PartitionState::from_parts(Some(-1), None).is_complete());

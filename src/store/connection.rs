@@ -243,5 +243,4 @@ impl RedisStore {
         })
         .await
     }
-
 }

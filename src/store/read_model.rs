@@ -133,7 +133,9 @@ impl RedisStore {
                     let expires = user.created_at_ms.div_euclid(1000)
                         + request_ttl.as_secs().min(i64::MAX as u64 / 2) as i64;
                     match op.request_id.as_ref().filter(|_| expires > now) {
-                        Some(r) => invocation.key(self.keys.user(user.id)).key(self.keys.request(r)),
+                        Some(r) => invocation
+                            .key(self.keys.user(user.id))
+                            .key(self.keys.request(r)),
                         None => invocation.key(self.keys.user(user.id)).key(&checkpoint),
                     };
                     invocation

@@ -152,3 +152,23 @@ async fn unknown_services_follow_the_health_spec() {
         "the stream ended at shutdown"
     );
 }
+
+#[tokio::test]
+async fn the_projector_reports_its_group_membership() {
+    let app = spawn_app().await;
+    crate::helpers::wait_until(Duration::from_secs(30), || async {
+        app.health_status("projector").await.ok() == Some(ServingStatus::Serving)
+    })
+    .await
+    .expect("the projector's health turned SERVING once it joined its group");
+    assert!(app.stats().in_group);
+    app.stop().await.expect("clean stop");
+
+    // Without a projector, the name is not registered.
+    let mut config = test_config();
+    config.projector_enabled = false;
+    let app = spawn_app_with(config).await;
+    let err = app.health_status("projector").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    app.stop().await.expect("clean stop");
+}

@@ -48,10 +48,7 @@ async fn a_retried_request_id_gets_the_same_answer_and_one_event() {
     assert_eq!(err.code(), Code::InvalidArgument);
     // And so is the same key with a client-chosen id.
     let err = app
-        .create_req(CreateUserRequest {
-            id: Some(5),
-            ..req
-        })
+        .create_req(CreateUserRequest { id: Some(5), ..req })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

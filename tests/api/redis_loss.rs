@@ -33,7 +33,10 @@ async fn a_redis_that_lost_its_data_is_rebuilt_and_never_reports_a_user_missing(
     let mut unavailable = 0;
     let limit = tokio::time::Instant::now() + Duration::from_secs(60);
     while !pending.is_empty() {
-        assert!(tokio::time::Instant::now() < limit, "the read model was not rebuilt");
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "the read model was not rebuilt"
+        );
         let mut still = Vec::new();
         for a in pending {
             let user = a.user.as_ref().unwrap();

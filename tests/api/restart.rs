@@ -5,8 +5,8 @@ use crate::helpers::{group_lag, spawn_app, spawn_app_with, test_config};
 use std::{collections::BTreeMap, time::Duration};
 use tonic::Code;
 use user_service::{
-    proto::user::v1::{CreateUserRequest, GetUserRequest},
     domain::{Email, EventPosition, User, UserId, UserName},
+    proto::user::v1::{CreateUserRequest, GetUserRequest},
     store::{ApplyOp, ApplyOutcome, ApplyResult},
 };
 
@@ -66,7 +66,13 @@ async fn restart_resumes_from_the_read_models_checkpoint() {
             min_position: created.position,
         });
         get.set_timeout(Duration::from_secs(30));
-        let got = second.users.clone().get_user(get).await.unwrap().into_inner();
+        let got = second
+            .users
+            .clone()
+            .get_user(get)
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.position, created.position, "one user per request");
     }
     for c in &before {
@@ -141,9 +147,19 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         .await
         .unwrap();
     assert!(matches!(later, ApplyResult::Applied(o) if o.duplicates == 1));
-    let one = store.get_user(UserId::parse(1).unwrap()).await.unwrap().unwrap();
+    let one = store
+        .get_user(UserId::parse(1).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(one.user.name.as_str(), "one");
-    assert_eq!(one.position(), Some(EventPosition { partition: 0, offset: 0 }));
+    assert_eq!(
+        one.position(),
+        Some(EventPosition {
+            partition: 0,
+            offset: 0
+        })
+    );
     let held = store.checkpoints().await.unwrap();
     assert_eq!((held.applied[&0], held.applied[&1]), (3, 0));
 
@@ -161,7 +177,10 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         }
     );
     let reopened = store.open_partition(0, 5, -1).await.unwrap();
-    assert_eq!((reopened.checkpoint, reopened.rebuild_target), (-1, Some(5)));
+    assert_eq!(
+        (reopened.checkpoint, reopened.rebuild_target),
+        (-1, Some(5))
+    );
     assert!(!store.checkpoints().await.unwrap().state(0).is_complete());
 
     // A Redis that went back in time (a failover to a replica that had not
