@@ -16,7 +16,12 @@ pub enum StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error()
+        use redis::RetryMethod;
+        // The redis crate's own verdict on whether a retry can help (it says
+        // "wait and retry" for a Sentinel that knows no master yet, mid-failover).
+        let retryable = !matches!(e.retry_method(), RetryMethod::NoRetry);
+        if retryable
+            || e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
