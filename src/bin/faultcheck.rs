@@ -1,0 +1,1452 @@
+//! `faultcheck`: CreateUser under load while a fault is injected, then checks
+//! that every acknowledged user is there, once, as acknowledged.
+//!
+//! 1. Load: `--concurrency` callers send CreateUser with fresh request ids
+//!    (service-assigned ids, and a share with client-chosen ids from a range
+//!    unique to the run) round-robin over `--targets`, for `--duration`. A
+//!    call that fails with a retryable error (UNAVAILABLE, ABORTED,
+//!    DEADLINE_EXCEEDED, a transport error) is retried with the same request id
+//!    and fields, backing off 50 ms to 1 s, until it gets a final answer or
+//!    `--retry-for` after the load stopped. Every acknowledged request is
+//!    recorded: request id, id, name, email, position.
+//! 2. Fault: `--fault CMD` runs (`bash -c`) at `--fault-at`, `--heal CMD`
+//!    `--heal-after` later; `--repeat N --every D` repeats the cycle. The load
+//!    goes on at least `--after-heal` after the last heal. With
+//!    `--check-group`, after each heal the projector's consumer group must be
+//!    STABLE with every partition owned (`ProjectionService/GetProgress`)
+//!    within `--rejoin-within`; with `--repeat` > 1, a CreateUser must be
+//!    acknowledged within `--writes-within` of every heal.
+//! 3. Read back: once every target's health says SERVING, GetUser(id,
+//!    min_position = the acknowledged position) for every acknowledged user,
+//!    retrying UNAVAILABLE and DEADLINE_EXCEEDED until `--heal-timeout`.
+//! 4. The log (`--brokers`, `--topic`): every record of every partition from
+//!    the start to the high watermark, read without a consumer group. Per id,
+//!    the first UserCreated in offset order wins. One request must own at most
+//!    one winning event, and the winner for an acknowledged id must be that
+//!    request's event.
+//!
+//! Prints one summary line on stdout (`fault=... lost=0 corrupted=0
+//! doubled=0 ...`), progress on stderr, and with `--json FILE` the same figures
+//! and the details as JSON. Exit status: 0 pass, 1 fail (lost, corrupted,
+//! doubled or rejected requests, nothing acknowledged, a fault command that
+//! failed, an unreadable log, a missed rejoin or write criterion), 2 set-up
+//! error. See docs/faults.md. Every loop is bounded in count and time; only
+//! loopback addresses are accepted.
+
+use clap::Parser;
+use futures::{StreamExt, stream};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+};
+use serde_json::{Value, json};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    os::{fd::AsFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use tonic::{
+    Code, Request, Status,
+    transport::{Channel, Endpoint},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use user_service::proto::user::v1::{
+    CreateUserRequest, GetProgressRequest, GetUserRequest, GroupState, Position,
+    projection_service_client::ProjectionServiceClient, user_service_client::UserServiceClient,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "faultcheck",
+    about = "CreateUser under load while a fault is injected; then every acknowledged user must be readable, once, as acknowledged"
+)]
+struct Cli {
+    /// The fault's name, printed as `fault=NAME`.
+    #[arg(long, default_value = "none")]
+    name: String,
+    /// The service instances, `127.0.0.1:PORT`, comma-separated; calls go
+    /// round-robin over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    targets: Vec<String>,
+    /// HTTP/2 connections per target.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Callers, each with one CreateUser in flight (closed loop).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long new requests are started.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Start no more requests than this.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_requests: u64,
+    /// Share of requests that carry a client-chosen id (from a range unique to
+    /// the run); the others let the service assign the id.
+    #[arg(long, default_value_t = 0.25)]
+    client_id_share: f64,
+    /// Deadline of each call (sent as grpc-timeout).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+    /// How long a request is still retried after the load stopped.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
+    /// Shell command (`bash -c`) that injects the fault.
+    #[arg(long)]
+    fault: Option<String>,
+    /// When the (first) fault is injected, from the start of the load.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    fault_at: Duration,
+    /// Shell command that heals the fault (may be empty).
+    #[arg(long, default_value = "")]
+    heal: String,
+    /// Time from the fault command's start to the heal command.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    heal_after: Duration,
+    /// Fault cycles.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Time between the starts of two fault cycles.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    every: Duration,
+    /// A fault or heal command still running after this is killed (and fails the run).
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    command_timeout: Duration,
+    /// The load runs at least this long after the last heal.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    after_heal: Duration,
+    /// Longest wait, after the load, for every target to be SERVING, and then
+    /// for the read-back to get its answers.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    heal_timeout: Duration,
+    /// GetUser calls in flight during the read-back.
+    #[arg(long, default_value_t = 16)]
+    verify_concurrency: usize,
+    /// Kafka bootstrap servers (127.0.0.1:PORT), for the log check.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The service's topic; without it (or --brokers) the log is not checked.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Longest time to read the log back.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    log_timeout: Duration,
+    /// The projector's consumer group: after each heal it must be STABLE with
+    /// every partition owned within --rejoin-within.
+    #[arg(long)]
+    check_group: Option<String>,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    rejoin_within: Duration,
+    /// With --repeat > 1: a CreateUser must be acknowledged within this after
+    /// every heal.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    writes_within: Duration,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Prefix of request ids, names and emails (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+}
+
+// ------------------------------------------------------------------ logging
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn since_start(t: Instant) -> f64 {
+    t.saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_secs_f64()
+}
+
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!("[faultcheck +{:.1}s] {}", since_start(Instant::now()), format!($($arg)*))
+    };
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+// ------------------------------------------------------------------ channels
+
+/// `--connections` lazily connected channels per target; a slot whose
+/// connection looks dead is replaced by a fresh one.
+struct Pool {
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+}
+
+struct Slot {
+    target: usize,
+    endpoint: Endpoint,
+    ch: RwLock<(u64, Channel)>,
+}
+
+impl Pool {
+    fn new(targets: &[String], per_target: usize) -> anyhow::Result<Self> {
+        let mut slots = Vec::new();
+        for (t, addr) in targets.iter().enumerate() {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(2));
+            for _ in 0..per_target.max(1) {
+                let ch = endpoint.connect_lazy();
+                slots.push(Slot {
+                    target: t,
+                    endpoint: endpoint.clone(),
+                    ch: RwLock::new((0, ch)),
+                });
+            }
+        }
+        Ok(Self {
+            slots,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next slot, round-robin: (slot, generation, channel).
+    fn pick(&self) -> (usize, u64, Channel) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let s = self.slots[i].ch.read().expect("slot lock");
+        (i, s.0, s.1.clone())
+    }
+
+    fn for_target(&self, t: usize) -> Channel {
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.target == t)
+            .expect("every target has a slot");
+        slot.ch.read().expect("slot lock").1.clone()
+    }
+
+    /// Replaces slot `i` with a new lazy connection unless someone already did
+    /// since generation `seen`.
+    fn replace(&self, i: usize, seen: u64) {
+        let slot = &self.slots[i];
+        let mut s = slot.ch.write().expect("slot lock");
+        if s.0 == seen {
+            *s = (seen + 1, slot.endpoint.connect_lazy());
+        }
+    }
+}
+
+// ------------------------------------------------------------------ errors
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The message of a status that a dead or reset connection produced rather
+/// than the service.
+fn looks_like_transport(s: &Status) -> bool {
+    let m = s.message().to_ascii_lowercase();
+    [
+        "transport",
+        "connect",
+        "connection",
+        "h2",
+        "goaway",
+        "go away",
+        "broken pipe",
+        "reset",
+        "operation was canceled",
+        "client-side timeout",
+    ]
+    .iter()
+    .any(|w| m.contains(w))
+}
+
+/// Errors a client retries with the same request id.
+fn retryable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded | Code::Cancelled => true,
+        Code::Internal | Code::Unknown => looks_like_transport(s),
+        _ => false,
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 50u64.saturating_mul(1 << attempt.min(5)).min(1000);
+    // ±20 % jitter so the callers do not retry in lockstep.
+    let jitter = rand::random_range(0.8..1.2);
+    Duration::from_millis((base as f64 * jitter) as u64)
+}
+
+// ------------------------------------------------------------------ the load
+
+#[derive(Debug, Clone)]
+struct Ack {
+    request_id: String,
+    id: i64,
+    name: String,
+    email: String,
+    client_id: bool,
+    position: Option<(i32, i64)>,
+    at: Instant,
+    /// CreateUser answered the request's own fields (and its id, if chosen).
+    answer_ok: bool,
+}
+
+struct Load {
+    pool: Pool,
+    run: String,
+    id_base: i64,
+    client_every: u64,
+    call_timeout: Duration,
+    retry_for: Duration,
+    max_requests: u64,
+    seq: AtomicU64,
+    stop: AtomicBool,
+    stop_at: Mutex<Option<Instant>>,
+    acks: Mutex<Vec<Ack>>,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    samples: Mutex<Samples>,
+    unacked: AtomicU64,
+}
+
+impl Load {
+    fn request(&self, seq: u64) -> (CreateUserRequest, bool) {
+        let client_id = self.client_every > 0 && seq % self.client_every == 0;
+        let req = CreateUserRequest {
+            id: client_id.then(|| self.id_base + seq as i64),
+            name: format!("Fault User {} {seq}", self.run),
+            email: format!("fc.{}.{seq}@example.com", self.run),
+            request_id: format!("fc-{}-{seq}", self.run),
+        };
+        (req, client_id)
+    }
+
+    fn sample(&self, kind: &'static str, what: String) {
+        note(&mut self.samples.lock().expect("samples lock"), kind, what);
+    }
+
+    fn gave_up(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            && self
+                .stop_at
+                .lock()
+                .expect("stop lock")
+                .is_some_and(|t| t.elapsed() >= self.retry_for)
+    }
+
+    async fn worker(self: Arc<Self>) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            if seq >= self.max_requests {
+                break;
+            }
+            self.one(seq).await;
+        }
+    }
+
+    /// One request, retried as a client would until a final answer or giving up.
+    async fn one(&self, seq: u64) {
+        let (req, client_id) = self.request(seq);
+        let mut attempt = 0u32;
+        loop {
+            let (slot, generation, ch) = self.pool.pick();
+            let mut r = Request::new(req.clone());
+            r.set_timeout(self.call_timeout);
+            let answer = tokio::time::timeout(
+                self.call_timeout + Duration::from_secs(1),
+                UserServiceClient::new(ch).create_user(r),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+            match answer {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let user = resp.user.unwrap_or_default();
+                    let answer_ok = user.name == req.name
+                        && user.email == req.email
+                        && req.id.is_none_or(|id| id == user.id)
+                        && user.id > 0;
+                    if !answer_ok {
+                        self.sample(
+                            "answer",
+                            format!(
+                                "{}: CreateUser answered another user: {user:?}",
+                                req.request_id
+                            ),
+                        );
+                    }
+                    self.acks.lock().expect("acks lock").push(Ack {
+                        request_id: req.request_id.clone(),
+                        id: user.id,
+                        name: req.name.clone(),
+                        email: req.email.clone(),
+                        client_id,
+                        position: resp.position.map(|p| (p.partition, p.offset)),
+                        at: Instant::now(),
+                        answer_ok,
+                    });
+                    return;
+                }
+                Err(s) => {
+                    let first = {
+                        let mut errors = self.errors.lock().expect("errors lock");
+                        let n = errors.entry(code_name(s.code())).or_default();
+                        *n += 1;
+                        *n == 1
+                    };
+                    if first {
+                        self.sample("error", format!("{}: {}", code_name(s.code()), s.message()));
+                    }
+                    if !retryable(&s) {
+                        *self
+                            .rejected
+                            .lock()
+                            .expect("rejected lock")
+                            .entry(code_name(s.code()))
+                            .or_default() += 1;
+                        self.sample(
+                            "rejected",
+                            format!(
+                                "{} rejected: {} {}",
+                                req.request_id,
+                                code_name(s.code()),
+                                s.message()
+                            ),
+                        );
+                        return;
+                    }
+                    if looks_like_transport(&s) {
+                        self.pool.replace(slot, generation);
+                    }
+                    if self.gave_up() {
+                        self.unacked.fetch_add(1, Ordering::Relaxed);
+                        self.sample(
+                            "gave-up",
+                            format!(
+                                "{} gave up after {} attempts, last {} {}",
+                                req.request_id,
+                                attempt + 1,
+                                code_name(s.code()),
+                                s.message()
+                            ),
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ faults
+
+/// Runs a command with `bash -c` in a process group of its own, its stdout
+/// sent to our stderr (our stdout carries only the summary line); kills the
+/// group if it outlives `timeout`. Returns the exit code.
+async fn run_shell(cmd: String, timeout: Duration) -> Result<i32, String> {
+    tokio::task::spawn_blocking(move || {
+        let out = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| e.to_string())?;
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(&cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run bash: {e}"))?;
+        let start = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(st)) => return Ok(st.code().unwrap_or(-1)),
+                Ok(None) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(format!("-{}", child.id()))
+                        .status();
+                    let _ = child.wait();
+                    return Err(format!("still running after {timeout:?}: killed"));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[derive(Debug, Default, Clone)]
+struct Cycle {
+    started: Option<Instant>,
+    healed: Option<Instant>,
+    problems: Vec<String>,
+    rejoin: Option<Duration>,
+}
+
+struct FaultPlan {
+    fault: String,
+    heal: String,
+    fault_at: Duration,
+    heal_after: Duration,
+    repeat: u32,
+    every: Duration,
+    duration: Duration,
+    command_timeout: Duration,
+    group: Option<String>,
+    rejoin_within: Duration,
+}
+
+async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cycle> {
+    let mut cycles = Vec::new();
+    let mut rejoin_checks = Vec::new();
+    for i in 0..plan.repeat {
+        let at = start + plan.fault_at + plan.every * i;
+        if at >= start + plan.duration {
+            say!(
+                "fault cycle {} would start after the load ({:?}): not run",
+                i + 1,
+                plan.duration
+            );
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let mut c = Cycle {
+            started: Some(Instant::now()),
+            ..Cycle::default()
+        };
+        say!("fault {}/{}: {}", i + 1, plan.repeat, plan.fault);
+        match run_shell(plan.fault.clone(), plan.command_timeout).await {
+            Ok(0) => {}
+            Ok(rc) => c.problems.push(format!("fault command exited {rc}")),
+            Err(e) => c.problems.push(format!("fault command: {e}")),
+        }
+        if !plan.heal.trim().is_empty() {
+            let heal_at = c.started.expect("set above") + plan.heal_after;
+            tokio::time::sleep_until(heal_at.into()).await;
+            say!("heal {}/{}: {}", i + 1, plan.repeat, plan.heal);
+            match run_shell(plan.heal.clone(), plan.command_timeout).await {
+                Ok(0) => {}
+                Ok(rc) => c.problems.push(format!("heal command exited {rc}")),
+                Err(e) => c.problems.push(format!("heal command: {e}")),
+            }
+        }
+        let healed = Instant::now();
+        c.healed = Some(healed);
+        say!("fault {}/{} over", i + 1, plan.repeat);
+        for p in &c.problems {
+            say!("fault {}/{}: {p}", i + 1, plan.repeat);
+        }
+        if let Some(group) = plan.group.clone() {
+            let load = load.clone();
+            let bound = plan.rejoin_within + Duration::from_secs(30);
+            rejoin_checks.push(tokio::spawn(async move {
+                wait_group(&load.pool, &group, healed, bound).await
+            }));
+        }
+        cycles.push(c);
+    }
+    for (c, h) in cycles.iter_mut().zip(rejoin_checks) {
+        c.rejoin = h.await.unwrap_or(None);
+    }
+    cycles
+}
+
+/// Time from `since` until the group is STABLE with every partition owned,
+/// asked of any target; None if not within `bound`.
+async fn wait_group(pool: &Pool, group: &str, since: Instant, bound: Duration) -> Option<Duration> {
+    let mut last = String::new();
+    while since.elapsed() < bound {
+        let (_, _, ch) = pool.pick();
+        let mut req = Request::new(GetProgressRequest {
+            group: group.to_owned(),
+            topic: String::new(),
+            partitions: vec![],
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            ProjectionServiceClient::new(ch).get_progress(req),
+        )
+        .await;
+        match r {
+            Ok(Ok(resp)) => {
+                if let Some(s) = resp.into_inner().snapshot {
+                    let owned =
+                        !s.partitions.is_empty() && s.partitions.iter().all(|p| p.owner.is_some());
+                    if s.state == GroupState::Stable as i32 && owned {
+                        return Some(since.elapsed());
+                    }
+                    last = format!(
+                        "state {:?}, {} of {} partitions owned",
+                        GroupState::try_from(s.state).unwrap_or(GroupState::Unspecified),
+                        s.partitions.iter().filter(|p| p.owner.is_some()).count(),
+                        s.partitions.len()
+                    );
+                }
+            }
+            Ok(Err(s)) => last = format!("{} {}", code_name(s.code()), s.message()),
+            Err(_) => last = "GetProgress timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    say!("group {group} not back within {bound:?} (last: {last})");
+    None
+}
+
+// ------------------------------------------------------------------ health
+
+async fn serving(ch: Channel) -> Result<(), String> {
+    let mut req = Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.set_timeout(Duration::from_secs(1));
+    match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+        Ok(Ok(r)) => Err(format!("status {}", r.get_ref().status)),
+        Ok(Err(s)) => Err(format!("{} {}", code_name(s.code()), s.message())),
+        Err(_) => Err("health check timed out".into()),
+    }
+}
+
+/// Waits until every target says SERVING; the targets that never did.
+async fn wait_serving(pool: &Pool, targets: &[String], deadline: Instant) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (t, addr) in targets.iter().enumerate() {
+        let mut last = String::new();
+        let mut ok = false;
+        while Instant::now() < deadline {
+            match serving(pool.for_target(t)).await {
+                Ok(()) => {
+                    ok = true;
+                    break;
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !ok {
+            bad.push(format!("{addr} ({last})"));
+        }
+    }
+    bad
+}
+
+// ------------------------------------------------------------------ read-back
+
+enum Read {
+    Found {
+        id: i64,
+        name: String,
+        email: String,
+        position: Option<(i32, i64)>,
+    },
+    NotFound,
+    Failing(String),
+}
+
+async fn read_back(pool: &Pool, ack: &Ack, deadline: Instant) -> Read {
+    let mut attempt = 0u32;
+    let mut last = String::from("no answer before the heal timeout");
+    while Instant::now() < deadline {
+        let (slot, generation, ch) = pool.pick();
+        let mut req = Request::new(GetUserRequest {
+            id: ack.id,
+            min_position: ack
+                .position
+                .map(|(partition, offset)| Position { partition, offset }),
+        });
+        req.set_timeout(Duration::from_secs(3));
+        let r = tokio::time::timeout(
+            Duration::from_secs(4),
+            UserServiceClient::new(ch).get_user(req),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+        match r {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                let user = resp.user.unwrap_or_default();
+                return Read::Found {
+                    id: user.id,
+                    name: user.name,
+                    email: user.email,
+                    position: resp.position.map(|p| (p.partition, p.offset)),
+                };
+            }
+            Err(s) if s.code() == Code::NotFound => return Read::NotFound,
+            Err(s) if retryable(&s) => {
+                last = format!("{} {}", code_name(s.code()), s.message());
+                if looks_like_transport(&s) {
+                    pool.replace(slot, generation);
+                }
+            }
+            Err(s) => return Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt += 1;
+    }
+    Read::Failing(last)
+}
+
+// ------------------------------------------------------------------ the log
+
+#[derive(Debug, Clone)]
+struct Event {
+    partition: i32,
+    offset: i64,
+    id: i64,
+    name: String,
+    email: String,
+    request_id: Option<String>,
+}
+
+impl Event {
+    /// Who sent it: the request id, or (events without one) the fields, which
+    /// are unique per request in this driver's runs.
+    fn identity(&self) -> String {
+        match &self.request_id {
+            Some(r) => r.clone(),
+            None => format!("fields:{}|{}", self.name, self.email),
+        }
+    }
+
+    fn is_of(&self, ack: &Ack) -> bool {
+        match &self.request_id {
+            Some(r) => *r == ack.request_id,
+            None => self.name == ack.name && self.email == ack.email,
+        }
+    }
+}
+
+struct LogRead {
+    records: u64,
+    events: Vec<Event>,
+    undecodable: u64,
+    dlq_records: Option<i64>,
+}
+
+fn decode(partition: i32, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) -> Option<Event> {
+    let v: Value = serde_json::from_slice(value?).ok()?;
+    if v.get("schema_version")?.as_u64()? != 1 || v.get("type")?.as_str()? != "UserCreated" {
+        return None;
+    }
+    let id = v.get("id")?.as_i64()?;
+    if std::str::from_utf8(key?).ok()? != id.to_string() {
+        return None;
+    }
+    Some(Event {
+        partition,
+        offset,
+        id,
+        name: v.get("name")?.as_str()?.to_owned(),
+        email: v.get("email")?.as_str()?.to_owned(),
+        request_id: v
+            .get("request_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// Every record of every partition from the low to the high watermark, with
+/// assigned partitions (no consumer group).
+fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<LogRead> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        // librdkafka wants a group id even for assigned partitions; nothing
+        // joins it (no subscribe) and nothing is committed to it.
+        .set(
+            "group.id",
+            format!("faultcheck-reader-{}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()?;
+    let meta_timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), meta_timeout)?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} not found"))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in t.partitions() {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), meta_timeout)?;
+        if hi > lo {
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset(lo))?;
+            ends.insert(p.id(), hi);
+        }
+    }
+    let dlq_records = count_records(&consumer, &format!("{topic}.dlq"), meta_timeout);
+    let mut out = LogRead {
+        records: 0,
+        events: Vec::new(),
+        undecodable: 0,
+        dlq_records,
+    };
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + timeout;
+    let mut errors = 0u32;
+    while !ends.is_empty() {
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "log not read within {timeout:?}: partitions {:?} unfinished",
+                ends.keys().collect::<Vec<_>>()
+            );
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => {
+                errors += 1;
+                if errors <= 5 {
+                    say!("reading the log: {e}");
+                }
+            }
+            Some(Ok(m)) => {
+                let (p, o) = (m.partition(), m.offset());
+                let Some(&end) = ends.get(&p) else { continue };
+                if o >= end {
+                    ends.remove(&p);
+                    continue;
+                }
+                out.records += 1;
+                match decode(p, o, m.key(), m.payload()) {
+                    Some(e) => out.events.push(e),
+                    None => out.undecodable += 1,
+                }
+                if o + 1 >= end {
+                    ends.remove(&p);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Records in a topic (high minus low watermarks); None if it does not exist.
+fn count_records(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Option<i64> {
+    let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return None;
+    }
+    let mut n = 0;
+    for p in t.partitions() {
+        let (lo, hi) = consumer.fetch_watermarks(topic, p.id(), timeout).ok()?;
+        n += hi - lo;
+    }
+    Some(n)
+}
+
+/// What the log says about the acknowledged requests.
+#[derive(Default)]
+struct LogVerdict {
+    status: &'static str,
+    note: String,
+    lost: HashSet<String>,
+    doubled: HashSet<String>,
+    corrupted: HashSet<String>,
+    stats: Value,
+}
+
+fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
+    let mut v = LogVerdict::default();
+    let mut events = log.events.clone();
+    events.sort_by_key(|e| (e.partition, e.offset));
+    // Per id, the first event in offset order wins (one id, one partition).
+    let mut winners: HashMap<i64, &Event> = HashMap::new();
+    let mut partitions_of: HashMap<i64, BTreeSet<i32>> = HashMap::new();
+    let mut later = 0u64;
+    for e in &events {
+        partitions_of.entry(e.id).or_default().insert(e.partition);
+        match winners.entry(e.id) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(e);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => later += 1,
+        }
+    }
+    let split = partitions_of.values().filter(|p| p.len() > 1).count();
+    let with_rid = events.iter().filter(|e| e.request_id.is_some()).count();
+    if with_rid == 0 {
+        v.status = "no-request-ids";
+        v.note = "no request ids in the log: requests are told apart by their (unique) name and email instead".into();
+    } else {
+        v.status = "ok";
+    }
+    // One request, one user: a request owning winners under two ids.
+    let mut owned: HashMap<String, BTreeSet<i64>> = HashMap::new();
+    for w in winners.values() {
+        owned.entry(w.identity()).or_default().insert(w.id);
+    }
+    let mut two_users = 0u64;
+    for (who, ids) in &owned {
+        if ids.len() > 1 {
+            two_users += 1;
+            v.doubled.insert(who.clone());
+            note(
+                samples,
+                "log-two-users",
+                format!("request {who} created users {ids:?}"),
+            );
+        }
+    }
+    let mut missing = 0u64;
+    let mut other = 0u64;
+    let mut changed = 0u64;
+    let mut not_winner_position = 0u64;
+    for a in acks {
+        match winners.get(&a.id) {
+            None => {
+                missing += 1;
+                v.lost.insert(a.request_id.clone());
+                note(
+                    samples,
+                    "log-missing",
+                    format!(
+                        "{} acknowledged id {} but the log has no event for it",
+                        a.request_id, a.id
+                    ),
+                );
+            }
+            Some(w) if !w.is_of(a) => {
+                other += 1;
+                v.doubled.insert(a.request_id.clone());
+                note(
+                    samples,
+                    "log-other-creator",
+                    format!(
+                        "{} acknowledged id {} at {:?}, but {} created it at {}:{}",
+                        a.request_id,
+                        a.id,
+                        a.position,
+                        w.identity(),
+                        w.partition,
+                        w.offset
+                    ),
+                );
+            }
+            Some(w) => {
+                if w.name != a.name || w.email != a.email {
+                    changed += 1;
+                    v.corrupted.insert(a.request_id.clone());
+                }
+                if a.position != Some((w.partition, w.offset)) {
+                    not_winner_position += 1;
+                }
+            }
+        }
+    }
+    v.stats = json!({
+        "records": log.records,
+        "events": events.len(),
+        "events_with_request_id": with_rid,
+        "undecodable": log.undecodable,
+        "dlq_records": log.dlq_records,
+        "ids": winners.len(),
+        "later_events_for_an_id": later,
+        "ids_in_two_partitions": split,
+        "requests_with_two_users": two_users,
+        "acked_missing_in_log": missing,
+        "acked_created_by_another_event": other,
+        "acked_fields_differ_in_log": changed,
+        "acked_position_not_the_winner": not_winner_position,
+    });
+    v
+}
+
+// ------------------------------------------------------------------ main
+
+/// A few examples of each kind of trouble, for the log.
+type Samples = BTreeMap<&'static str, Vec<String>>;
+
+fn note(samples: &mut Samples, kind: &'static str, s: String) {
+    let v = samples.entry(kind).or_default();
+    if v.len() < 6 {
+        v.push(s);
+    }
+}
+
+fn loopback_only(what: &str, addrs: &[String]) -> anyhow::Result<()> {
+    for a in addrs {
+        let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or("");
+        if host != "127.0.0.1" && host != "localhost" {
+            anyhow::bail!("{what} {a:?}: only 127.0.0.1:PORT is allowed");
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    START.get_or_init(Instant::now);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(pass) => std::process::exit(if pass { 0 } else { 1 }),
+        Err(e) => {
+            eprintln!("faultcheck: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let targets: Vec<String> = cli
+        .targets
+        .iter()
+        .map(|t| t.trim().trim_start_matches("http://").to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    anyhow::ensure!(!targets.is_empty(), "--targets: none given");
+    loopback_only("target", &targets)?;
+    if let Some(b) = &cli.brokers {
+        let brokers: Vec<String> = b.split(',').map(|s| s.trim().to_owned()).collect();
+        loopback_only("broker", &brokers)?;
+    }
+    anyhow::ensure!(cli.repeat >= 1, "--repeat must be at least 1");
+    anyhow::ensure!(
+        cli.max_requests < (1 << 20),
+        "--max-requests must stay below 2^20 (the client-chosen id range)"
+    );
+
+    let run = cli
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+    // Client-chosen ids: base + seq, a range of 2^20 unique to the run.
+    let id_base = i64::from(rand::random_range(1..=u32::MAX)) << 20;
+    let share = cli.client_id_share.clamp(0.0, 1.0);
+    let client_every = if share > 0.0 {
+        (1.0 / share).round().max(1.0) as u64
+    } else {
+        0
+    };
+    let pool = Pool::new(&targets, cli.connections)?;
+
+    say!(
+        "run {run}: {} callers over {:?} for {:?}; fault {:?} at {:?}, heal {:?} after {:?}, {} cycle(s) every {:?}",
+        cli.concurrency,
+        targets,
+        cli.duration,
+        cli.fault.as_deref().unwrap_or("none"),
+        cli.fault_at,
+        cli.heal,
+        cli.heal_after,
+        cli.repeat,
+        cli.every
+    );
+    let bad = wait_serving(&pool, &targets, Instant::now() + cli.heal_timeout).await;
+    anyhow::ensure!(bad.is_empty(), "not SERVING before the load: {bad:?}");
+
+    let load = Arc::new(Load {
+        pool,
+        run: run.clone(),
+        id_base,
+        client_every,
+        call_timeout: cli.call_timeout,
+        retry_for: cli.retry_for,
+        max_requests: cli.max_requests,
+        seq: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        stop_at: Mutex::new(None),
+        acks: Mutex::new(Vec::new()),
+        errors: Mutex::new(BTreeMap::new()),
+        rejected: Mutex::new(BTreeMap::new()),
+        samples: Mutex::new(Samples::new()),
+        unacked: AtomicU64::new(0),
+    });
+
+    // ---- load and fault
+    let start = Instant::now();
+    let workers: Vec<_> = (0..cli.concurrency.max(1))
+        .map(|_| tokio::spawn(load.clone().worker()))
+        .collect();
+    let faults = cli.fault.clone().filter(|f| !f.trim().is_empty()).map(|f| {
+        tokio::spawn(run_faults(
+            FaultPlan {
+                fault: f,
+                heal: cli.heal.clone(),
+                fault_at: cli.fault_at,
+                heal_after: cli.heal_after,
+                repeat: cli.repeat,
+                every: cli.every,
+                duration: cli.duration,
+                command_timeout: cli.command_timeout,
+                group: cli.check_group.clone(),
+                rejoin_within: cli.rejoin_within,
+            },
+            load.clone(),
+            start,
+        ))
+    });
+    tokio::time::sleep_until((start + cli.duration).into()).await;
+    let cycles = match faults {
+        Some(h) => h.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if let Some(last) = cycles.last().and_then(|c| c.healed) {
+        tokio::time::sleep_until((last + cli.after_heal).into()).await;
+    }
+    *load.stop_at.lock().expect("stop lock") = Some(Instant::now());
+    load.stop.store(true, Ordering::Relaxed);
+    say!(
+        "load stopped after {:.1}s; retrying what is in flight for up to {:?}",
+        start.elapsed().as_secs_f64(),
+        cli.retry_for
+    );
+    for w in workers {
+        let _ = w.await;
+    }
+    let load_s = start.elapsed().as_secs_f64();
+    let acks = std::mem::take(&mut *load.acks.lock().expect("acks lock"));
+    let attempted = load.seq.load(Ordering::Relaxed).min(cli.max_requests);
+    let errors = load.errors.lock().expect("errors lock").clone();
+    let rejected = load.rejected.lock().expect("rejected lock").clone();
+    let rejected_n: u64 = rejected.values().sum();
+    let unacked = load.unacked.load(Ordering::Relaxed);
+    say!(
+        "{attempted} requests, {} acknowledged, {unacked} gave up, {rejected_n} rejected; errors {errors:?}",
+        acks.len()
+    );
+
+    // ---- heal time per cycle: the end of the fault to the next acknowledgement
+    let mut ack_times: Vec<Instant> = acks.iter().map(|a| a.at).collect();
+    ack_times.sort();
+    let mut failures: Vec<String> = Vec::new();
+    let mut cycle_json = Vec::new();
+    let mut heal_max: Option<f64> = None;
+    let mut heal_missing = false;
+    let mut rejoin_max: Option<f64> = None;
+    for (i, c) in cycles.iter().enumerate() {
+        let healed = c.healed.expect("a finished cycle");
+        let heal = ack_times
+            .iter()
+            .find(|t| **t >= healed)
+            .map(|t| t.duration_since(healed).as_secs_f64());
+        match heal {
+            Some(h) => heal_max = Some(heal_max.map_or(h, |m: f64| m.max(h))),
+            None => heal_missing = true,
+        }
+        let rejoin = c.rejoin.map(|d| d.as_secs_f64());
+        if let Some(r) = rejoin {
+            rejoin_max = Some(rejoin_max.map_or(r, |m: f64| m.max(r)));
+        }
+        say!(
+            "cycle {}: fault at {:.1}s, over at {:.1}s, first write after {}{}",
+            i + 1,
+            since_start(c.started.expect("set")),
+            since_start(healed),
+            heal.map_or("none".into(), |h| format!("{h:.2}s")),
+            match (&cli.check_group, rejoin) {
+                (None, _) => String::new(),
+                (Some(_), Some(r)) => format!(", group back after {r:.2}s"),
+                (Some(_), None) => ", group NOT back".into(),
+            }
+        );
+        for p in &c.problems {
+            failures.push(format!("cycle {}: {p}", i + 1));
+        }
+        if cli.repeat > 1 && heal.is_none_or(|h| h > cli.writes_within.as_secs_f64()) {
+            failures.push(format!(
+                "cycle {}: no CreateUser acknowledged within {:?} of the heal",
+                i + 1,
+                cli.writes_within
+            ));
+        }
+        if cli.check_group.is_some() && rejoin.is_none_or(|r| r > cli.rejoin_within.as_secs_f64()) {
+            failures.push(format!(
+                "cycle {}: the projector's group not back within {:?}",
+                i + 1,
+                cli.rejoin_within
+            ));
+        }
+        cycle_json.push(json!({
+            "cycle": i + 1,
+            "fault_at_s": round1(since_start(c.started.expect("set"))),
+            "healed_at_s": round1(since_start(healed)),
+            "heal_s": heal.map(|h| (h * 100.0).round() / 100.0),
+            "rejoin_s": rejoin.map(|r| (r * 100.0).round() / 100.0),
+            "problems": c.problems,
+        }));
+    }
+    if cli.fault.is_some() && cycles.is_empty() {
+        failures.push("no fault was injected (the load ended first)".into());
+    }
+
+    // ---- read back
+    let verify_start = Instant::now();
+    let deadline = verify_start + cli.heal_timeout;
+    let bad = wait_serving(&load.pool, &targets, deadline).await;
+    if !bad.is_empty() {
+        say!("not SERVING after the heal timeout: {bad:?}");
+        failures.push(format!("not SERVING after the load: {bad:?}"));
+    } else {
+        say!(
+            "all targets SERVING after {:.1}s; reading back {} users",
+            verify_start.elapsed().as_secs_f64(),
+            acks.len()
+        );
+    }
+    let reads: Vec<Read> = stream::iter(acks.iter())
+        .map(|a| read_back(&load.pool, a, deadline))
+        .buffered(cli.verify_concurrency.max(1))
+        .collect()
+        .await;
+    let mut samples = std::mem::take(&mut *load.samples.lock().expect("samples lock"));
+    let mut lost: HashSet<String> = HashSet::new();
+    let mut corrupted: HashSet<String> = HashSet::new();
+    let mut doubled: HashSet<String> = HashSet::new();
+    let mut unverified = 0u64;
+    let mut still_failing = 0u64;
+    let mut not_found = 0u64;
+    for (a, r) in acks.iter().zip(&reads) {
+        if !a.answer_ok {
+            corrupted.insert(a.request_id.clone());
+        }
+        match r {
+            Read::NotFound => {
+                not_found += 1;
+                lost.insert(a.request_id.clone());
+                note(
+                    &mut samples,
+                    "not-found",
+                    format!("{} id {}: NOT_FOUND", a.request_id, a.id),
+                );
+            }
+            Read::Failing(e) => {
+                still_failing += 1;
+                lost.insert(a.request_id.clone());
+                note(
+                    &mut samples,
+                    "still-failing",
+                    format!("{} id {}: still failing: {e}", a.request_id, a.id),
+                );
+            }
+            Read::Found {
+                id,
+                name,
+                email,
+                position,
+            } => {
+                if *id != a.id || *name != a.name || *email != a.email {
+                    corrupted.insert(a.request_id.clone());
+                    note(
+                        &mut samples,
+                        "corrupted",
+                        format!(
+                            "{} id {}: read back {id} {name:?} {email:?}",
+                            a.request_id, a.id
+                        ),
+                    );
+                }
+                match position {
+                    None => unverified += 1,
+                    Some(p) if Some(*p) != a.position => {
+                        doubled.insert(a.request_id.clone());
+                        note(
+                            &mut samples,
+                            "other-position",
+                            format!(
+                                "{} id {}: acknowledged at {:?}, created at {p:?}",
+                                a.request_id, a.id, a.position
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    // Two acknowledged requests, one id: all but the first acknowledged.
+    let mut by_id: HashMap<i64, Vec<&Ack>> = HashMap::new();
+    for a in &acks {
+        by_id.entry(a.id).or_default().push(a);
+    }
+    let mut shared_ids = 0u64;
+    for (id, mut v) in by_id {
+        if v.len() > 1 {
+            shared_ids += 1;
+            v.sort_by_key(|a| a.at);
+            note(
+                &mut samples,
+                "id-twice",
+                format!(
+                    "id {id} acknowledged to {:?}",
+                    v.iter().map(|a| a.request_id.as_str()).collect::<Vec<_>>()
+                ),
+            );
+            for a in &v[1..] {
+                doubled.insert(a.request_id.clone());
+            }
+        }
+    }
+    say!(
+        "read back: {not_found} NOT_FOUND, {still_failing} still failing, {} corrupted, {unverified} without a position",
+        corrupted.len()
+    );
+
+    // ---- the log
+    let (log_status, log_json) = match (&cli.brokers, &cli.topic) {
+        (Some(brokers), Some(topic)) => {
+            let (b, t, timeout) = (brokers.clone(), topic.clone(), cli.log_timeout);
+            match tokio::task::spawn_blocking(move || read_log(&b, &t, timeout)).await? {
+                Ok(log) => {
+                    let v = check_log(&log, &acks, &mut samples);
+                    if !v.note.is_empty() {
+                        say!("{}", v.note);
+                    }
+                    say!("log: {}", v.stats);
+                    lost.extend(v.lost);
+                    doubled.extend(v.doubled);
+                    corrupted.extend(v.corrupted);
+                    (
+                        v.status,
+                        json!({"status": v.status, "note": v.note, "stats": v.stats}),
+                    )
+                }
+                Err(e) => {
+                    say!("log check failed: {e:#}");
+                    failures.push(format!("log not read: {e:#}"));
+                    (
+                        "error",
+                        json!({"status": "error", "error": format!("{e:#}")}),
+                    )
+                }
+            }
+        }
+        _ => {
+            say!("log not checked (no --brokers/--topic)");
+            ("skipped", json!({"status": "skipped"}))
+        }
+    };
+
+    // ---- verdict
+    let (n_lost, n_corrupted, n_doubled) = (lost.len(), corrupted.len(), doubled.len());
+    if n_lost + n_corrupted + n_doubled > 0 {
+        failures.push(format!(
+            "lost {n_lost}, corrupted {n_corrupted}, doubled {n_doubled}"
+        ));
+    }
+    if acks.is_empty() {
+        failures.push("nothing was acknowledged".into());
+    }
+    if rejected_n > 0 {
+        failures.push(format!(
+            "{rejected_n} valid, fresh requests got a final error: {rejected:?}"
+        ));
+    }
+    if !samples.is_empty() {
+        say!("examples:");
+        for (kind, v) in &samples {
+            for s in v {
+                eprintln!("    {kind}: {s}");
+            }
+        }
+    }
+    let pass = failures.is_empty();
+    for f in &failures {
+        say!("FAIL: {f}");
+    }
+    let errors_s = if errors.is_empty() {
+        "none".to_owned()
+    } else {
+        errors
+            .iter()
+            .map(|(c, n)| format!("{c}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let heal_s = match (cycles.is_empty(), heal_missing, heal_max) {
+        (true, _, _) => "-".to_owned(),
+        (false, true, _) | (false, false, None) => "never".to_owned(),
+        (false, false, Some(h)) => format!("{h:.1}"),
+    };
+    let mut line = format!(
+        "fault={} attempted={attempted} acknowledged={} unacknowledged={unacked} rejected={rejected_n} errors={errors_s} lost={n_lost} corrupted={n_corrupted} doubled={n_doubled} unverified={unverified} heal_s={heal_s}",
+        cli.name,
+        acks.len()
+    );
+    if cli.check_group.is_some() {
+        line.push_str(&format!(
+            " rejoin_s={}",
+            rejoin_max.map_or("never".into(), |r| format!("{r:.1}"))
+        ));
+    }
+    line.push_str(&format!(
+        " log={log_status} result={}",
+        if pass { "PASS" } else { "FAIL" }
+    ));
+    println!("{line}");
+
+    if let Some(path) = &cli.json {
+        let out = json!({
+            "line": line,
+            "fault": cli.name,
+            "run_id": run,
+            "pass": pass,
+            "failures": failures,
+            "targets": targets,
+            "attempted": attempted,
+            "acknowledged": acks.len(),
+            "acknowledged_client_ids": acks.iter().filter(|a| a.client_id).count(),
+            "unacknowledged": unacked,
+            "rejected": rejected,
+            "errors": errors,
+            "lost": n_lost,
+            "lost_not_found": not_found,
+            "lost_still_failing": still_failing,
+            "corrupted": n_corrupted,
+            "doubled": n_doubled,
+            "ids_acknowledged_twice": shared_ids,
+            "unverified": unverified,
+            "heal_s": heal_max,
+            "rejoin_s": rejoin_max,
+            "cycles": cycle_json,
+            "load_s": round1(load_s),
+            "log": log_json,
+            "examples": samples,
+        });
+        std::fs::write(path, format!("{out:#}\n"))?;
+    }
+    Ok(pass)
+}
