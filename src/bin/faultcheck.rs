@@ -1439,8 +1439,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "doubled": n_doubled,
             "ids_acknowledged_twice": shared_ids,
             "unverified": unverified,
-            "heal_s": heal_max,
-            "rejoin_s": rejoin_max,
+            "heal_s": heal_max.filter(|_| !heal_missing).map(|h| (h * 100.0).round() / 100.0),
+            "rejoin_s": rejoin_max.map(|r| (r * 100.0).round() / 100.0),
             "cycles": cycle_json,
             "load_s": round1(load_s),
             "log": log_json,
@@ -1449,4 +1449,103 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         std::fs::write(path, format!("{out:#}\n"))?;
     }
     Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(partition: i32, offset: i64, id: i64, seq: u64, rid: bool) -> Event {
+        Event {
+            partition,
+            offset,
+            id,
+            name: format!("Fault User r {seq}"),
+            email: format!("fc.r.{seq}@example.com"),
+            request_id: rid.then(|| format!("fc-r-{seq}")),
+        }
+    }
+
+    fn ack(id: i64, seq: u64, position: (i32, i64)) -> Ack {
+        Ack {
+            request_id: format!("fc-r-{seq}"),
+            id,
+            name: format!("Fault User r {seq}"),
+            email: format!("fc.r.{seq}@example.com"),
+            client_id: false,
+            position: Some(position),
+            at: Instant::now(),
+            answer_ok: true,
+        }
+    }
+
+    fn log(events: Vec<Event>) -> LogRead {
+        LogRead {
+            records: events.len() as u64,
+            events,
+            undecodable: 0,
+            dlq_records: None,
+        }
+    }
+
+    #[test]
+    fn the_first_event_of_an_id_wins_and_a_ghost_is_doubled() {
+        for rid in [true, false] {
+            // Request 1 created id 10, then (a retry) id 11: one request, two
+            // users. Request 2 was acknowledged id 10, which request 1 owns.
+            let l = log(vec![
+                ev(0, 0, 10, 1, rid),
+                ev(0, 1, 10, 2, rid),
+                ev(1, 0, 11, 1, rid),
+                ev(2, 0, 12, 3, rid),
+            ]);
+            let acks = [ack(11, 1, (1, 0)), ack(10, 2, (0, 1)), ack(12, 3, (2, 0))];
+            let mut samples = Samples::new();
+            let v = check_log(&l, &acks, &mut samples);
+            assert_eq!(v.status, if rid { "ok" } else { "no-request-ids" });
+            let key1 = if rid {
+                "fc-r-1".to_owned()
+            } else {
+                "fields:Fault User r 1|fc.r.1@example.com".to_owned()
+            };
+            assert!(v.doubled.contains(&key1), "{:?}", v.doubled);
+            assert!(v.doubled.contains("fc-r-2"), "{:?}", v.doubled);
+            assert_eq!(v.doubled.len(), 2);
+            assert!(v.lost.is_empty() && v.corrupted.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_acknowledged_id_missing_from_the_log_is_lost() {
+        let mut samples = Samples::new();
+        let v = check_log(
+            &log(vec![ev(0, 0, 1, 1, true)]),
+            &[ack(2, 2, (0, 1))],
+            &mut samples,
+        );
+        assert!(v.lost.contains("fc-r-2"));
+    }
+
+    #[test]
+    fn decode_takes_only_valid_user_created_records() {
+        let good = br#"{"schema_version":1,"type":"UserCreated","id":7,"name":"A","email":"a@example.com","created_at_ms":1,"request_id":"x"}"#;
+        let e = decode(0, 3, Some(b"7"), Some(good)).expect("a valid event");
+        assert_eq!((e.id, e.request_id.as_deref()), (7, Some("x")));
+        assert!(
+            decode(0, 3, Some(b"8"), Some(good)).is_none(),
+            "key must match the id"
+        );
+        assert!(decode(0, 3, Some(b"7"), Some(b"nope")).is_none());
+    }
+
+    #[test]
+    fn retry_classes() {
+        assert!(retryable(&Status::unavailable("x")));
+        assert!(retryable(&Status::aborted("x")));
+        assert!(retryable(&Status::deadline_exceeded("x")));
+        assert!(retryable(&Status::internal("h2 protocol error: GOAWAY")));
+        assert!(!retryable(&Status::internal("internal error")));
+        assert!(!retryable(&Status::already_exists("x")));
+        assert!(!retryable(&Status::invalid_argument("x")));
+    }
 }
