@@ -167,6 +167,7 @@ impl Application {
                 group: config.consumer_group.clone(),
                 topic: config.topic.clone(),
                 state: projector.clone(),
+                store: Some(store.clone()),
             },
             config.max_progress_watchers,
             config.publish_timeout,

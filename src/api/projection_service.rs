@@ -208,8 +208,8 @@ fn to_proto(s: &Snapshot) -> pb::ProgressSnapshot {
                 partition: p.partition,
                 committed_offset: p.committed,
                 applied_offset: p.applied,
-                read_model_offset: None,
-                rebuild_target_offset: None,
+                read_model_offset: p.read_model_offset,
+                rebuild_target_offset: p.rebuild_target,
                 log_start_offset: p.log_start,
                 log_end_offset: p.log_end,
                 lag: p.lag,
@@ -225,6 +225,7 @@ fn to_proto(s: &Snapshot) -> pb::ProgressSnapshot {
                     PartitionStatus::Lagging => pb::PartitionStatus::Lagging,
                     PartitionStatus::Stalled => pb::PartitionStatus::Stalled,
                     PartitionStatus::Stopped => pb::PartitionStatus::Stopped,
+                    PartitionStatus::Rebuilding => pb::PartitionStatus::Rebuilding,
                 }
                 .into(),
                 last_commit_time: p.last_commit_time.map(timestamp),

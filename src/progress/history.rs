@@ -6,8 +6,14 @@
 //! committed offset is interpolated linearly between the two samples around
 //! it, and the lag is the time since. When the committed offset is older than
 //! the oldest sample, the time since that sample is a lower bound and is used.
+//!
+//! For the service's own (group, topic) the read model's checkpoint in Redis
+//! is carried beside Kafka's figures, and a partition the read model is
+//! rebuilding is REBUILDING (see `status`).
 
-use super::model::{Member, Observation, PartitionProgress, PartitionStatus, Snapshot, Totals};
+use super::model::{
+    Member, Observation, PartitionProgress, PartitionStatus, ReadModelPosition, Snapshot, Totals,
+};
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     time::{Duration, SystemTime},
@@ -45,13 +51,16 @@ pub struct History {
 
 impl History {
     /// Records `obs` and returns the snapshot it makes. `applied` holds this
-    /// instance's applied offsets (last applied, per owned partition).
+    /// instance's applied offsets (last applied, per owned partition);
+    /// `read_model` what the read model's checkpoint in Redis says, per
+    /// partition (empty for another group or topic, or when Redis failed).
     pub fn observe(
         &mut self,
         group: &str,
         topic: &str,
         obs: &Observation,
         applied: &BTreeMap<i32, i64>,
+        read_model: &BTreeMap<i32, ReadModelPosition>,
     ) -> Snapshot {
         let owners: HashMap<i32, &Member> = obs
             .members
@@ -87,6 +96,8 @@ impl History {
             }
 
             let owner = owners.get(&raw.partition).map(|m| (*m).clone());
+            let read = read_model.get(&raw.partition);
+            let rebuild_target = read.and_then(|r| r.rebuild_target);
             partitions.push(PartitionProgress {
                 partition: raw.partition,
                 committed: raw.committed,
@@ -94,12 +105,14 @@ impl History {
                     .as_ref()
                     .and(applied.get(&raw.partition))
                     .map(|last| last + 1),
+                read_model_offset: read.map(|r| r.next),
+                rebuild_target,
                 log_start: raw.log_start,
                 log_end: raw.log_end,
                 lag,
                 lag_seconds: lag_seconds(&h.log_end, position, lag, obs.time),
                 consume_rate: consume_rate(&h.window),
-                status: status(&h.window, owner.is_some()),
+                status: status(&h.window, owner.is_some(), rebuild_target.is_some()),
                 owner,
                 last_commit_time: h.last_commit_time,
             });
@@ -171,12 +184,18 @@ fn consume_rate(window: &VecDeque<Sample>) -> f64 {
     }
 }
 
-/// Burrow's rules, over the window: no owner is STOPPED; a position that did
-/// not move while lag stayed above 0 is STALLED; lag that grew at every step
-/// of the window, while the position moved, is LAGGING; otherwise OK.
-fn status(window: &VecDeque<Sample>, owned: bool) -> PartitionStatus {
+/// Burrow's rules, over the window, in this order: no owner is STOPPED; a
+/// partition the read model is rebuilding (replaying from the log after Redis
+/// lost its data, until its checkpoint reaches the rebuild target) is
+/// REBUILDING, whatever Kafka's figures say; a position that did not move
+/// while lag stayed above 0 is STALLED; lag that grew at every step of the
+/// window, while the position moved, is LAGGING; otherwise OK.
+fn status(window: &VecDeque<Sample>, owned: bool, rebuilding: bool) -> PartitionStatus {
     if !owned {
         return PartitionStatus::Stopped;
+    }
+    if rebuilding {
+        return PartitionStatus::Rebuilding;
     }
     if window.len() < MIN_WINDOW {
         return PartitionStatus::Ok;
@@ -232,7 +251,13 @@ mod tests {
         let mut h = History::default();
         let mut last = None;
         for &(t, c, e, owned) in steps {
-            last = Some(h.observe("g", "t", &obs(t, c, e, owned), &BTreeMap::new()));
+            last = Some(h.observe(
+                "g",
+                "t",
+                &obs(t, c, e, owned),
+                &BTreeMap::new(),
+                &BTreeMap::new(),
+            ));
         }
         last.unwrap()
     }
@@ -285,6 +310,59 @@ mod tests {
             run(&[(0, Some(5), 10, true), (1, Some(5), 10, true)]).partitions[0].status,
             PartitionStatus::Ok
         );
+    }
+
+    #[test]
+    fn a_rebuilding_read_model_wins_over_every_verdict_but_stopped() {
+        let rebuilding = BTreeMap::from([(
+            0,
+            ReadModelPosition {
+                next: 5,
+                rebuild_target: Some(100),
+            },
+        )]);
+        // Committed offset stuck under lag: STALLED by Kafka's figures alone.
+        let steps = [(0, Some(5), 10), (1, Some(5), 12), (2, Some(5), 12)];
+        let mut h = History::default();
+        let mut last = None;
+        for (t, c, e) in steps {
+            last = Some(h.observe("g", "t", &obs(t, c, e, true), &BTreeMap::new(), &rebuilding));
+        }
+        let p = &last.unwrap().partitions[0];
+        assert_eq!(p.status, PartitionStatus::Rebuilding);
+        assert_eq!(
+            (p.read_model_offset, p.rebuild_target),
+            (Some(5), Some(100))
+        );
+
+        let s = h.observe(
+            "g",
+            "t",
+            &obs(3, Some(5), 12, false),
+            &BTreeMap::new(),
+            &rebuilding,
+        );
+        assert_eq!(s.partitions[0].status, PartitionStatus::Stopped);
+        assert_eq!(s.partitions[0].read_model_offset, Some(5), "still reported");
+
+        // Done rebuilding: the checkpoint alone, and Kafka's verdict again.
+        let done = BTreeMap::from([(
+            0,
+            ReadModelPosition {
+                next: 12,
+                rebuild_target: None,
+            },
+        )]);
+        let s = h.observe(
+            "g",
+            "t",
+            &obs(4, Some(12), 12, true),
+            &BTreeMap::new(),
+            &done,
+        );
+        let p = &s.partitions[0];
+        assert_eq!(p.status, PartitionStatus::Ok);
+        assert_eq!((p.read_model_offset, p.rebuild_target), (Some(12), None));
     }
 
     #[test]

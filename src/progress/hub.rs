@@ -4,9 +4,12 @@
 use super::{
     history::History,
     kafka_reader::{GroupReader, ProgressError},
-    model::{GroupState, Snapshot},
+    model::{GroupState, ReadModelPosition, Snapshot},
 };
-use crate::projector::ProjectorState;
+use crate::{
+    projector::ProjectorState,
+    store::{Checkpoints, PartitionState, RedisStore},
+};
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -37,7 +40,11 @@ pub enum WatchError {
 pub struct OwnProjection {
     pub group: String,
     pub topic: String,
+    /// This instance's projector (applied but uncommitted offsets).
     pub state: Option<Arc<ProjectorState>>,
+    /// The read model, whose own checkpoint (and rebuild target) each poll of
+    /// the own group reads beside Kafka's figures.
+    pub store: Option<RedisStore>,
 }
 
 /// Hands out subscriptions to shared pollers.
@@ -302,16 +309,21 @@ impl PollerTask {
                 }
             };
 
+            let own = group == self.own.group && topic == self.own.topic;
+            // Redis before Kafka: whatever the read model applied was in the
+            // log by then, so its offset never passes the log end reported.
+            let read_model = match &self.own.store {
+                Some(store) if own => read_model(store).await,
+                _ => BTreeMap::new(),
+            };
             let result = self.poll(&mut reader, &group, &topic).await;
             self.polls.fetch_add(1, Ordering::Relaxed);
             let latest = result.map(|obs| {
                 let applied = match &self.own.state {
-                    Some(state) if group == self.own.group && topic == self.own.topic => {
-                        state.stats().applied_offsets
-                    }
+                    Some(state) if own => state.stats().applied_offsets,
                     _ => BTreeMap::new(),
                 };
-                Arc::new(history.observe(&group, &topic, &obs, &applied))
+                Arc::new(history.observe(&group, &topic, &obs, &applied, &read_model))
             });
             self.poller
                 .latest
@@ -326,7 +338,7 @@ impl PollerTask {
         tracing::debug!(%group, %topic, "progress poller stopped");
     }
 
-    /// One observation; the reader is built on first use and kept.
+    /// One observation of Kafka; the reader is built on first use and kept.
     async fn poll(
         &self,
         reader: &mut Option<GroupReader>,
@@ -346,5 +358,63 @@ impl PollerTask {
         .map_err(|e| ProgressError::Unavailable(format!("progress poll panicked: {e}")))?;
         *reader = Some(r);
         result
+    }
+}
+
+/// The read model's checkpoint per partition; empty when Redis cannot be
+/// read (the snapshot then goes without it, it does not fail).
+async fn read_model(store: &RedisStore) -> BTreeMap<i32, ReadModelPosition> {
+    match store.checkpoints().await {
+        Ok(checkpoints) => positions(&checkpoints),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the read model's checkpoints for progress");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Per partition Redis holds a checkpoint for: the next offset to apply, and
+/// the rebuild target while the partition is rebuilding.
+fn positions(checkpoints: &Checkpoints) -> BTreeMap<i32, ReadModelPosition> {
+    checkpoints
+        .applied
+        .keys()
+        .filter_map(|p| {
+            let position = match checkpoints.state(*p) {
+                PartitionState::Unknown => return None,
+                PartitionState::Rebuilding { checkpoint, target } => ReadModelPosition {
+                    next: checkpoint + 1,
+                    rebuild_target: Some(target),
+                },
+                PartitionState::Complete { checkpoint } => ReadModelPosition {
+                    next: checkpoint + 1,
+                    rebuild_target: None,
+                },
+            };
+            Some((*p, position))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn the_read_models_checkpoint_is_the_next_offset_and_a_target_only_while_rebuilding() {
+        let checkpoints = Checkpoints {
+            applied: HashMap::from([(0, 41), (1, 9), (2, -1)]),
+            // Partition 1 reached its target (9 = 10 - 1): done rebuilding.
+            rebuild: HashMap::from([(0, 100), (1, 10), (3, 7)]),
+        };
+        let at = |next, target| ReadModelPosition {
+            next,
+            rebuild_target: target,
+        };
+        assert_eq!(
+            positions(&checkpoints),
+            BTreeMap::from([(0, at(42, Some(100))), (1, at(10, None)), (2, at(0, None)),])
+        );
     }
 }

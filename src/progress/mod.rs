@@ -4,7 +4,8 @@
 //! - [`kafka_reader`]: one poll of Kafka (committed offsets, watermarks, the
 //!   group's members and assignments);
 //! - [`history`]: figures over time (lag in seconds, rate, status);
-//! - [`hub`]: one shared poller per watched group, many watchers.
+//! - [`hub`]: one shared poller per watched group, many watchers; for the
+//!   service's own group it also reads the read model's checkpoint in Redis.
 
 pub mod history;
 pub mod hub;
@@ -13,4 +14,6 @@ pub mod model;
 
 pub use hub::{OwnProjection, ProgressHub, Subscription, WatchError};
 pub use kafka_reader::ProgressError;
-pub use model::{GroupState, Member, PartitionProgress, PartitionStatus, Snapshot, Totals};
+pub use model::{
+    GroupState, Member, PartitionProgress, PartitionStatus, ReadModelPosition, Snapshot, Totals,
+};

@@ -58,13 +58,29 @@ pub struct Observation {
     pub partitions: Vec<RawPartition>,
 }
 
-/// Burrow's verdict on a partition.
+/// What the read model's own checkpoint, kept in Redis beside the data, says
+/// of one partition (the service's own group and topic only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadModelPosition {
+    /// The next offset the read model will apply (last applied + 1).
+    pub next: i64,
+    /// Set while the partition is replayed from the start of the log (Redis
+    /// lost its data, or never had it): the log end it must reach.
+    pub rebuild_target: Option<i64>,
+}
+
+/// Burrow's verdict on a partition, plus the read model's own: see
+/// `history::status` for the rules and their precedence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PartitionStatus {
     Ok,
     Lagging,
     Stalled,
+    /// No member owns the partition; wins over every other verdict.
     Stopped,
+    /// The read model is replaying the partition from the log (Redis lost
+    /// its data); wins over OK, LAGGING and STALLED.
+    Rebuilding,
 }
 
 /// One partition's figures in a snapshot.
@@ -74,6 +90,12 @@ pub struct PartitionProgress {
     pub committed: Option<i64>,
     /// Next offset after what this instance applied, for partitions it owns.
     pub applied: Option<i64>,
+    /// The read model's checkpoint in Redis: the next offset it will apply
+    /// (last applied + 1). `None` when Redis holds none for the partition, when
+    /// it could not be read, or for a (group, topic) other than the service's.
+    pub read_model_offset: Option<i64>,
+    /// Set while the read model rebuilds the partition: the log end to reach.
+    pub rebuild_target: Option<i64>,
     pub log_start: i64,
     pub log_end: i64,
     pub lag: i64,

@@ -2,8 +2,8 @@
 //! instance, agreeing with Kafka's own tool.
 
 use crate::helpers::{
-    OwnRedis, TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config,
-    wait_until,
+    OwnRedis, TestApp, delete_keys, producer, publish_user_created, spawn_app, spawn_app_with,
+    test_config, wait_until,
 };
 use futures::StreamExt;
 use std::{
@@ -405,4 +405,155 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
             .expect("the stream ends")
         {}
     }
+}
+
+/// Snapshots from `stream` until one satisfies `done`, checking `each` on
+/// every one; returns the one that did and how many were read.
+async fn until(
+    stream: &mut Streaming<WatchProgressResponse>,
+    what: &str,
+    limit: Duration,
+    mut each: impl FnMut(&ProgressSnapshot),
+    mut done: impl FnMut(&ProgressSnapshot) -> bool,
+) -> (ProgressSnapshot, usize) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut seen = 0;
+    loop {
+        let s = next(stream).await;
+        seen += 1;
+        each(&s);
+        if done(&s) {
+            return (s, seen);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {what}: {s:#?}"
+        );
+    }
+}
+
+/// The read model is caught up: every partition's checkpoint in Redis is at
+/// the log end, and Kafka's verdict is OK.
+fn caught_up(s: &ProgressSnapshot, events: i64) -> bool {
+    s.partitions.iter().map(|p| p.log_end_offset).sum::<i64>() == events
+        && s.partitions.iter().all(|p| {
+            p.read_model_offset == Some(p.log_end_offset)
+                && p.rebuild_target_offset.is_none()
+                && p.status() == PartitionStatus::Ok
+        })
+}
+
+#[tokio::test]
+async fn the_read_models_checkpoint_is_reported_and_a_lost_redis_is_rebuilding_until_caught_up() {
+    // One event per apply, so replaying a few thousand takes a while: the
+    // rebuild is a window a 100 ms watcher sees many times, not a blink.
+    let mut config = test_config();
+    config.projector_batch_size = 1;
+    let app = spawn_app_with(config).await;
+    app.wait_opened().await;
+    let mut stream = watch_every(&app, 100).await.unwrap();
+
+    // Users published straight to the topic, as other instances would.
+    let events: i64 = 10_000;
+    let p = producer();
+    let topic = app.config.topic.clone();
+    futures::stream::iter(1..=events)
+        .map(|id| {
+            let (p, topic) = (&p, &topic);
+            async move { publish_user_created(p, topic, id, &format!("user {id}")).await }
+        })
+        .buffer_unordered(500)
+        .collect::<Vec<_>>()
+        .await;
+
+    // Every snapshot: the read model never passes the log end, and a rebuild
+    // target is reported exactly when the partition is REBUILDING.
+    let consistent = |s: &ProgressSnapshot| {
+        for p in &s.partitions {
+            assert!(
+                p.read_model_offset.unwrap_or(0) <= p.log_end_offset,
+                "partition {}: {p:?}",
+                p.partition
+            );
+            if p.owner.is_none() {
+                // STOPPED wins over REBUILDING.
+                assert_eq!(p.status(), PartitionStatus::Stopped, "{p:?}");
+            } else {
+                assert_eq!(
+                    p.rebuild_target_offset.is_some(),
+                    p.status() == PartitionStatus::Rebuilding,
+                    "{p:?}"
+                );
+            }
+        }
+    };
+    let (before, _) = until(
+        &mut stream,
+        "the read model caught up",
+        Duration::from_secs(120),
+        consistent,
+        |s| caught_up(s, events),
+    )
+    .await;
+    assert_eq!(before.partitions.len(), 3);
+
+    // Redis loses this service's data; the projector replays from the log.
+    delete_keys(&app.config).await;
+    let (rebuilding, _) = until(
+        &mut stream,
+        "a partition REBUILDING",
+        Duration::from_secs(60),
+        consistent,
+        |s| {
+            s.partitions
+                .iter()
+                .any(|p| p.status() == PartitionStatus::Rebuilding)
+        },
+    )
+    .await;
+    for p in rebuilding
+        .partitions
+        .iter()
+        .filter(|p| p.status() == PartitionStatus::Rebuilding)
+    {
+        // The target is the log end seen when the loss was found (nothing
+        // was published since), and the read model is short of it.
+        assert_eq!(p.rebuild_target_offset, Some(p.log_end_offset), "{p:?}");
+        let at = p
+            .read_model_offset
+            .expect("a rebuilding partition has a checkpoint");
+        assert!((0..p.log_end_offset).contains(&at), "{p:?}");
+    }
+
+    let mut rebuilding_seen = 1;
+    let (after, seen) = until(
+        &mut stream,
+        "the rebuilt read model caught up",
+        Duration::from_secs(120),
+        |s| {
+            consistent(s);
+            if s.partitions
+                .iter()
+                .any(|p| p.status() == PartitionStatus::Rebuilding)
+            {
+                rebuilding_seen += 1;
+            }
+        },
+        |s| caught_up(s, events),
+    )
+    .await;
+    assert_eq!(
+        after
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.log_end_offset))
+            .collect::<Vec<_>>(),
+        before
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.log_end_offset))
+            .collect::<Vec<_>>(),
+    );
+    eprintln!("snapshots while rebuilding: {rebuilding_seen}, until caught up: {seen}");
+    app.stop().await.expect("clean stop");
 }
