@@ -69,6 +69,9 @@ pub struct Application {
     publisher: EventPublisher,
     projector: Option<Arc<ProjectorState>>,
     progress: Arc<ProgressHub>,
+    /// Stops the checkpoint poller, once the server has finished its
+    /// in-flight calls (they may be waiting on it).
+    watch_stop: CancellationToken,
 }
 
 /// What tests and tools may look at while the application runs.
@@ -125,7 +128,10 @@ impl Application {
         }
         let health = Arc::new(registry);
 
-        let watch = CheckpointWatch::new(store.clone(), token.clone());
+        // Calls in flight at shutdown still wait on the poller: it stops
+        // after the server has drained, not with the streams.
+        let watch_stop = CancellationToken::new();
+        let watch = CheckpointWatch::new(store.clone(), watch_stop.clone());
         tracker.spawn(watch.clone().run());
 
         let projector = config
@@ -230,6 +236,7 @@ impl Application {
             publisher,
             projector,
             progress: progress_hub,
+            watch_stop,
         })
     }
 
@@ -262,6 +269,7 @@ impl Application {
             mut server,
             health,
             publisher,
+            watch_stop,
             ..
         } = self;
 
@@ -272,6 +280,7 @@ impl Application {
         if let Some(r) = server_result {
             // The server ended on its own: stop the rest and report why.
             token.cancel();
+            watch_stop.cancel();
             tracker.close();
             tracker.wait().await;
             return match r {
@@ -292,6 +301,7 @@ impl Application {
         tracker.close();
         let drained = async {
             let served = server.await;
+            watch_stop.cancel();
             tracker.wait().await;
             if let Err(e) = publisher.flush(config.shutdown_timeout).await {
                 tracing::warn!(error = %e, "producer flush incomplete");

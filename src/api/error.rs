@@ -29,6 +29,8 @@ pub enum ApiError {
     /// The topic's partition count is not known yet (no broker answered).
     #[error("the read model cannot tell yet")]
     CannotTell,
+    #[error("the service is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error(transparent)]
@@ -70,7 +72,7 @@ impl From<ApiError> for Status {
             }
             ApiError::NotFound(_) => Status::not_found(e.to_string()),
             ApiError::NotAppliedInTime { .. } => Status::deadline_exceeded(e.to_string()),
-            ApiError::Rebuilding(_) | ApiError::CannotTell => {
+            ApiError::Rebuilding(_) | ApiError::CannotTell | ApiError::ShuttingDown => {
                 Status::unavailable(format!("{e}; retry shortly"))
             }
             ApiError::Store(StoreError::Unavailable(detail))

@@ -71,9 +71,8 @@ impl UserService for UserApi {
                 .wait_applied(partition, offset, deadline)
                 .await
                 .map_err(|e| match e {
-                    WaitError::Timeout | WaitError::ShuttingDown => {
-                        ApiError::NotAppliedInTime { partition, offset }
-                    }
+                    WaitError::Timeout => ApiError::NotAppliedInTime { partition, offset },
+                    WaitError::ShuttingDown => ApiError::ShuttingDown,
                     WaitError::Store(e) => e.into(),
                 })?;
         }
