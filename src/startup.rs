@@ -128,6 +128,10 @@ impl Application {
         }
         let health = Arc::new(registry);
 
+        // Replaces the producer if librdkafka leaves it cut off from a
+        // cluster that is there (see kafka::watchdog).
+        tracker.spawn(publisher.clone().watch(token.clone()));
+
         // Calls in flight at shutdown still wait on the poller: it stops
         // after the server has drained, not with the streams.
         let watch_stop = CancellationToken::new();

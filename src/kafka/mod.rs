@@ -8,6 +8,7 @@
 mod admin;
 mod error;
 mod producer;
+pub mod watchdog;
 
 pub use admin::ensure_topics;
 pub use error::KafkaError;
@@ -37,8 +38,10 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         // Cooperative rebalancing: adding an instance moves only the partitions
         // it takes, the others keep flowing.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
+        // A broker pause of ten seconds must not cost the membership (and a
+        // rebalance); a dead instance's partitions move after 30 s.
+        .set("session.timeout.ms", "30000")
+        .set("heartbeat.interval.ms", "3000")
         .set("fetch.wait.max.ms", "50")
         // librdkafka's own view of the membership, for health (ClientContext::stats).
         .set("statistics.interval.ms", "1000")

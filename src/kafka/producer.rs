@@ -1,19 +1,25 @@
 //! The shared event producer of the command side.
 
-use super::KafkaError;
+use super::{
+    KafkaError,
+    watchdog::{ClientHealth, Confirmations, HealthContext, cluster_reachable},
+};
 use crate::domain::UserCreated;
 use rdkafka::{
     ClientConfig,
-    producer::{FutureProducer, FutureRecord, Producer},
+    producer::{FutureProducer, FutureRecord, Producer, PurgeConfig},
     util::Timeout,
 };
 use std::{
     sync::{
-        Arc,
-        atomic::{AtomicI32, Ordering},
+        Arc, RwLock,
+        atomic::{AtomicI32, AtomicU32, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
+use tokio_util::sync::CancellationToken;
+
+type Client = FutureProducer<HealthContext>;
 
 /// Where the broker put an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +36,14 @@ pub struct Published {
 /// milliseconds, so writes are neither lost nor stalled.
 #[derive(Clone)]
 pub struct EventPublisher {
-    producer: FutureProducer,
+    /// Replaced by [`EventPublisher::watch`] if librdkafka wedges.
+    producer: Arc<RwLock<Client>>,
+    health: Arc<ClientHealth>,
+    brokers: String,
+    linger: Duration,
+    /// Sends that timed out in a row, and when one last succeeded.
+    timeouts_in_a_row: Arc<AtomicU32>,
+    last_ack: Arc<std::sync::Mutex<Instant>>,
     topic: String,
     timeout: Duration,
     /// The topic's partition count as last seen by [`EventPublisher::ping`];
@@ -45,7 +58,28 @@ impl EventPublisher {
         timeout: Duration,
         linger: Duration,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = ClientConfig::new()
+        let health = Arc::new(ClientHealth::default());
+        let producer = Self::client(brokers, timeout, linger, &health)?;
+        Ok(Self {
+            producer: Arc::new(RwLock::new(producer)),
+            health,
+            brokers: brokers.to_owned(),
+            linger,
+            timeouts_in_a_row: Arc::default(),
+            last_ack: Arc::new(std::sync::Mutex::new(Instant::now())),
+            topic: topic.to_owned(),
+            timeout,
+            partitions: Arc::default(),
+        })
+    }
+
+    fn client(
+        brokers: &str,
+        timeout: Duration,
+        linger: Duration,
+        health: &Arc<ClientHealth>,
+    ) -> Result<Client, KafkaError> {
+        Ok(ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -59,13 +93,84 @@ impl EventPublisher {
                 timeout.as_millis().clamp(1, 30_000).to_string(),
             )
             .set("client.id", super::client_id())
-            .create()?;
-        Ok(Self {
-            producer,
-            topic: topic.to_owned(),
-            timeout,
-            partitions: Arc::default(),
-        })
+            // Its own view of its brokers, for the watchdog.
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(HealthContext(health.clone()))?)
+    }
+
+    /// The current client (cheap: an `Arc` inside).
+    fn current(&self) -> Client {
+        self.producer
+            .read()
+            .expect("producer lock poisoned")
+            .clone()
+    }
+
+    /// Replaces the client if it is wedged (see [`super::watchdog`]): no
+    /// broker UP for 5 s, or sends timing out in a row for 12 s, while a
+    /// fresh client reaches the cluster, on three checks a second apart. The
+    /// old client's messages are purged: their callers get UNAVAILABLE and
+    /// retry with their request ids, which name the same users.
+    pub async fn watch(self, token: CancellationToken) {
+        let mut confirmations = Confirmations::new(3);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let cut_off = self
+                .health
+                .no_broker_for()
+                .is_some_and(|d| d > Duration::from_secs(5));
+            let timing_out = self.timeouts_in_a_row.load(Ordering::Relaxed) >= 8
+                && self.last_ack.lock().expect("ack lock poisoned").elapsed()
+                    > Duration::from_secs(12);
+            let wedged = if cut_off || timing_out {
+                let brokers = self.brokers.clone();
+                tokio::task::spawn_blocking(move || cluster_reachable(&brokers))
+                    .await
+                    .unwrap_or(false)
+            } else {
+                false
+            };
+            if confirmations.check(wedged) {
+                self.replace();
+            }
+        }
+    }
+
+    fn replace(&self) {
+        let fresh = match Self::client(&self.brokers, self.timeout, self.linger, &self.health) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a new producer");
+                return;
+            }
+        };
+        tracing::warn!(
+            "the producer is cut off from a reachable cluster (librdkafka #5301): replacing it"
+        );
+        self.health.reset();
+        self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        *self.last_ack.lock().expect("ack lock poisoned") = Instant::now();
+        let old = std::mem::replace(
+            &mut *self.producer.write().expect("producer lock poisoned"),
+            fresh,
+        );
+        // Closing a wedged client can block: off the async workers.
+        std::thread::spawn(move || {
+            old.purge(PurgeConfig::default().queue().inflight());
+            drop(old);
+        });
+    }
+
+    fn record_send(&self, ok: bool, timed_out: bool) {
+        if ok {
+            self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            *self.last_ack.lock().expect("ack lock poisoned") = Instant::now();
+        } else if timed_out {
+            self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Publishes the event keyed by the user id and waits for the broker's
@@ -76,8 +181,9 @@ impl EventPublisher {
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
         // librdkafka's message.timeout.ms bounds delivery; the outer timeout is a
         // guard against a queue that never drains.
-        let send = self.producer.send(record, Timeout::After(self.timeout));
-        match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
+        let producer = self.current();
+        let send = producer.send(record, Timeout::After(self.timeout));
+        let result = match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
             Ok(Ok(delivery)) => Ok(Published {
                 partition: delivery.partition,
                 offset: delivery.offset,
@@ -90,13 +196,21 @@ impl EventPublisher {
                 "no acknowledgement from the broker within {:?}",
                 self.timeout
             ))),
-        }
+        };
+        let timed_out = result
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("timed out"))
+            || result
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("no acknowledgement"));
+        self.record_send(result.is_ok(), timed_out);
+        result
     }
 
     /// Asks a broker for the topic's metadata: the health probe. Also notes
     /// the topic's partition count.
     pub async fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
-        let producer = self.producer.clone();
+        let producer = self.current();
         let topic = self.topic.clone();
         // fetch_metadata blocks: keep it off the async workers.
         let count = tokio::task::spawn_blocking(move || {
@@ -138,7 +252,7 @@ impl EventPublisher {
             record = record.payload(p);
         }
         match self
-            .producer
+            .current()
             .send(record, Timeout::After(self.timeout))
             .await
         {
@@ -155,7 +269,7 @@ impl EventPublisher {
     /// Sends what is queued. Dropping a producer purges its queue, so shutdown
     /// calls this first; it blocks, so it runs off the async workers.
     pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        let producer = self.producer.clone();
+        let producer = self.current();
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| KafkaError::Unavailable(format!("flush panicked: {e}")))??;

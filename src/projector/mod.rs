@@ -24,7 +24,10 @@ pub use state::{ProjectorState, ProjectorStats};
 
 use crate::{
     domain::{EventPosition, UserCreated},
-    kafka::{EventPublisher, KafkaError, consumer_config},
+    kafka::{
+        EventPublisher, KafkaError, consumer_config,
+        watchdog::{ClientHealth, Confirmations, cluster_reachable},
+    },
     store::{ApplyOp, ApplyResult, CheckpointWatch, RedisStore},
 };
 use futures::FutureExt;
@@ -70,50 +73,122 @@ pub struct Projector {
 /// membership current, and logs rebalances.
 pub(crate) struct ProjectorContext {
     state: Arc<ProjectorState>,
+    health: Arc<ClientHealth>,
 }
 
 impl ClientContext for ProjectorContext {
-    /// librdkafka's own view of the group membership (`cgrp.state` "up" and
-    /// `join_state` "steady"), which health reports.
+    /// librdkafka's own view of its brokers and of the group membership
+    /// (`cgrp.state` "up" and `join_state` "steady"), which health reports
+    /// and the watchdog reads.
     fn stats(&self, statistics: Statistics) {
-        if let Some(cgrp) = statistics.cgrp {
-            self.state
-                .set_membership(cgrp.state == "up" && cgrp.join_state == "steady");
+        self.health.record(&statistics);
+        if statistics.cgrp.is_some() {
+            self.state.set_membership(self.health.in_group());
         }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "librdkafka error (projector)");
     }
 }
 
 impl ConsumerContext for ProjectorContext {
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// The assignment follows the rebalance's own lists (cooperative
+    /// rebalancing hands out and takes back increments); asking the consumer
+    /// from inside its callback is avoided, it may be closing.
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) | Rebalance::Revoke(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let assigned = matches!(rebalance, Rebalance::Assign(_));
                 tracing::info!(?parts, assigned, "rebalance");
+                let mut now = self.state.stats().assignment;
+                for p in parts {
+                    if assigned {
+                        now.insert(p);
+                    } else {
+                        now.remove(&p);
+                    }
+                }
+                self.state.set_assignment(now);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
-        if let Ok(tpl) = consumer.assignment() {
-            self.state
-                .set_assignment(tpl.elements().iter().map(|e| e.partition()).collect());
-        }
     }
+}
+
+/// Why [`Projector::consume`] returned.
+enum Ended {
+    /// Shutdown: commit and leave the group.
+    Stopped,
+    /// The consumer is cut off from a cluster that is there: replace it.
+    Wedged,
 }
 
 type Consumer_ = StreamConsumer<ProjectorContext>;
 
 impl Projector {
     /// Consumes until `token` is cancelled, then commits what it applied and
-    /// leaves the group.
+    /// leaves the group. A consumer that librdkafka leaves cut off from a
+    /// reachable cluster (see [`crate::kafka::watchdog`]) is replaced by a new
+    /// one, which joins the group and resumes from the read model's checkpoint.
     pub async fn run(self, token: CancellationToken) -> Result<(), ProjectorError> {
-        let consumer: Arc<Consumer_> = Arc::new(
-            consumer_config(&self.brokers, &self.group).create_with_context(ProjectorContext {
-                state: self.state.clone(),
-            })?,
-        );
-        consumer.subscribe(&[&self.topic])?;
-        tracing::info!(topic = %self.topic, group = %self.group, "projector started");
+        loop {
+            let health = Arc::new(ClientHealth::default());
+            let consumer: Arc<Consumer_> = Arc::new(
+                consumer_config(&self.brokers, &self.group).create_with_context(
+                    ProjectorContext {
+                        state: self.state.clone(),
+                        health: health.clone(),
+                    },
+                )?,
+            );
+            consumer.subscribe(&[&self.topic])?;
+            tracing::info!(topic = %self.topic, group = %self.group, "projector started");
+            match self.consume(consumer.clone(), &health, &token).await {
+                Ended::Stopped => {
+                    self.leave(consumer).await;
+                    return Ok(());
+                }
+                Ended::Wedged => {
+                    tracing::warn!(
+                        "the projector's consumer is cut off from a reachable cluster (librdkafka #5301): replacing it"
+                    );
+                    self.state.set_assignment(Default::default());
+                    self.state.set_membership(false);
+                    // Closing a wedged consumer can block: let a thread do it.
+                    std::thread::spawn(move || drop(consumer));
+                }
+            }
+        }
+    }
 
+    /// Commits what was applied, then leaves the group (dropping the consumer
+    /// closes it). Both block, so they run off the async workers.
+    async fn leave(&self, consumer: Arc<Consumer_>) {
+        let c = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            match c.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!("committed applied offsets"),
+                Err(e) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+            }
+            c.unsubscribe();
+        })
+        .await;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        self.state.set_assignment(Default::default());
+        tracing::info!("projector stopped");
+    }
+
+    /// The consume loop of one consumer.
+    async fn consume(
+        &self,
+        consumer: Arc<Consumer_>,
+        health: &ClientHealth,
+        token: &CancellationToken,
+    ) -> Ended {
+        let mut confirmations = Confirmations::new(3);
+        let mut last_wedge_check = tokio::time::Instant::now();
         let mut cursors = Cursors::new(consumer.clone(), self.topic.clone(), self.store.clone());
         let mut batch: Vec<OwnedMessage> = Vec::with_capacity(self.batch_size);
         let mut consecutive_errors = 0u32;
@@ -126,9 +201,15 @@ impl Projector {
                 .sync(&self.state.stats().assignment, &self.state)
                 .await;
             let first = tokio::select! {
-                _ = token.cancelled() => break,
+                _ = token.cancelled() => return Ended::Stopped,
                 _ = verify.tick() => {
                     cursors.verify(&self.state).await;
+                    if last_wedge_check.elapsed() >= Duration::from_secs(1) {
+                        last_wedge_check = tokio::time::Instant::now();
+                        if confirmations.check(self.looks_wedged(health).await) {
+                            return Ended::Wedged;
+                        }
+                    }
                     continue;
                 }
                 m = consumer.recv() => m,
@@ -160,27 +241,29 @@ impl Projector {
                 .drain(..)
                 .filter(|m| cursors.admit(m.partition(), m.offset()))
                 .collect();
-            if !fresh.is_empty() && !self.process(&consumer, &mut cursors, &fresh, &token).await {
-                break; // cancelled before the batch was applied: not stored, will replay
+            if !fresh.is_empty() && !self.process(&consumer, &mut cursors, &fresh, token).await {
+                // Cancelled before the batch was applied: not stored, will replay.
+                return Ended::Stopped;
             }
         }
+    }
 
-        // Commit what was applied, then leave the group (dropping the consumer
-        // closes it). Both block, so they run off the async workers.
-        drop(cursors);
-        let c = consumer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            match c.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => tracing::info!("committed applied offsets"),
-                Err(e) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
-            }
-            c.unsubscribe();
-        })
-        .await;
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-        self.state.set_assignment(Default::default());
-        tracing::info!("projector stopped");
-        Ok(())
+    /// No broker UP for 8 s, or the group handler not up for 20 s, while a
+    /// fresh client reaches the cluster.
+    async fn looks_wedged(&self, health: &ClientHealth) -> bool {
+        let cut_off = health
+            .no_broker_for()
+            .is_some_and(|d| d > Duration::from_secs(8))
+            || health
+                .out_of_group_for()
+                .is_some_and(|d| d > Duration::from_secs(20));
+        if !cut_off {
+            return false;
+        }
+        let brokers = self.brokers.clone();
+        tokio::task::spawn_blocking(move || cluster_reachable(&brokers))
+            .await
+            .unwrap_or(false)
     }
 
     /// Applies one batch and stores its offsets. Returns false if cancelled

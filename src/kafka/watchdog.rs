@@ -1,0 +1,161 @@
+//! Noticing a librdkafka client that is cut off from a cluster which is
+//! there, and saying when to replace it.
+//!
+//! Why: a single KRaft broker paused for longer than its heartbeat session
+//! (`broker.session.timeout.ms`, 9 s) fences itself as it resumes, and for a
+//! few milliseconds answers metadata requests with no brokers. librdkafka
+//! (2.10 and later, issue #5301, open in the bundled 2.12) then forgets every
+//! broker it knew and may never bootstrap again: every send times out, or the
+//! consumer stays out of its group, while a fresh client connects at once.
+//! Nothing in the configuration turns that off, so the service watches its
+//! clients' own statistics and replaces a client that is cut off while a
+//! throwaway client reaches the cluster.
+
+use rdkafka::{
+    ClientConfig, ClientContext, Statistics,
+    error::KafkaError,
+    producer::{BaseProducer, Producer},
+};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// What a client's statistics (every `statistics.interval.ms`) say about its
+/// links to the cluster and, for a consumer, to its group.
+#[derive(Debug, Default)]
+pub struct ClientHealth {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Since when no broker (a learned one, `nodeid >= 0`) has been UP.
+    no_broker_since: Option<Instant>,
+    /// Since when the consumer group handler has not been `up`.
+    out_of_group_since: Option<Instant>,
+    /// Whether librdkafka reports this member in its group (`up`, `steady`).
+    in_group: bool,
+}
+
+impl ClientHealth {
+    /// Folds one statistics report in.
+    pub fn record(&self, s: &Statistics) {
+        let now = Instant::now();
+        let mut h = self.inner.lock().expect("client health lock poisoned");
+        let broker_up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        h.no_broker_since = if broker_up {
+            None
+        } else {
+            h.no_broker_since.or(Some(now))
+        };
+        if let Some(cgrp) = &s.cgrp {
+            h.in_group = cgrp.state == "up" && cgrp.join_state == "steady";
+            h.out_of_group_since = if cgrp.state == "up" {
+                None
+            } else {
+                h.out_of_group_since.or(Some(now))
+            };
+        }
+    }
+
+    /// How long the client has had no broker UP, if it has none now.
+    pub fn no_broker_for(&self) -> Option<Duration> {
+        let h = self.inner.lock().expect("client health lock poisoned");
+        h.no_broker_since.map(|t| t.elapsed())
+    }
+
+    /// How long the consumer's group handler has not been up, if it is not.
+    pub fn out_of_group_for(&self) -> Option<Duration> {
+        let h = self.inner.lock().expect("client health lock poisoned");
+        h.out_of_group_since.map(|t| t.elapsed())
+    }
+
+    /// Whether librdkafka reports this consumer in its group.
+    pub fn in_group(&self) -> bool {
+        self.inner
+            .lock()
+            .expect("client health lock poisoned")
+            .in_group
+    }
+
+    /// Forgets everything: the client it described was replaced.
+    pub fn reset(&self) {
+        *self.inner.lock().expect("client health lock poisoned") = Inner::default();
+    }
+}
+
+/// A client context that keeps a [`ClientHealth`] and logs librdkafka's
+/// errors (all brokers down, fatal errors) where operators look.
+#[derive(Clone, Default)]
+pub struct HealthContext(pub Arc<ClientHealth>);
+
+impl ClientContext for HealthContext {
+    fn stats(&self, statistics: Statistics) {
+        self.0.record(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "librdkafka error");
+    }
+}
+
+/// Whether a fresh client reaches the cluster (it learns at least one
+/// broker): proof that a client which cannot is wedged, not the cluster down.
+/// Blocks for up to a few seconds: call it off the async workers.
+pub fn cluster_reachable(brokers: &str) -> bool {
+    let Ok(client) = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("socket.connection.setup.timeout.ms", "2000")
+        .create::<BaseProducer>()
+    else {
+        return false;
+    };
+    client
+        .client()
+        .fetch_metadata(None, Duration::from_secs(2))
+        .is_ok_and(|m| !m.brokers().is_empty())
+}
+
+/// Counts consecutive checks on which a client looked wedged while the
+/// cluster answered a fresh one; says "replace it" after `needed` of them, so
+/// that an ordinary reconnection (well under a second) never triggers it.
+#[derive(Debug)]
+pub struct Confirmations {
+    needed: u32,
+    seen: u32,
+}
+
+impl Confirmations {
+    pub fn new(needed: u32) -> Self {
+        Self { needed, seen: 0 }
+    }
+
+    /// Records one check; true when the client is to be replaced.
+    pub fn check(&mut self, wedged: bool) -> bool {
+        self.seen = if wedged { self.seen + 1 } else { 0 };
+        if self.seen >= self.needed {
+            self.seen = 0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Confirmations;
+
+    #[test]
+    fn replaces_only_after_consecutive_confirmations() {
+        let mut c = Confirmations::new(3);
+        assert!(!c.check(true));
+        assert!(!c.check(true));
+        assert!(!c.check(false));
+        assert!(!c.check(true));
+        assert!(!c.check(true));
+        assert!(c.check(true));
+        assert!(!c.check(true), "counting starts again after a replacement");
+    }
+}
