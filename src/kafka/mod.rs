@@ -38,9 +38,10 @@ pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
         // Cooperative rebalancing: adding an instance moves only the partitions
         // it takes, the others keep flowing.
         .set("partition.assignment.strategy", "cooperative-sticky")
-        // A broker pause of ten seconds must not cost the membership (and a
-        // rebalance); a dead instance's partitions move after 30 s.
-        .set("session.timeout.ms", "30000")
+        // A broker pause of ten seconds or more must not cost the membership
+        // (and a rebalance); a dead (or wedged and replaced) member's
+        // partitions move after 20 s.
+        .set("session.timeout.ms", "20000")
         .set("heartbeat.interval.ms", "3000")
         .set("fetch.wait.max.ms", "50")
         // librdkafka's own view of the membership, for health (ClientContext::stats).
