@@ -11,13 +11,18 @@
 //!   `grpc.health.v1` service, which follows the health protocol's spec.
 //! - [`domain`]: the user, its `UserCreated` event and the validated value types
 //!   (`UserId`, `UserName`, `Email`). No I/O.
+//! - [`command`]: CreateUser's command: choose the id, publish, and answer
+//!   with the log's verdict as the read model shows it.
 //! - [`kafka`]: the Kafka adapter: the shared idempotent producer, topic
-//!   creation, and the consumer configuration the projector uses.
-//! - [`cache`]: the Redis adapter: the read model (users and the applied
-//!   position per partition, written in one atomic step) and the command side's
-//!   id and request-id reservations; one server or behind Sentinel.
-//! - [`projector`]: the consumer-group loop: fetch, apply to Redis idempotently,
-//!   then store the offset for commit (at-least-once, effectively once in Redis).
+//!   creation, the consumer configuration the projector uses, and the
+//!   watchdog that replaces a librdkafka client cut off from its cluster.
+//! - [`store`]: the Redis adapter, a projection of the log and nothing else:
+//!   the read model (users, request ids) and its checkpoint (the last applied
+//!   offset per partition, rebuilds), written in one atomic step; one server,
+//!   a pool, or behind Sentinel.
+//! - [`projector`]: the consumer-group loop: resume from the read model's
+//!   checkpoint, fetch, apply to Redis (fenced, idempotently), then store the
+//!   offset for commit.
 //! - [`progress`]: the consumer group's progress per partition (committed
 //!   offset, log end, lag, Burrow-like status), read from Kafka by one shared
 //!   poller per watched group, for `ProjectionService`.
