@@ -139,7 +139,9 @@ impl EventPublisher {
         }
     }
 
-    fn replace(&self) {
+    /// Replaces the librdkafka client now, purging the old one's messages:
+    /// what the watchdog does to a wedged producer.
+    pub fn replace(&self) {
         let fresh = match Self::client(&self.brokers, self.timeout, self.linger, &self.health) {
             Ok(p) => p,
             Err(e) => {

@@ -9,6 +9,7 @@ mod create_and_get;
 mod dead_letter;
 mod health;
 mod idempotency;
+mod producer_watchdog;
 mod progress;
 mod redis_loss;
 mod restart;
