@@ -96,7 +96,22 @@ impl ClientContext for HealthContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "librdkafka error");
+        log_error(&error, reason, "producer");
+    }
+}
+
+/// Logs a librdkafka error callback at a level that matches what it means:
+/// failed connection attempts repeat every few milliseconds while a broker is
+/// away (librdkafka logs them itself), losing every broker is worth a warning,
+/// a fatal error an error.
+pub fn log_error(error: &KafkaError, reason: &str, client: &str) {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code() {
+        Some(Code::Fatal) => tracing::error!(%error, reason, client, "librdkafka fatal error"),
+        Some(Code::AllBrokersDown) => {
+            tracing::warn!(%error, reason, client, "librdkafka: all brokers down")
+        }
+        _ => tracing::debug!(%error, reason, client, "librdkafka error"),
     }
 }
 

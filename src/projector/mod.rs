@@ -88,7 +88,7 @@ impl ClientContext for ProjectorContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "librdkafka error (projector)");
+        crate::kafka::watchdog::log_error(&error, reason, "projector");
     }
 }
 
