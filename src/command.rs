@@ -14,8 +14,8 @@
 //! second event creates nothing.
 
 use crate::{
-    domain::{EventPosition, NewUser, RequestId, User, UserCreated, UserId, ids},
-    kafka::{EventPublisher, KafkaError, partition_for_key},
+    domain::{EventPosition, NewUser, User, UserCreated, UserId, ids},
+    kafka::{EventPublisher, KafkaError, user_partition},
     store::{CheckpointWatch, RedisStore, StoreError, StoredUser, WaitError},
 };
 use std::{
@@ -88,11 +88,10 @@ impl CreateUser {
     /// Creates the user, or tells why not, by `deadline`.
     pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
         // A request seen before: its answer, whatever id it got.
-        if let Some(r) = &new.request_id
-            && let Some(id) = self.store.request_owner(r).await?
+        if let Some(id) = self.owner(new).await?
             && let Some(existing) = self.store.get_user(id).await?
         {
-            return match self.verdict(new, &existing).await? {
+            return match verdict(new, &existing, Some(id))? {
                 Verdict::Ours(created) => Ok(created),
                 Verdict::Reused => Err(CommandError::RequestIdReused),
                 // The owner record says otherwise: stale; decide below.
@@ -135,7 +134,7 @@ impl CreateUser {
         let partition = self
             .publisher
             .known_partitions()
-            .map(|n| partition_for_key(id.to_string().as_bytes(), n));
+            .map(|n| user_partition(id, n));
         // The fast check: a user the read model has is the log's winner.
         let existing = match partition {
             Some(p) => {
@@ -166,7 +165,7 @@ impl CreateUser {
             None => self.store.get_user(id).await?,
         };
         if let Some(existing) = existing {
-            return self.verdict(new, &existing).await;
+            return verdict(new, &existing, self.owner(new).await?);
         }
 
         let user = User {
@@ -196,34 +195,41 @@ impl CreateUser {
                 position,
             }));
         }
-        self.verdict(new, &stored).await
+        verdict(new, &stored, self.owner(new).await?)
     }
 
-    /// Whether `existing` is this request's user.
-    async fn verdict(&self, new: &NewUser, existing: &StoredUser) -> Result<Verdict, CommandError> {
-        let Some(r) = &new.request_id else {
-            return Ok(Verdict::Taken);
-        };
-        if !self.created_by(r, existing).await? {
-            return Ok(Verdict::Taken);
-        }
-        let same = existing.user.name == new.name
-            && existing.user.email == new.email
-            && new.id.is_none_or(|id| id == existing.user.id);
-        match (same, existing.position()) {
-            (true, Some(position)) => Ok(Verdict::Ours(Created {
-                user: existing.user.clone(),
-                position,
-            })),
-            (true, None) => Err(CommandError::Undecided(
-                "the user was written without its position".into(),
-            )),
-            (false, _) => Ok(Verdict::Reused),
+    /// The user the read model says this request created, if it has a
+    /// request id and the read model remembers it.
+    async fn owner(&self, new: &NewUser) -> Result<Option<UserId>, StoreError> {
+        match &new.request_id {
+            Some(r) => self.store.request_owner(r).await,
+            None => Ok(None),
         }
     }
+}
 
-    async fn created_by(&self, r: &RequestId, existing: &StoredUser) -> Result<bool, StoreError> {
-        Ok(self.store.request_owner(r).await? == Some(existing.user.id))
+/// Whether `existing` is this request's user, given the user the read model
+/// says the request created (`owner`).
+fn verdict(
+    new: &NewUser,
+    existing: &StoredUser,
+    owner: Option<UserId>,
+) -> Result<Verdict, CommandError> {
+    if owner != Some(existing.user.id) {
+        return Ok(Verdict::Taken);
+    }
+    let same = existing.user.name == new.name
+        && existing.user.email == new.email
+        && new.id.is_none_or(|id| id == existing.user.id);
+    match (same, existing.position()) {
+        (true, Some(position)) => Ok(Verdict::Ours(Created {
+            user: existing.user.clone(),
+            position,
+        })),
+        (true, None) => Err(CommandError::Undecided(
+            "the user was written without its position".into(),
+        )),
+        (false, _) => Ok(Verdict::Reused),
     }
 }
 

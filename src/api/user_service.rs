@@ -5,7 +5,7 @@ use super::ApiError;
 use crate::{
     command::{CreateUser, Created},
     domain::{EventPosition, FieldViolation, NewUser, User, UserId, ValidationError},
-    kafka::partition_for_key,
+    kafka::user_partition,
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
@@ -78,7 +78,7 @@ impl UserService for UserApi {
         }
         // The user's own partition vouches for its absence, if complete.
         let partitions = publisher.known_partitions().ok_or(ApiError::CannotTell)?;
-        let partition = partition_for_key(id.to_string().as_bytes(), partitions);
+        let partition = user_partition(id, partitions);
         let (state, stored) = self
             .create
             .store

@@ -24,6 +24,11 @@ pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
     (hash & 0x7fff_ffff) % partitions.max(1)
 }
 
+/// The partition of a user's events (its key is the id in decimal).
+pub fn user_partition(id: crate::domain::UserId, partitions: i32) -> i32 {
+    partition_for_key(id.to_string().as_bytes(), partitions)
+}
+
 /// Settings of the projector's consumer, following rdkafka's at-least-once
 /// example: offsets are stored by the code only once Redis holds an event's
 /// effect, and the auto-committer commits only what was stored.

@@ -8,6 +8,7 @@ use crate::domain::UserCreated;
 use rdkafka::{
     ClientConfig,
     producer::{FutureProducer, FutureRecord, Producer, PurgeConfig},
+    types::RDKafkaErrorCode,
     util::Timeout,
 };
 use std::{
@@ -125,14 +126,7 @@ impl EventPublisher {
             let timing_out = self.timeouts_in_a_row.load(Ordering::Relaxed) >= 8
                 && self.last_ack.lock().expect("ack lock poisoned").elapsed()
                     > Duration::from_secs(12);
-            let wedged = if cut_off || timing_out {
-                let brokers = self.brokers.clone();
-                tokio::task::spawn_blocking(move || cluster_reachable(&brokers))
-                    .await
-                    .unwrap_or(false)
-            } else {
-                false
-            };
+            let wedged = (cut_off || timing_out) && cluster_reachable(&self.brokers).await;
             if confirmations.check(wedged) {
                 self.replace();
             }
@@ -185,26 +179,30 @@ impl EventPublisher {
         // guard against a queue that never drains.
         let producer = self.current();
         let send = producer.send(record, Timeout::After(self.timeout));
-        let result = match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
-            Ok(Ok(delivery)) => Ok(Published {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
-            Ok(Err((e, _))) => Err(KafkaError::Unavailable(format!(
-                "publishing to {}: {e}",
-                self.topic
-            ))),
-            Err(_) => Err(KafkaError::Unavailable(format!(
-                "no acknowledgement from the broker within {:?}",
-                self.timeout
-            ))),
-        };
-        let timed_out = result
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("timed out"))
-            || result
-                .as_ref()
-                .is_err_and(|e| e.to_string().contains("no acknowledgement"));
+        let (result, timed_out) =
+            match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
+                Ok(Ok(delivery)) => (
+                    Ok(Published {
+                        partition: delivery.partition,
+                        offset: delivery.offset,
+                    }),
+                    false,
+                ),
+                Ok(Err((e, _))) => (
+                    Err(KafkaError::Unavailable(format!(
+                        "publishing to {}: {e}",
+                        self.topic
+                    ))),
+                    e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut),
+                ),
+                Err(_) => (
+                    Err(KafkaError::Unavailable(format!(
+                        "no acknowledgement from the broker within {:?}",
+                        self.timeout
+                    ))),
+                    true,
+                ),
+            };
         self.record_send(result.is_ok(), timed_out);
         result
     }

@@ -117,8 +117,15 @@ pub fn log_error(error: &KafkaError, reason: &str, client: &str) {
 
 /// Whether a fresh client reaches the cluster (it learns at least one
 /// broker): proof that a client which cannot is wedged, not the cluster down.
-/// Blocks for up to a few seconds: call it off the async workers.
-pub fn cluster_reachable(brokers: &str) -> bool {
+/// Takes up to a few seconds, on a blocking thread.
+pub async fn cluster_reachable(brokers: &str) -> bool {
+    let brokers = brokers.to_owned();
+    tokio::task::spawn_blocking(move || reachable_now(&brokers))
+        .await
+        .unwrap_or(false)
+}
+
+fn reachable_now(brokers: &str) -> bool {
     let Ok(client) = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("socket.connection.setup.timeout.ms", "2000")

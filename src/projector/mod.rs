@@ -102,7 +102,7 @@ impl ConsumerContext for ProjectorContext {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let assigned = matches!(rebalance, Rebalance::Assign(_));
                 tracing::info!(?parts, assigned, "rebalance");
-                let mut now = self.state.stats().assignment;
+                let mut now = self.state.assignment();
                 for p in parts {
                     if assigned {
                         now.insert(p);
@@ -260,10 +260,7 @@ impl Projector {
         if !cut_off {
             return false;
         }
-        let brokers = self.brokers.clone();
-        tokio::task::spawn_blocking(move || cluster_reachable(&brokers))
-            .await
-            .unwrap_or(false)
+        cluster_reachable(&self.brokers).await
     }
 
     /// Applies one batch and stores its offsets. Returns false if cancelled

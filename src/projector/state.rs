@@ -78,6 +78,12 @@ impl ProjectorState {
         inner.applied_offsets.extend(last);
     }
 
+    /// The partitions this member owns now (cheaper than [`Self::stats`]).
+    pub fn assignment(&self) -> BTreeSet<i32> {
+        let inner = self.inner.lock().expect("projector state lock poisoned");
+        inner.assignment.clone()
+    }
+
     pub(super) fn set_checkpoints(&self, checkpoints: BTreeMap<i32, i64>) {
         let mut inner = self.inner.lock().expect("projector state lock poisoned");
         inner.checkpoints = checkpoints;

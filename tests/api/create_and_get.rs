@@ -1,6 +1,6 @@
 //! The CQRS round trip: CreateUser publishes, the projector applies, GetUser reads.
 
-use crate::helpers::{java_partition, kafka_brokers, redis_url, spawn_app};
+use crate::helpers::{kafka_brokers, redis_url, spawn_app};
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
@@ -64,7 +64,7 @@ async fn created_user_is_readable_with_and_without_the_position() {
     assert_eq!((m.partition(), m.offset()), (pos.partition, pos.offset));
     assert_eq!(
         m.partition(),
-        java_partition(user.id.to_string().as_bytes(), 3)
+        user_service::kafka::partition_for_key(user.id.to_string().as_bytes(), 3)
     );
     let event: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
     assert_eq!(event["schema_version"], 1);

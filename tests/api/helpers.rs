@@ -344,43 +344,6 @@ pub fn group_lag(group: &str, topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
-/// Kafka's Java client's partitioner: `toPositive(murmur2(key)) % n`.
-pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) % partitions
-}
-
-/// Kafka's `Utils.murmur2`, transcribed.
-pub fn murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    let len = data.len();
-    let mut h = SEED ^ len as u32;
-    let chunks = data.chunks_exact(4);
-    let rest = chunks.remainder();
-    for c in chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> 24;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    if rest.len() >= 3 {
-        h ^= (rest[2] as u32) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= (rest[1] as u32) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= rest[0] as u32;
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
 /// A Redis server of the test's own (from the same Debian package as the
 /// stack's), for tests that stop Redis without disturbing the others.
 pub struct OwnRedis {
@@ -451,17 +414,4 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-#[test]
-fn murmur2_matches_kafkas_test_vectors() {
-    // From Kafka's UtilsTest.testMurmur2.
-    assert_eq!(murmur2(b"21"), -973_932_308);
-    assert_eq!(murmur2(b"foobar"), -790_332_482);
-    assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
-    assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-    assert_eq!(
-        murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
-        -58_897_971
-    );
 }

@@ -2,7 +2,7 @@
 //! topic, keyed records, a consumer group that commits and resumes at its
 //! committed offsets, and a key through the bb8 Redis pool.
 
-use crate::helpers::{java_partition, kafka_brokers, producer, redis_url, unique};
+use crate::helpers::{kafka_brokers, producer, redis_url, unique};
 use rdkafka::{
     ClientConfig, Message, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -65,7 +65,11 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     // Keyed records land where Java's murmur2 partitioner puts them.
     let first = produce(&topic, (0..30).map(|i| format!("user-{i}"))).await;
     for (key, partition, _) in &first {
-        assert_eq!(*partition, java_partition(key.as_bytes(), 3), "key {key}");
+        assert_eq!(
+            *partition,
+            user_service::kafka::partition_for_key(key.as_bytes(), 3),
+            "key {key}"
+        );
     }
     assert_eq!(
         first
