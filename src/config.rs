@@ -113,6 +113,29 @@ pub struct Config {
     #[arg(long, env = "MAX_PROGRESS_WATCHERS", default_value_t = 100)]
     pub max_progress_watchers: usize,
 
+    /// Most calls this instance handles at once (over all connections);
+    /// more are answered RESOURCE_EXHAUSTED at once instead of queueing.
+    /// Health checks are not counted, so probes see the truth under load.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1000)]
+    pub max_concurrent_calls: usize,
+
+    /// Most concurrent calls (HTTP/2 streams) on one client connection; a
+    /// client queues the rest on its side.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Largest request message accepted by the user and progress services,
+    /// in bytes; larger ones get RESOURCE_EXHAUSTED. A user is a few hundred bytes.
+    #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Other consumer groups whose progress callers may read, as `group` (on
+    /// the service's topic) or `group:topic`, comma-separated. The service's
+    /// own group and topic are always allowed; nothing else by default, since
+    /// each watched group costs a Kafka client and shows its members' hosts.
+    #[arg(long, env = "PROGRESS_ALLOWED_GROUPS", value_delimiter = ',')]
+    pub progress_allowed_groups: Vec<String>,
+
     /// How often Kafka and Redis are probed for the health service.
     #[arg(long, env = "HEALTH_PROBE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_probe_interval: Duration,
@@ -163,6 +186,24 @@ impl Config {
         }
     }
 
+    /// The (group, topic) pairs the progress RPCs serve: the service's own,
+    /// and the allowlist.
+    pub fn progress_allowed(&self) -> Vec<(String, String)> {
+        let mut allowed = vec![(self.consumer_group.clone(), self.topic.clone())];
+        for entry in &self.progress_allowed_groups {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            // Topic names cannot hold ':'; group ids can, so split at the last.
+            allowed.push(match entry.rsplit_once(':') {
+                Some((group, topic)) => (group.to_owned(), topic.to_owned()),
+                None => (entry.to_owned(), self.topic.clone()),
+            });
+        }
+        allowed
+    }
+
     /// The Redis URL with a scheme, accepting the Go service's bare `host:port`.
     pub fn redis_url(&self) -> String {
         if self.redis_server_url.contains("://") {
@@ -182,6 +223,24 @@ mod tests {
         let c = Config::parse_from(["user-service", "--drain-grace", "250ms"]);
         assert_eq!(c.drain_grace, Duration::from_millis(250));
         assert!(Config::try_parse_from(["user-service", "--drain-grace", "5 parsecs"]).is_err());
+    }
+
+    #[test]
+    fn progress_allowlist_holds_the_own_group_and_the_listed_ones() {
+        let c = Config::parse_from([
+            "user-service",
+            "--progress-allowed-groups",
+            "billing, audit:app:events,",
+        ]);
+        assert_eq!(
+            c.progress_allowed(),
+            [
+                ("user-service-projector", "topic-user-creating"),
+                ("billing", "topic-user-creating"),
+                ("audit:app", "events"),
+            ]
+            .map(|(g, t)| (g.to_owned(), t.to_owned()))
+        );
     }
 
     #[test]

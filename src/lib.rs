@@ -30,6 +30,8 @@
 //!   `REDIS_SERVER_URL`, ...).
 //! - [`startup`]: `Application::build` binds the listener and starts the server,
 //!   the projector and the dependency probe under one cancellation token.
+//! - [`tasks`]: every task the service starts, tracked and joined at
+//!   shutdown; a panic in any of them stops the service.
 //! - [`telemetry`]: `tracing` set-up (`RUST_LOG`, text or JSON).
 
 pub mod api;
@@ -42,4 +44,5 @@ pub mod projector;
 pub mod proto;
 pub mod startup;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;

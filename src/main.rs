@@ -16,6 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init(config.log_format, "info,rdkafka=warn");
+    // Fail points from FAILPOINTS (only with the `failpoints` feature; tests).
+    let _failpoints = fail::FailScenario::setup();
     let app = Application::build(config)
         .await
         .context("starting user-service")?;

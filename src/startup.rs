@@ -3,10 +3,13 @@
 //! through it.
 //!
 //! One cancellation token is shared by the server, the projector, the health
-//! probe and every stream; a task tracker joins them all at shutdown.
+//! probe and every stream; [`Tasks`] joins them all at shutdown, and stops
+//! the service if one panics.
 
 use crate::{
-    api::{HealthRegistry, ProjectionApi, UserApi, health::HealthService},
+    api::{
+        HealthRegistry, Needs, ProjectionApi, UserApi, health::HealthService, limit::CallBudget,
+    },
     command::CreateUser,
     config::Config,
     kafka::{self, EventPublisher, KafkaError},
@@ -20,11 +23,14 @@ use crate::{
         },
     },
     store::{CheckpointWatch, Keys, RedisStore, StoreError},
+    tasks::Tasks,
 };
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{Status, service::LayerExt};
+use tower_http::catch_panic::CatchPanicLayer;
 
 /// The name the user service reports under in `grpc.health.v1`.
 pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
@@ -34,6 +40,14 @@ pub const PROJECTION_SERVICE_NAME: &str = "user.v1.ProjectionService";
 /// consumer group (and Kafka and Redis answer); registered only when the
 /// projector runs here.
 pub const PROJECTOR_HEALTH_NAME: &str = "projector";
+/// SERVING while Redis answers.
+pub const REDIS_HEALTH_NAME: &str = "redis";
+/// SERVING while a Kafka broker answers (CreateUser can publish).
+pub const KAFKA_HEALTH_NAME: &str = "kafka";
+
+/// Largest response message: a progress snapshot of a big group is the
+/// largest; a user is a few hundred bytes.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +65,8 @@ pub enum StartupError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("a task panicked ({0}); the service stopped")]
+    Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
     ShutdownTimeout(Duration),
 }
@@ -63,12 +79,14 @@ pub struct Application {
     /// Cancelled once at shutdown; every task and stream ends on it.
     token: CancellationToken,
     /// Every background task, joined at shutdown.
-    tracker: TaskTracker,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Tasks,
+    server: tokio::task::JoinHandle<Option<Result<(), tonic::transport::Error>>>,
     health: Arc<HealthRegistry>,
     publisher: EventPublisher,
     projector: Option<Arc<ProjectorState>>,
     progress: Arc<ProgressHub>,
+    calls: CallBudget,
+    checkpoint_watch: Arc<CheckpointWatch>,
     /// Stops the checkpoint poller, once the server has finished its
     /// in-flight calls (they may be waiting on it).
     watch_stop: CancellationToken,
@@ -82,15 +100,32 @@ pub struct AppHandle {
     /// `None` when the projector is disabled.
     pub projector: Option<Arc<ProjectorState>>,
     pub progress: Arc<ProgressHub>,
+    /// The shared budget of concurrent calls (and how many it refused).
+    pub calls: CallBudget,
+    /// The poller every waiting call shares.
+    pub checkpoint_watch: Arc<CheckpointWatch>,
 }
 
 impl Application {
-    /// Builds the adapters, creates the topics if missing, binds the listener
-    /// (port 0 picks one) and starts the server, the projector and the health
-    /// probe. Kafka or Redis being down is not fatal: health reports it.
+    /// Binds the listener (port 0 picks one), builds the adapters, creates
+    /// the topics if missing, then starts the server, the projector and the
+    /// health probe. Nothing starts before the port is bound, so a failed
+    /// bind leaves nothing behind. Kafka or Redis being down is not fatal:
+    /// health reports it.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+
         let token = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let tasks = Tasks::new();
         let dlq_topic = config.dlq_topic();
 
         let store = RedisStore::new(
@@ -106,6 +141,18 @@ impl Application {
             config.publish_timeout,
             config.producer_linger,
         )?;
+        // Our contract, the health service's, and google.rpc's error details, so
+        // grpcurl can print a BadRequest.
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
         if let Err(e) = kafka::ensure_topics(
             &config.kafka_broker_url,
             &[&config.topic, &dlq_topic],
@@ -119,24 +166,29 @@ impl Application {
             tracing::warn!(error = %e, "could not ensure topics at start-up");
         }
 
-        let mut registry = HealthRegistry::new(
-            &["", USER_SERVICE_NAME, PROJECTION_SERVICE_NAME],
-            token.clone(),
-        );
+        let mut names = vec![
+            ("", Needs::REDIS),
+            (USER_SERVICE_NAME, Needs::REDIS),
+            (PROJECTION_SERVICE_NAME, Needs::KAFKA),
+            (REDIS_HEALTH_NAME, Needs::REDIS),
+            (KAFKA_HEALTH_NAME, Needs::KAFKA),
+        ];
         if config.projector_enabled {
-            registry = registry.with_projector(PROJECTOR_HEALTH_NAME);
+            names.push((PROJECTOR_HEALTH_NAME, Needs::PROJECTOR));
         }
-        let health = Arc::new(registry);
+        let health = Arc::new(HealthRegistry::new(&names, token.clone()));
+
+        // From here on, tasks run: nothing below may fail.
 
         // Replaces the producer if librdkafka leaves it cut off from a
         // cluster that is there (see kafka::watchdog).
-        tracker.spawn(publisher.clone().watch(token.clone()));
+        tasks.spawn("producer watchdog", publisher.clone().watch(token.clone()));
 
         // Calls in flight at shutdown still wait on the poller: it stops
         // after the server has drained, not with the streams.
         let watch_stop = CancellationToken::new();
         let watch = CheckpointWatch::new(store.clone(), watch_stop.clone());
-        tracker.spawn(watch.clone().run());
+        tasks.spawn("checkpoint watch", watch.clone().run());
 
         let projector = config
             .projector_enabled
@@ -155,21 +207,24 @@ impl Application {
                 state: state.clone(),
             };
             let t = token.clone();
-            tracker.spawn(async move {
+            tasks.spawn("projector", async move {
                 if let Err(e) = p.run(t).await {
                     tracing::error!(error = %e, "projector stopped with an error");
                 }
             });
         }
 
-        tracker.spawn(probe_dependencies(
-            store.clone(),
-            publisher.clone(),
-            projector.clone(),
-            health.clone(),
-            config.health_probe_interval,
-            token.clone(),
-        ));
+        tasks.spawn(
+            "dependency probe",
+            probe_dependencies(
+                store.clone(),
+                publisher.clone(),
+                projector.clone(),
+                health.clone(),
+                config.health_probe_interval,
+                token.clone(),
+            ),
+        );
 
         let progress_hub = Arc::new(ProgressHub::new(
             &config.kafka_broker_url,
@@ -182,64 +237,74 @@ impl Application {
             config.max_progress_watchers,
             config.publish_timeout,
             token.clone(),
-            tracker.clone(),
+            tasks.clone(),
         ));
         let progress = ProjectionApi {
             hub: progress_hub.clone(),
+            allowed: config.progress_allowed(),
             shutdown: token.clone(),
         };
         let api = UserApi {
             create: CreateUser {
                 store: store.clone(),
                 publisher: publisher.clone(),
-                watch,
+                watch: watch.clone(),
             },
             max_position_wait: config.max_position_wait,
-            tracker: tracker.clone(),
+            tasks: tasks.clone(),
         };
-        // Our contract, the health service's, and google.rpc's error details, so
-        // grpcurl can print a BadRequest.
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
 
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.listen_addr,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: config.listen_addr,
-            source,
-        })?;
+        // The user and progress services share one budget of concurrent
+        // calls (see api::limit). Health and reflection stay outside it, so a
+        // probe sees the truth under load.
+        let limit = CallBudget::new(config.max_concurrent_calls);
+        // A panicking handler answers INTERNAL and stops the service (see
+        // crate::tasks).
+        let on_panic = {
+            let tasks = tasks.clone();
+            move |panic: Box<dyn std::any::Any + Send>| {
+                tasks.panicked("gRPC handler", panic.as_ref());
+                Status::internal("internal error").into_http::<tonic::body::Body>()
+            }
+        };
+        let max_request = config.max_request_bytes;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = Server::builder()
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .layer(CatchPanicLayer::custom(on_panic))
             .add_service(HealthService(health.clone()).into_server())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(UserServiceServer::new(api))
-            .add_service(ProjectionServiceServer::new(progress))
+            .add_service(
+                limit.named_layer(
+                    UserServiceServer::new(api)
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
+            )
+            .add_service(
+                limit.named_layer(
+                    ProjectionServiceServer::new(progress)
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
+            )
             .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
-        let server = tokio::spawn(server);
+        let server = tasks.spawn("gRPC server", server);
+        let checkpoint_watch = watch;
 
         Ok(Self {
             config,
             addr,
             token,
-            tracker,
+            tasks,
             server,
             health,
             publisher,
             projector,
             progress: progress_hub,
+            calls: limit,
+            checkpoint_watch,
             watch_stop,
         })
     }
@@ -255,13 +320,17 @@ impl Application {
             health: self.health.clone(),
             projector: self.projector.clone(),
             progress: self.progress.clone(),
+            calls: self.calls.clone(),
+            checkpoint_watch: self.checkpoint_watch.clone(),
         }
     }
 
-    /// Serves until `shutdown` resolves, then drains: NOT_SERVING for the
-    /// grace period (sidecars and balancers move away), stop accepting, end
-    /// the streams, finish in-flight calls, commit what was applied, flush the
-    /// producer. Bounded by the configured shutdown timeout.
+    /// Serves until `shutdown` resolves or a task panics, then drains:
+    /// NOT_SERVING for the grace period (sidecars and balancers move away),
+    /// stop accepting, end the streams, finish in-flight calls, commit what
+    /// was applied, flush the producer. Bounded by the configured shutdown
+    /// timeout. A panic anywhere makes the result an error, so the process
+    /// exits non-zero.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()>,
@@ -269,7 +338,7 @@ impl Application {
         let Self {
             config,
             token,
-            tracker,
+            tasks,
             mut server,
             health,
             publisher,
@@ -277,58 +346,59 @@ impl Application {
             ..
         } = self;
 
-        let server_result = tokio::select! {
+        let ended_alone = tokio::select! {
             _ = shutdown => None,
+            _ = tasks.fatal().cancelled() => None,
             r = &mut server => Some(r),
         };
-        if let Some(r) = server_result {
-            // The server ended on its own: stop the rest and report why.
-            token.cancel();
-            watch_stop.cancel();
-            tracker.close();
-            tracker.wait().await;
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => {
-                    tracing::error!(error = %e, "server task panicked");
-                    Ok(())
-                }
-            };
-        }
-
-        tracing::info!(grace = ?config.drain_grace, "draining: reporting NOT_SERVING");
-        health.set_draining();
-        tokio::time::sleep(config.drain_grace).await;
-
-        token.cancel();
-        tracker.close();
-        let drained = async {
-            let served = server.await;
-            watch_stop.cancel();
-            tracker.wait().await;
-            if let Err(e) = publisher.flush(config.shutdown_timeout).await {
-                tracing::warn!(error = %e, "producer flush incomplete");
+        let served = match ended_alone {
+            Some(r) => {
+                // The server ended on its own: stop the rest and report why.
+                token.cancel();
+                watch_stop.cancel();
+                tasks.close();
+                tasks.wait().await;
+                r
             }
-            served
+            None => {
+                tracing::info!(grace = ?config.drain_grace, "draining: reporting NOT_SERVING");
+                health.set_draining();
+                tokio::time::sleep(config.drain_grace).await;
+
+                token.cancel();
+                tasks.close();
+                let drained = async {
+                    let served = server.await;
+                    watch_stop.cancel();
+                    tasks.wait().await;
+                    if let Err(e) = publisher.flush(config.shutdown_timeout).await {
+                        tracing::warn!(error = %e, "producer flush incomplete");
+                    }
+                    served
+                };
+                match tokio::time::timeout(config.shutdown_timeout, drained).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(StartupError::ShutdownTimeout(config.shutdown_timeout)),
+                }
+            }
         };
-        match tokio::time::timeout(config.shutdown_timeout, drained).await {
-            Ok(Ok(Ok(()))) => {
+        if let Some(panic) = tasks.first_panic() {
+            return Err(StartupError::Panicked(panic));
+        }
+        match served {
+            Ok(Some(Ok(()))) => {
                 tracing::info!("stopped cleanly");
                 Ok(())
             }
-            Ok(Ok(Err(e))) => Err(e.into()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "server task panicked");
-                Ok(())
-            }
-            Err(_) => Err(StartupError::ShutdownTimeout(config.shutdown_timeout)),
+            Ok(Some(Err(e))) => Err(e.into()),
+            Ok(None) => Err(StartupError::Panicked("gRPC server".into())),
+            Err(e) => Err(StartupError::Panicked(format!("gRPC server: {e}"))),
         }
     }
 }
 
-/// Pings Redis and Kafka every `interval` and sets the health of every
-/// service: SERVING only while both answer (and not draining).
+/// Pings Redis and Kafka every `interval` and records what answers; each
+/// health name follows the dependencies it needs (see [`Needs`]).
 async fn probe_dependencies(
     store: RedisStore,
     publisher: EventPublisher,
@@ -345,16 +415,16 @@ async fn probe_dependencies(
         let now = (redis.is_ok(), kafka.is_ok());
         if last != Some(now) {
             match (&redis, &kafka) {
-                (Ok(()), Ok(())) => tracing::info!("Redis and Kafka reachable: SERVING"),
+                (Ok(()), Ok(())) => tracing::info!("Redis and Kafka reachable"),
                 _ => tracing::warn!(
                     redis = ?redis.as_ref().err().map(ToString::to_string),
                     kafka = ?kafka.as_ref().err().map(ToString::to_string),
-                    "dependency unreachable: NOT_SERVING"
+                    "dependency unreachable"
                 ),
             }
             last = Some(now);
         }
-        health.set_dependencies(now.0 && now.1);
+        health.set_dependencies(now.0, now.1);
         if let Some(state) = &projector {
             let in_group = state.stats().in_group;
             if in_group != last_in_group {

@@ -20,6 +20,15 @@ pub enum ApiError {
     Invalid(#[from] ValidationError),
     #[error("user {0} not found")]
     NotFound(UserId),
+    /// The log has not reached the position: no wait would see it applied.
+    #[error(
+        "position {partition}:{offset} is past the end of the log (partition {partition} ends at {log_end})"
+    )]
+    PastLogEnd {
+        partition: i32,
+        offset: i64,
+        log_end: i64,
+    },
     #[error("position {partition}:{offset} not applied before the deadline")]
     NotAppliedInTime { partition: i32, offset: i64 },
     /// The read model is replaying this partition after a loss (or has not
@@ -39,6 +48,11 @@ pub enum ApiError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Progress(#[from] WatchError),
+    /// A progress call named a group or topic outside the allowlist.
+    #[error(
+        "the progress of group {group:?} on topic {topic:?} is not served here (see PROGRESS_ALLOWED_GROUPS)"
+    )]
+    NotAllowed { group: String, topic: String },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -71,6 +85,8 @@ impl From<ApiError> for Status {
                 ))
             }
             ApiError::NotFound(_) => Status::not_found(e.to_string()),
+            ApiError::NotAllowed { .. } => Status::permission_denied(e.to_string()),
+            ApiError::PastLogEnd { .. } => Status::out_of_range(e.to_string()),
             ApiError::NotAppliedInTime { .. } => Status::deadline_exceeded(e.to_string()),
             ApiError::Rebuilding(_) | ApiError::CannotTell | ApiError::ShuttingDown => {
                 Status::unavailable(format!("{e}; retry shortly"))

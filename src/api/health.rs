@@ -17,57 +17,88 @@ use tonic_health::pb::{
     health_server::{Health, HealthServer},
 };
 
-/// The status of each service name, with a watch channel per name so that
-/// `Watch` streams see every change.
+/// What a health name needs to be SERVING (besides not draining).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub redis: bool,
+    pub kafka: bool,
+    /// The projector in its consumer group.
+    pub projector: bool,
+}
+
+impl Needs {
+    pub const REDIS: Self = Self {
+        redis: true,
+        kafka: false,
+        projector: false,
+    };
+    pub const KAFKA: Self = Self {
+        redis: false,
+        kafka: true,
+        projector: false,
+    };
+    pub const PROJECTOR: Self = Self {
+        redis: true,
+        kafka: true,
+        projector: true,
+    };
+}
+
+/// The status of each service name, each following the dependencies it
+/// needs ([`Needs`]), with a watch channel per name so that `Watch` streams
+/// see every change.
 pub struct HealthRegistry {
-    services: Mutex<HashMap<String, watch::Sender<ServingStatus>>>,
+    services: Mutex<HashMap<String, (Needs, watch::Sender<ServingStatus>)>>,
     state: Mutex<State>,
-    /// The name that also needs the projector in its group, if one runs here.
-    projector_name: Option<String>,
     /// Ends every `Watch` stream at shutdown.
     shutdown: CancellationToken,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct State {
-    /// Kafka and Redis answer.
-    reachable: bool,
+    redis: bool,
+    kafka: bool,
     /// Shutdown has begun.
     draining: bool,
     /// librdkafka reports the projector in its consumer group.
     projector_in_group: bool,
 }
 
+impl State {
+    fn serves(&self, needs: Needs) -> bool {
+        !self.draining
+            && (self.redis || !needs.redis)
+            && (self.kafka || !needs.kafka)
+            && (self.projector_in_group || !needs.projector)
+    }
+}
+
 impl HealthRegistry {
-    /// Registers `names` as NOT_SERVING until someone says otherwise.
-    pub fn new(names: &[&str], shutdown: CancellationToken) -> Self {
+    /// Registers each name with what it needs, NOT_SERVING until the probes
+    /// say otherwise.
+    pub fn new(names: &[(&str, Needs)], shutdown: CancellationToken) -> Self {
         let services = names
             .iter()
-            .map(|n| (n.to_string(), watch::Sender::new(ServingStatus::NotServing)))
+            .map(|(n, needs)| {
+                (
+                    n.to_string(),
+                    (*needs, watch::Sender::new(ServingStatus::NotServing)),
+                )
+            })
             .collect();
         Self {
             services: Mutex::new(services),
             state: Mutex::new(State::default()),
-            projector_name: None,
             shutdown,
         }
     }
 
-    /// Registers `name` too, SERVING only while the projector is in its
-    /// group as well: a projector that fell out after a broker blip and did
-    /// not come back shows there.
-    pub fn with_projector(mut self, name: &str) -> Self {
-        self.lock().insert(
-            name.to_owned(),
-            watch::Sender::new(ServingStatus::NotServing),
-        );
-        self.projector_name = Some(name.to_owned());
-        self
-    }
-
-    /// Records whether the dependencies answer; SERVING needs both, and no drain.
-    pub fn set_dependencies(&self, reachable: bool) {
-        self.update(|s| s.reachable = reachable);
+    /// Records whether Redis and Kafka answer.
+    pub fn set_dependencies(&self, redis: bool, kafka: bool) {
+        self.update(|s| {
+            s.redis = redis;
+            s.kafka = kafka;
+        });
     }
 
     /// Records whether the projector is in its group.
@@ -86,35 +117,29 @@ impl HealthRegistry {
             f(&mut state);
             *state
         };
-        let serving = |ok: bool| {
-            if ok {
+        for (needs, tx) in self.lock().values() {
+            let status = if state.serves(*needs) {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
-            }
-        };
-        let base = state.reachable && !state.draining;
-        for (name, tx) in self.lock().iter() {
-            let status = if Some(name) == self.projector_name.as_ref() {
-                serving(base && state.projector_in_group)
-            } else {
-                serving(base)
             };
             tx.send_if_modified(|s| std::mem::replace(s, status) != status);
         }
     }
 
     pub fn status(&self, name: &str) -> Option<ServingStatus> {
-        self.lock().get(name).map(|tx| *tx.borrow())
+        self.lock().get(name).map(|(_, tx)| *tx.borrow())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<ServingStatus>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Needs, watch::Sender<ServingStatus>)>> {
         // Nothing panics while holding this lock.
         self.services.lock().expect("health lock poisoned")
     }
 
     fn subscribe(&self, name: &str) -> Option<watch::Receiver<ServingStatus>> {
-        self.lock().get(name).map(|tx| tx.subscribe())
+        self.lock().get(name).map(|(_, tx)| tx.subscribe())
     }
 }
 
@@ -169,5 +194,55 @@ impl Health for HealthService {
             ),
         };
         Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> HealthRegistry {
+        HealthRegistry::new(
+            &[
+                ("", Needs::REDIS),
+                ("kafka", Needs::KAFKA),
+                ("projector", Needs::PROJECTOR),
+            ],
+            CancellationToken::new(),
+        )
+    }
+
+    #[test]
+    fn each_name_follows_what_it_needs() {
+        let h = registry();
+        let status = |n| h.status(n).unwrap();
+        h.set_dependencies(true, false);
+        h.set_projector_in_group(true);
+        assert_eq!(status(""), ServingStatus::Serving);
+        assert_eq!(status("kafka"), ServingStatus::NotServing);
+        assert_eq!(status("projector"), ServingStatus::NotServing);
+        h.set_dependencies(false, true);
+        assert_eq!(status(""), ServingStatus::NotServing);
+        assert_eq!(status("kafka"), ServingStatus::Serving);
+        h.set_dependencies(true, true);
+        assert_eq!(status("projector"), ServingStatus::Serving);
+        h.set_draining();
+        for n in ["", "kafka", "projector"] {
+            assert_eq!(status(n), ServingStatus::NotServing);
+        }
+    }
+
+    #[tokio::test]
+    async fn watchers_see_each_change() {
+        let h = registry();
+        let mut rx = h.subscribe("kafka").unwrap();
+        h.set_dependencies(true, true);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), ServingStatus::Serving);
+        h.set_dependencies(true, false);
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow_and_update(), ServingStatus::NotServing);
+        h.set_dependencies(true, false);
+        assert!(!rx.has_changed().unwrap(), "no change, no message");
     }
 }

@@ -3,10 +3,11 @@
 
 pub mod error;
 pub mod health;
+pub mod limit;
 mod projection_service;
 mod user_service;
 
 pub use error::ApiError;
-pub use health::HealthRegistry;
+pub use health::{HealthRegistry, Needs};
 pub use projection_service::ProjectionApi;
 pub use user_service::UserApi;

@@ -25,6 +25,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// The handlers over the shared [`ProgressHub`].
 pub struct ProjectionApi {
     pub hub: Arc<ProgressHub>,
+    /// The (group, topic) pairs callers may read: the service's own and the
+    /// configured allowlist (`PROGRESS_ALLOWED_GROUPS`).
+    pub allowed: Vec<(String, String)>,
     /// Ends every stream at shutdown.
     pub shutdown: CancellationToken,
 }
@@ -40,10 +43,10 @@ impl ProjectionService for ProjectionApi {
     ) -> Result<Response<pb::GetProgressResponse>, Status> {
         let r = request.into_inner();
         validate_partitions(&r.partitions, None)?;
-        let (group, topic) = self.names(&r.group, &r.topic);
+        let (group, topic) = self.names(&r.group, &r.topic)?;
         let (_sub, first) = self
             .hub
-            .subscribe(&group, &topic, DEFAULT_INTERVAL, false)
+            .subscribe(&group, &topic, DEFAULT_INTERVAL)
             .await
             .map_err(ApiError::from)?;
         validate_partitions(&r.partitions, Some(&first))?;
@@ -62,10 +65,10 @@ impl ProjectionService for ProjectionApi {
         let r = request.into_inner();
         let interval = parse_interval(r.interval)?;
         validate_partitions(&r.partitions, None)?;
-        let (group, topic) = self.names(&r.group, &r.topic);
+        let (group, topic) = self.names(&r.group, &r.topic)?;
         let (sub, first) = self
             .hub
-            .subscribe(&group, &topic, interval, true)
+            .subscribe(&group, &topic, interval)
             .await
             .map_err(ApiError::from)?;
         validate_partitions(&r.partitions, Some(&first))?;
@@ -114,7 +117,9 @@ impl ProjectionService for ProjectionApi {
 }
 
 impl ProjectionApi {
-    fn names(&self, group: &str, topic: &str) -> (String, String) {
+    /// The (group, topic) asked for, the service's own where left empty;
+    /// refused unless allowed.
+    fn names(&self, group: &str, topic: &str) -> Result<(String, String), ApiError> {
         let pick = |asked: &str, own: &str| {
             if asked.is_empty() {
                 own.to_owned()
@@ -122,10 +127,18 @@ impl ProjectionApi {
                 asked.to_owned()
             }
         };
-        (
+        let asked = (
             pick(group, self.hub.own_group()),
             pick(topic, self.hub.own_topic()),
-        )
+        );
+        if self.allowed.contains(&asked) {
+            Ok(asked)
+        } else {
+            Err(ApiError::NotAllowed {
+                group: asked.0,
+                topic: asked.1,
+            })
+        }
     }
 }
 

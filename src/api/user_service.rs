@@ -5,16 +5,16 @@ use super::ApiError;
 use crate::{
     command::{CreateUser, Created},
     domain::{EventPosition, FieldViolation, NewUser, User, UserId, ValidationError},
-    kafka::user_partition,
+    kafka::{Reach, user_partition},
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
     },
-    store::WaitError,
+    store::{StoredUser, WaitError},
+    tasks::Tasks,
 };
 use std::time::Duration;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -25,7 +25,7 @@ pub struct UserApi {
     /// Longest wait for the read model when the call has no deadline.
     pub max_position_wait: Duration,
     /// Tracks the task each CreateUser runs in, so shutdown waits for it.
-    pub tracker: TaskTracker,
+    pub tasks: Tasks,
 }
 
 #[tonic::async_trait]
@@ -35,17 +35,25 @@ impl UserService for UserApi {
         &self,
         request: Request<CreateUserRequest>,
     ) -> Result<Response<CreateUserResponse>, Status> {
-        let deadline = self.deadline(&request);
+        // Tests make this panic (FAILPOINTS=create-user=panic) to check that
+        // a panicking handler answers INTERNAL and stops the service.
+        fail::fail_point!("create-user");
+        let deadline = self.deadline();
         let r = request.into_inner();
         let new = NewUser::parse(r.id, &r.name, &r.email, &r.request_id).map_err(ApiError::from)?;
         // Run the command in its own task: a caller that hangs up mid-way
         // does not cut a publish off between the broker and the verdict.
         let create = self.create.clone();
         let created = self
-            .tracker
-            .spawn(async move { create.run(&new, deadline).await })
+            .tasks
+            .spawn(
+                "create user",
+                async move { create.run(&new, deadline).await },
+            )
             .await
-            .map_err(|e| ApiError::Task(e.to_string()))?
+            .ok()
+            .flatten()
+            .ok_or_else(|| ApiError::Task("the create task panicked".into()))?
             .map_err(ApiError::from)?;
         let Created { user, position } = created;
         tracing::info!(id = %user.id, partition = position.partition, offset = position.offset, "user created");
@@ -60,24 +68,28 @@ impl UserService for UserApi {
         &self,
         request: Request<GetUserRequest>,
     ) -> Result<Response<GetUserResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = self.deadline();
         let r = request.into_inner();
         let id = UserId::parse(r.id).map_err(ApiError::from)?;
-        let publisher = &self.create.publisher;
         if let Some(pos) = r.min_position {
-            let (partition, offset) = validate_position(pos, publisher.known_partitions())?;
-            self.create
-                .watch
-                .wait_applied(partition, offset, deadline)
-                .await
-                .map_err(|e| match e {
-                    WaitError::Timeout => ApiError::NotAppliedInTime { partition, offset },
-                    WaitError::ShuttingDown => ApiError::ShuttingDown,
-                    WaitError::Store(e) => e.into(),
-                })?;
+            self.wait_for_position(pos, deadline).await?;
         }
+        let Some(partitions) = self.create.publisher.known_partitions() else {
+            // No broker has answered since start-up: a stored user is still
+            // an answer, but only its partition's checkpoint can vouch for
+            // its absence.
+            let stored = self
+                .create
+                .store
+                .get_user(id)
+                .await
+                .map_err(ApiError::from)?;
+            return match stored {
+                Some(s) => Ok(Response::new(to_response(&s))),
+                None => Err(ApiError::CannotTell.into()),
+            };
+        };
         // The user's own partition vouches for its absence, if complete.
-        let partitions = publisher.known_partitions().ok_or(ApiError::CannotTell)?;
         let partition = user_partition(id, partitions);
         let (state, stored) = self
             .create
@@ -90,17 +102,47 @@ impl UserService for UserApi {
             None if state.is_complete() => return Err(ApiError::NotFound(id).into()),
             None => return Err(ApiError::Rebuilding(partition).into()),
         };
-        Ok(Response::new(GetUserResponse {
-            user: Some(to_proto(&stored.user)),
-            position: stored.position().map(to_position),
-        }))
+        Ok(Response::new(to_response(&stored)))
+    }
+}
+
+fn to_response(stored: &StoredUser) -> GetUserResponse {
+    GetUserResponse {
+        user: Some(to_proto(&stored.user)),
+        position: stored.position().map(to_position),
     }
 }
 
 impl UserApi {
-    /// The call's deadline, or the longest wait when it has none.
-    fn deadline<T>(&self, request: &Request<T>) -> Instant {
-        grpc_deadline(request).unwrap_or_else(|| Instant::now() + self.max_position_wait)
+    /// When the call's waits end. The caller's own deadline (`grpc-timeout`)
+    /// is tonic's to enforce: it drops the handler then. The service's own
+    /// bound is what keeps a caller who asks for hours from holding a wait.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.max_position_wait
+    }
+
+    /// Waits until the read model has applied `pos`; a position the log has
+    /// not reached is refused at once, since no wait would see it applied.
+    async fn wait_for_position(&self, pos: Position, deadline: Instant) -> Result<(), ApiError> {
+        let publisher = &self.create.publisher;
+        let (partition, offset) = validate_position(pos, publisher.known_partitions())?;
+        if let Reach::Beyond { log_end } = publisher.reach(partition, offset).await {
+            return Err(ApiError::PastLogEnd {
+                partition,
+                offset,
+                log_end,
+            });
+        }
+        self.create
+            .watch
+            .wait_applied(partition, offset, deadline)
+            .await
+            .map_err(|e| match e {
+                WaitError::Timeout => ApiError::NotAppliedInTime { partition, offset },
+                WaitError::ShuttingDown => ApiError::ShuttingDown,
+                WaitError::Store(e) => e.into(),
+            })?;
+        Ok(())
     }
 }
 
@@ -131,25 +173,6 @@ fn validate_position(pos: Position, partitions: Option<i32>) -> Result<(i32, i64
     }
 }
 
-/// The call's deadline from its `grpc-timeout` header, a little early so that
-/// the answer reaches the caller before it gives up.
-fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
-    let raw = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    let margin = (timeout / 20).min(Duration::from_millis(20));
-    Instant::now().checked_add(timeout - margin)
-}
-
 fn to_position(p: EventPosition) -> Position {
     Position {
         partition: p.partition,
@@ -166,23 +189,5 @@ fn to_proto(user: &User) -> ProtoUser {
             seconds: user.created_at_ms.div_euclid(1000),
             nanos: (user.created_at_ms.rem_euclid(1000) * 1_000_000) as i32,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_header_sets_a_deadline() {
-        let mut req = Request::new(());
-        req.metadata_mut()
-            .insert("grpc-timeout", "2S".parse().unwrap());
-        let d = grpc_deadline(&req).unwrap();
-        let left = d - Instant::now();
-        assert!(left <= Duration::from_secs(2) && left > Duration::from_millis(1900));
-        req.metadata_mut()
-            .insert("grpc-timeout", "bogus".parse().unwrap());
-        assert!(grpc_deadline(&req).is_none());
     }
 }

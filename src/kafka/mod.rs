@@ -7,11 +7,13 @@
 
 mod admin;
 mod error;
+pub mod log_end;
 mod producer;
 pub mod watchdog;
 
 pub use admin::ensure_topics;
 pub use error::KafkaError;
+pub use log_end::Reach;
 pub use producer::{EventPublisher, Published};
 
 use rdkafka::ClientConfig;

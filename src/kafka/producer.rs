@@ -2,6 +2,7 @@
 
 use super::{
     KafkaError,
+    log_end::{LogEnds, Reach},
     watchdog::{ClientHealth, Confirmations, HealthContext, cluster_reachable},
 };
 use crate::domain::UserCreated;
@@ -50,6 +51,8 @@ pub struct EventPublisher {
     /// The topic's partition count as last seen by [`EventPublisher::ping`];
     /// 0 until then.
     partitions: Arc<AtomicI32>,
+    /// How far each partition's log reaches, as far as this instance knows.
+    log_ends: Arc<LogEnds>,
 }
 
 impl EventPublisher {
@@ -71,6 +74,7 @@ impl EventPublisher {
             topic: topic.to_owned(),
             timeout,
             partitions: Arc::default(),
+            log_ends: Arc::default(),
         })
     }
 
@@ -182,9 +186,13 @@ impl EventPublisher {
         let (result, timed_out) =
             match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
                 Ok(Ok(delivery)) => (
-                    Ok(Published {
-                        partition: delivery.partition,
-                        offset: delivery.offset,
+                    Ok({
+                        self.log_ends
+                            .acknowledged(delivery.partition, delivery.offset);
+                        Published {
+                            partition: delivery.partition,
+                            offset: delivery.offset,
+                        }
                     }),
                     false,
                 ),
@@ -234,6 +242,24 @@ impl EventPublisher {
     /// The topic's partition count, once a probe has seen the topic.
     pub fn known_partitions(&self) -> Option<i32> {
         Some(self.partitions.load(Ordering::Relaxed)).filter(|n| *n > 0)
+    }
+
+    /// Whether the topic's log holds `offset` of `partition` (see
+    /// [`LogEnds`]): a broker is asked only when this instance's own
+    /// acknowledgements do not already say so.
+    pub async fn reach(&self, partition: i32, offset: i64) -> Reach {
+        let producer = self.current();
+        let topic = self.topic.clone();
+        let timeout = self.timeout.min(Duration::from_secs(1));
+        self.log_ends
+            .reach(partition, offset, move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, partition, timeout)
+                    .ok()
+                    .map(|(_, high)| high)
+            })
+            .await
     }
 
     /// Publishes raw bytes with headers (the dead-letter path) and waits.

@@ -6,6 +6,7 @@ use super::{
     kafka_reader::{GroupReader, ProgressError},
     model::{GroupState, ReadModelPosition, Snapshot},
 };
+use crate::tasks::Tasks;
 use crate::{
     projector::ProjectorState,
     store::{Checkpoints, PartitionState, RedisStore},
@@ -19,7 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 
 type Latest = Option<Result<Arc<Snapshot>, Arc<ProgressError>>>;
 type Pollers = Arc<Mutex<HashMap<(String, String), Arc<Poller>>>>;
@@ -58,7 +59,7 @@ pub struct ProgressHub {
     /// Every poller ends on it at shutdown.
     token: CancellationToken,
     /// Pollers are joined with the other tasks at shutdown.
-    tracker: TaskTracker,
+    tasks: Tasks,
     kafka_timeout: Duration,
     /// Polls of Kafka made by all pollers, for tests and metrics.
     polls: Arc<AtomicU64>,
@@ -82,7 +83,7 @@ pub struct Subscription {
     poller: Arc<Poller>,
     id: u64,
     rx: watch::Receiver<Latest>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for Subscription {
@@ -103,7 +104,7 @@ impl ProgressHub {
         max_watchers: usize,
         kafka_timeout: Duration,
         token: CancellationToken,
-        tracker: TaskTracker,
+        tasks: Tasks,
     ) -> Self {
         Self {
             brokers: brokers.to_owned(),
@@ -112,7 +113,7 @@ impl ProgressHub {
             watchers: Arc::new(Semaphore::new(max_watchers)),
             pollers: Pollers::default(),
             token,
-            tracker,
+            tasks,
             kafka_timeout,
             polls: Arc::default(),
         }
@@ -131,28 +132,23 @@ impl ProgressHub {
         &self.own.topic
     }
 
-    /// Subscribes to (group, topic) at `interval`; `counted` watchers take one
-    /// of the instance's watcher slots. Returns once the first snapshot is in.
+    /// Subscribes to (group, topic) at `interval`, taking one of the
+    /// instance's watcher slots for as long as the subscription lives (a
+    /// one-off GetProgress too). Returns once the first snapshot is in.
     pub async fn subscribe(
         &self,
         group: &str,
         topic: &str,
         interval: Duration,
-        counted: bool,
     ) -> Result<(Subscription, Arc<Snapshot>), WatchError> {
         if self.token.is_cancelled() {
             return Err(WatchError::ShuttingDown);
         }
-        let permit = if counted {
-            Some(
-                self.watchers
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| WatchError::TooManyWatchers(self.max_watchers))?,
-            )
-        } else {
-            None
-        };
+        let permit = self
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WatchError::TooManyWatchers(self.max_watchers))?;
         let poller = {
             let mut pollers = lock(&self.pollers);
             let key = (group.to_owned(), topic.to_owned());
@@ -206,7 +202,8 @@ impl ProgressHub {
             token: self.token.clone(),
             polls: self.polls.clone(),
         };
-        self.tracker.spawn(task.run(self.pollers.clone()));
+        self.tasks
+            .spawn("progress poller", task.run(self.pollers.clone()));
         poller
     }
 }

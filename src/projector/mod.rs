@@ -296,6 +296,9 @@ impl Projector {
             });
         }
         let expected = cursors.expected(ops.iter().map(|o| o.position.partition));
+        // Tests make this panic (FAILPOINTS=projector-apply=panic) to check
+        // that a panicking task stops the service with a non-zero exit.
+        fail::fail_point!("projector-apply");
 
         let mut backoff = Duration::from_millis(50);
         let outcome = loop {

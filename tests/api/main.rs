@@ -16,4 +16,5 @@ mod restart;
 mod sentinel;
 mod shutdown;
 mod stack_round_trip;
+mod untrusted;
 mod validation;
