@@ -308,7 +308,7 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.code(), Code::PermissionDenied, "not on the allowlist");
     let err = app
         .progress
         .clone()
@@ -318,7 +318,7 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.code(), Code::PermissionDenied, "not on the allowlist");
 
     // Four watchers of one group, each with its first snapshot at once.
     let mut streams = Vec::new();
