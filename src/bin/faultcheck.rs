@@ -144,6 +144,12 @@ struct Cli {
     check_group: Option<String>,
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     rejoin_within: Duration,
+    /// Between each fault and its heal, read users acknowledged before the
+    /// fault and ask the health of `user.v1.UserService`: every read must be
+    /// answered and the service stay SERVING (for faults of Kafka, which
+    /// reads do not need).
+    #[arg(long)]
+    reads_during_fault: bool,
     /// With --repeat > 1: a CreateUser must be acknowledged within this after
     /// every heal.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -513,6 +519,95 @@ struct Cycle {
     healed: Option<Instant>,
     problems: Vec<String>,
     rejoin: Option<Duration>,
+    reads: Option<FaultReads>,
+}
+
+/// What reads and health checks saw between a fault and its heal.
+#[derive(Debug, Default, Clone)]
+struct FaultReads {
+    ok: u64,
+    failed: u64,
+    serving: u64,
+    not_serving: u64,
+    /// The first failure of each kind, for the report.
+    samples: Vec<String>,
+}
+
+/// Reads users acknowledged before `fault_at` until `until`, one call at a
+/// time, and asks `user.v1.UserService`'s health beside each.
+async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> FaultReads {
+    let mut r = FaultReads::default();
+    let acked: Vec<Ack> = load
+        .acks
+        .lock()
+        .expect("acks lock")
+        .iter()
+        .filter(|a| a.at < fault_at)
+        .cloned()
+        .collect();
+    if acked.is_empty() {
+        r.samples.push("no user acknowledged before the fault".into());
+        r.failed += 1;
+        return r;
+    }
+    let mut i = 0usize;
+    while Instant::now() < until {
+        let ack = &acked[(i * 7919) % acked.len()];
+        i += 1;
+        let (_, _, ch) = load.pool.pick();
+        let mut req = Request::new(GetUserRequest {
+            id: ack.id,
+            min_position: None,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let got = tokio::time::timeout(
+            Duration::from_secs(3),
+            UserServiceClient::new(ch.clone()).get_user(req),
+        )
+        .await;
+        match got {
+            Ok(Ok(resp)) if resp.get_ref().user.as_ref().is_some_and(|u| u.name == ack.name) => {
+                r.ok += 1
+            }
+            other => {
+                if r.failed == 0 {
+                    r.samples.push(format!(
+                        "GetUser {}: {}",
+                        ack.id,
+                        match other {
+                            Ok(Ok(resp)) => format!("another user: {:?}", resp.get_ref().user),
+                            Ok(Err(s)) => format!("{} {}", code_name(s.code()), s.message()),
+                            Err(_) => "timed out".into(),
+                        }
+                    ));
+                }
+                r.failed += 1;
+            }
+        }
+        let mut req = Request::new(HealthCheckRequest {
+            service: "user.v1.UserService".into(),
+        });
+        req.set_timeout(Duration::from_secs(1));
+        match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await
+        {
+            Ok(Ok(h)) if h.get_ref().status == ServingStatus::Serving as i32 => r.serving += 1,
+            other => {
+                if r.not_serving == 0 {
+                    r.samples.push(format!(
+                        "health of user.v1.UserService: {}",
+                        match other {
+                            Ok(Ok(h)) => format!("status {}", h.get_ref().status),
+                            Ok(Err(s)) => format!("{} {}", code_name(s.code()), s.message()),
+                            Err(_) => "timed out".into(),
+                        }
+                    ));
+                }
+                r.not_serving += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r
 }
 
 struct FaultPlan {
@@ -526,6 +621,7 @@ struct FaultPlan {
     command_timeout: Duration,
     group: Option<String>,
     rejoin_within: Duration,
+    reads_during_fault: bool,
 }
 
 async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cycle> {
@@ -552,8 +648,15 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
             Ok(rc) => c.problems.push(format!("fault command exited {rc}")),
             Err(e) => c.problems.push(format!("fault command: {e}")),
         }
+        let heal_at = c.started.expect("set above") + plan.heal_after;
+        let reads = plan.reads_during_fault.then(|| {
+            tokio::spawn(reads_during(
+                load.clone(),
+                c.started.expect("set above"),
+                heal_at,
+            ))
+        });
         if !plan.heal.trim().is_empty() {
-            let heal_at = c.started.expect("set above") + plan.heal_after;
             tokio::time::sleep_until(heal_at.into()).await;
             say!("heal {}/{}: {}", i + 1, plan.repeat, plan.heal);
             match run_shell(plan.heal.clone(), plan.command_timeout).await {
@@ -561,6 +664,9 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
                 Ok(rc) => c.problems.push(format!("heal command exited {rc}")),
                 Err(e) => c.problems.push(format!("heal command: {e}")),
             }
+        }
+        if let Some(reads) = reads {
+            c.reads = reads.await.ok();
         }
         let healed = Instant::now();
         c.healed = Some(healed);
@@ -1114,6 +1220,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 command_timeout: cli.command_timeout,
                 group: cli.check_group.clone(),
                 rejoin_within: cli.rejoin_within,
+                reads_during_fault: cli.reads_during_fault,
             },
             load.clone(),
             start,
@@ -1186,6 +1293,25 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         for p in &c.problems {
             failures.push(format!("cycle {}: {p}", i + 1));
         }
+        if let Some(r) = &c.reads {
+            say!(
+                "cycle {}: during the fault, {} reads answered, {} failed; user.v1.UserService SERVING {} times, not {} times",
+                i + 1,
+                r.ok,
+                r.failed,
+                r.serving,
+                r.not_serving
+            );
+            if r.failed > 0 || r.not_serving > 0 || r.ok == 0 {
+                failures.push(format!(
+                    "cycle {}: reads during the fault: {} failed, {} not SERVING ({})",
+                    i + 1,
+                    r.failed,
+                    r.not_serving,
+                    r.samples.join("; ")
+                ));
+            }
+        }
         if cli.repeat > 1 && heal.is_none_or(|h| h > cli.writes_within.as_secs_f64()) {
             failures.push(format!(
                 "cycle {}: no CreateUser acknowledged within {:?} of the heal",
@@ -1206,6 +1332,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "healed_at_s": round1(since_start(healed)),
             "heal_s": heal.map(|h| (h * 100.0).round() / 100.0),
             "rejoin_s": rejoin.map(|r| (r * 100.0).round() / 100.0),
+            "reads_during_fault": c.reads.as_ref().map(|r| json!({
+                "ok": r.ok,
+                "failed": r.failed,
+                "serving": r.serving,
+                "not_serving": r.not_serving,
+            })),
             "problems": c.problems,
         }));
     }
