@@ -4,7 +4,7 @@
 //!
 //! Modes (each prints one JSON object on stdout):
 //!
-//! - `get`, `create`, `health`: closed loop, `--concurrency` callers over
+//! - `get` (optionally waiting on `--min-position`), `create`, `health`: closed loop, `--concurrency` callers over
 //!   `--connections` channels, for `--duration` or `--max-requests`;
 //!   count, errors by code, rps, p50/p90/p99/p999/max latency in ms.
 //! - `freshness`: CreateUser at a fixed `--rate`, then the time from its answer
@@ -127,6 +127,20 @@ struct GetArgs {
     id_min: i64,
     #[arg(long, default_value_t = 1000)]
     id_max: i64,
+    /// Wait for this position (PARTITION:OFFSET) before reading: with a
+    /// position nothing will apply, every call waits out the service's bound.
+    #[arg(long, value_parser = parse_position)]
+    min_position: Option<Position>,
+}
+
+fn parse_position(s: &str) -> Result<Position, String> {
+    let (p, o) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: want PARTITION:OFFSET"))?;
+    Ok(Position {
+        partition: p.parse().map_err(|e| format!("partition: {e}"))?,
+        offset: o.parse().map_err(|e| format!("offset: {e}"))?,
+    })
 }
 
 #[derive(Args)]
@@ -328,12 +342,10 @@ async fn run_async(mode: Mode) -> anyhow::Result<Value> {
     match mode {
         Mode::Get(a) => {
             let (lo, hi) = (a.id_min, a.id_max.max(a.id_min));
+            let min_position = a.min_position;
             closed_loop("get", &a.call, move |ch, _seq, timeout| async move {
                 let id = rand::random_range(lo..=hi);
-                let mut req = Request::new(GetUserRequest {
-                    id,
-                    min_position: None,
-                });
+                let mut req = Request::new(GetUserRequest { id, min_position });
                 req.set_timeout(timeout);
                 UserServiceClient::new(ch).get_user(req).await.map(|_| ())
             })
