@@ -82,7 +82,7 @@ impl ProjectionService for ProjectionApi {
         let state = (
             sub,
             Some(first),
-            None::<(std::time::SystemTime, Instant)>,
+            None::<(std::time::Instant, Instant)>,
             false,
         );
         let stream = stream::unfold(state, move |(mut sub, first, last, done)| {
@@ -103,7 +103,7 @@ impl ProjectionService for ProjectionApi {
                         Ok(pb::WatchProgressResponse {
                             snapshot: Some(to_proto(&s.filtered(&filter))),
                         }),
-                        Some((s.time, Instant::now())),
+                        Some((s.taken, Instant::now())),
                         false,
                     ),
                     Err(e) => (Err(Status::from(ApiError::from(e))), None, true),

@@ -546,7 +546,8 @@ async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> Fau
         .cloned()
         .collect();
     if acked.is_empty() {
-        r.samples.push("no user acknowledged before the fault".into());
+        r.samples
+            .push("no user acknowledged before the fault".into());
         r.failed += 1;
         return r;
     }
@@ -566,7 +567,13 @@ async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> Fau
         )
         .await;
         match got {
-            Ok(Ok(resp)) if resp.get_ref().user.as_ref().is_some_and(|u| u.name == ack.name) => {
+            Ok(Ok(resp))
+                if resp
+                    .get_ref()
+                    .user
+                    .as_ref()
+                    .is_some_and(|u| u.name == ack.name) =>
+            {
                 r.ok += 1
             }
             other => {
@@ -588,8 +595,7 @@ async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> Fau
             service: "user.v1.UserService".into(),
         });
         req.set_timeout(Duration::from_secs(1));
-        match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await
-        {
+        match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
             Ok(Ok(h)) if h.get_ref().status == ServingStatus::Serving as i32 => r.serving += 1,
             other => {
                 if r.not_serving == 0 {

@@ -16,7 +16,7 @@ use super::model::{
 };
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 /// Samples kept per partition for the status window (Burrow's default is 10).
@@ -28,7 +28,7 @@ const LOG_END_SAMPLES: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
-    time: SystemTime,
+    at: Instant,
     /// Committed offset, or the log start when nothing was committed.
     position: i64,
     lag: i64,
@@ -38,7 +38,7 @@ struct Sample {
 struct PartitionHistory {
     window: VecDeque<Sample>,
     /// (time, log end), one entry per change of the log end.
-    log_end: VecDeque<(SystemTime, i64)>,
+    log_end: VecDeque<(Instant, i64)>,
     last_committed: Option<i64>,
     last_commit_time: Option<SystemTime>,
 }
@@ -74,7 +74,7 @@ impl History {
             let lag = (raw.log_end - position).max(0);
 
             if h.log_end.back().is_none_or(|(_, end)| *end != raw.log_end) {
-                h.log_end.push_back((obs.time, raw.log_end));
+                h.log_end.push_back((obs.at, raw.log_end));
                 if h.log_end.len() > LOG_END_SAMPLES {
                     h.log_end.pop_front();
                 }
@@ -87,7 +87,7 @@ impl History {
             }
             h.last_committed = raw.committed.or(h.last_committed);
             h.window.push_back(Sample {
-                time: obs.time,
+                at: obs.at,
                 position,
                 lag,
             });
@@ -110,7 +110,7 @@ impl History {
                 log_start: raw.log_start,
                 log_end: raw.log_end,
                 lag,
-                lag_seconds: lag_seconds(&h.log_end, position, lag, obs.time),
+                lag_seconds: lag_seconds(&h.log_end, position, lag, obs.at),
                 consume_rate: consume_rate(&h.window),
                 status: status(&h.window, owner.is_some(), rebuild_target.is_some()),
                 owner,
@@ -125,6 +125,7 @@ impl History {
         };
         Snapshot {
             time: obs.time,
+            taken: obs.at,
             group: group.to_owned(),
             topic: topic.to_owned(),
             state: obs.state,
@@ -135,20 +136,12 @@ impl History {
     }
 }
 
-fn secs_between(earlier: SystemTime, later: SystemTime) -> f64 {
-    later
-        .duration_since(earlier)
-        .unwrap_or(Duration::ZERO)
-        .as_secs_f64()
+fn secs_between(earlier: Instant, later: Instant) -> f64 {
+    later.saturating_duration_since(earlier).as_secs_f64()
 }
 
 /// Seconds since the log end passed `position` (see the module doc).
-fn lag_seconds(
-    log_end: &VecDeque<(SystemTime, i64)>,
-    position: i64,
-    lag: i64,
-    now: SystemTime,
-) -> f64 {
+fn lag_seconds(log_end: &VecDeque<(Instant, i64)>, position: i64, lag: i64, now: Instant) -> f64 {
     if lag == 0 {
         return 0.0;
     }
@@ -173,7 +166,7 @@ fn lag_seconds(
 fn consume_rate(window: &VecDeque<Sample>) -> f64 {
     match (window.front(), window.back()) {
         (Some(first), Some(last)) => {
-            let secs = secs_between(first.time, last.time);
+            let secs = secs_between(first.at, last.at);
             if secs > 0.0 {
                 (last.position - first.position).max(0) as f64 / secs
             } else {
@@ -225,9 +218,16 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + secs)
     }
 
+    /// The same moment by the monotonic clock.
+    fn mono(secs: u64) -> Instant {
+        static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        *BASE + Duration::from_secs(secs)
+    }
+
     fn obs(secs: u64, committed: Option<i64>, log_end: i64, owned: bool) -> Observation {
         Observation {
             time: at(secs),
+            at: mono(secs),
             state: GroupState::Stable,
             members: owned
                 .then(|| Member {

@@ -17,7 +17,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -217,7 +217,7 @@ impl Subscription {
         token: &CancellationToken,
     ) -> Result<Arc<Snapshot>, WatchError> {
         let fresh = |l: &Latest| match l {
-            Some(Ok(s)) => s.time.elapsed().is_ok_and(|age| age <= interval),
+            Some(Ok(s)) => s.taken.elapsed() <= interval,
             _ => false,
         };
         let latest = self.rx.borrow_and_update().clone();
@@ -248,13 +248,13 @@ impl Subscription {
     /// when the poller is gone (shutdown).
     pub async fn next_after(
         &mut self,
-        after: SystemTime,
+        after: std::time::Instant,
         not_before: tokio::time::Instant,
     ) -> Option<Result<Arc<Snapshot>, WatchError>> {
         tokio::time::sleep_until(not_before).await;
         loop {
             match self.latest() {
-                Some(Ok(s)) if s.time > after => return Some(Ok(s)),
+                Some(Ok(s)) if s.taken > after => return Some(Ok(s)),
                 Some(Err(e)) => return Some(Err(e)),
                 _ => {}
             }
@@ -413,5 +413,52 @@ mod tests {
             positions(&checkpoints),
             BTreeMap::from([(0, at(42, Some(100))), (1, at(10, None)), (2, at(0, None)),])
         );
+    }
+
+    fn snapshot(time: std::time::SystemTime, taken: std::time::Instant) -> Latest {
+        Some(Ok(Arc::new(Snapshot {
+            time,
+            taken,
+            group: "g".into(),
+            topic: "t".into(),
+            state: GroupState::Stable,
+            members: vec![],
+            partitions: vec![],
+            totals: Default::default(),
+        })))
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_ordered_by_the_monotonic_clock_not_the_wall() {
+        let poller = Arc::new(Poller {
+            latest: watch::Sender::new(None),
+            poke: Notify::new(),
+            intervals: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            period_nanos: AtomicU64::new(0),
+        });
+        let mut sub = Subscription {
+            rx: poller.latest.subscribe(),
+            poller: poller.clone(),
+            id: 0,
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+        };
+        let wall = std::time::SystemTime::now();
+        let first = std::time::Instant::now();
+        poller.latest.send_replace(snapshot(wall, first));
+        // The next poll, after the wall clock stepped back an hour.
+        let later = first + Duration::from_millis(1);
+        poller
+            .latest
+            .send_replace(snapshot(wall - Duration::from_secs(3600), later));
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            sub.next_after(first, tokio::time::Instant::now()),
+        )
+        .await
+        .expect("the newer poll is delivered")
+        .expect("the poller is there")
+        .expect("a snapshot");
+        assert_eq!(next.taken, later);
     }
 }

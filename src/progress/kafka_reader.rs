@@ -59,6 +59,7 @@ impl GroupReader {
     pub fn observe(&self) -> Result<Observation, ProgressError> {
         let unavailable = |e: rdkafka::error::KafkaError| ProgressError::Unavailable(e.to_string());
         let time = SystemTime::now();
+        let at = std::time::Instant::now();
 
         let metadata = self
             .consumer
@@ -127,6 +128,7 @@ impl GroupReader {
         };
         Ok(Observation {
             time,
+            at,
             state,
             members,
             partitions,

@@ -1,6 +1,6 @@
 //! The progress figures, independent of Kafka's client and of protobuf.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// The group's state, as Kafka's DescribeGroups names it, folded to what an
 /// operator acts on.
@@ -52,7 +52,10 @@ pub struct RawPartition {
 /// One poll of Kafka.
 #[derive(Debug, Clone)]
 pub struct Observation {
+    /// When, as shown to callers.
     pub time: SystemTime,
+    /// When, for ordering and durations: wall-clock time can step.
+    pub at: Instant,
     pub state: GroupState,
     pub members: Vec<Member>,
     pub partitions: Vec<RawPartition>,
@@ -119,6 +122,9 @@ pub struct Totals {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub time: SystemTime,
+    /// When the poll was taken, by the monotonic clock: snapshots are ordered
+    /// and aged by it.
+    pub taken: Instant,
     pub group: String,
     pub topic: String,
     pub state: GroupState,
