@@ -173,6 +173,7 @@ def parse_e2e(text):
 
 
 PARSERS = {
+    "none": lambda text: {},
     "ghz": parse_ghz,
     "loadgen": parse_loadgen,
     "redis-benchmark": parse_redis_benchmark,
@@ -205,9 +206,16 @@ STEPS = {
     "lg-get-pool": "loadgen",
     "lg-create-pool": "loadgen",
     "lg-create-single-pool": "loadgen",
+    "waiters-0": "none",
+    "lg-waiters-one": "loadgen",
+    "lg-waiters-many": "loadgen",
+    "lg-flood": "loadgen",
 }
 # Steps older runs lack (a missing one is not a failure; a failed one is).
 OPTIONAL = {"lg-get-pool", "lg-create-pool", "lg-create-single-pool"}
+# Steps whose calls fail by design (waits that never end well, a flood past
+# the budget); loadgen checks the codes they answer (--expect-codes).
+EXPECTED_ERRORS = {"lg-waiters-one", "lg-waiters-many", "lg-flood"}
 
 # ------------------------------------------------------------------ charts (SVG, no dependencies)
 
@@ -370,7 +378,7 @@ class Report:
         d["_meta"] = meta
         # Calls that did not succeed, as a share of all.
         count = d.get("count")
-        if kind in ("ghz", "loadgen") and count is not None and "errors" in d:
+        if kind in ("ghz", "loadgen") and count is not None and "errors" in d and name not in EXPECTED_ERRORS:
             errs = sum(d["errors"].values())
             if count == 0 or d.get("ok", count - errs) == 0:
                 self.problems.append(f"{name}: no successful call")
@@ -571,6 +579,42 @@ class Report:
         if peaks:
             v = max(peaks) / MIB
             T.append(("RSS under load ≤ 256 MiB", f"{v:.1f} MiB (peak of all phases)", verdict(v <= 256)))
+
+        # Untrusted callers: what waiting calls cost Redis, and a flood.
+        def cmd_rate(name):
+            m = self.steps.get(name)
+            if not m or m.get("redis_commands") is None or not m.get("wall_s"):
+                return None
+            return sum(v for k, v in m["redis_commands"].items() if k != "info") / m["wall_s"]
+
+        self.waiting = {n: cmd_rate(n) for n in ("waiters-0", "lg-waiters-one", "lg-waiters-many", "lg-get")}
+        base, many, under_load = (
+            self.waiting["waiters-0"],
+            self.waiting["lg-waiters-many"],
+            self.waiting["lg-get"],
+        )
+        added = None if base is None or many is None else max(many - base, 0.0)
+        share = self.ratio(added, under_load)
+        n_many = (self.steps.get("lg-waiters-many") or {}).get("waiters", "N")
+        if added is not None:
+            T.append(
+                (
+                    f"{n_many} waiting GetUser calls add < 1 % to Redis' command rate under the GetUser load",
+                    f"+{fmt_num(added)} commands/s vs {fmt_num(under_load)}/s = {fmt_num(None if share is None else share * 100)} %",
+                    verdict(None if share is None else share < 0.01),
+                )
+            )
+        flood_idle = [m for m in self.mem if m["svc_tag"] == "D" and m["phase"] == "idle"]
+        flood_peak = [m for m in self.mem if m["svc_tag"] == "D" and m["phase"] == "flood"]
+        if flood_idle and flood_peak:
+            i, pk = flood_idle[0]["rss_kb"] / MIB, flood_peak[0]["hwm_kb"] / MIB
+            T.append(
+                (
+                    "RSS under a flood of 10× the call budget ≤ idle + 64 MiB",
+                    f"{i:.1f} MiB idle, {pk:.1f} MiB peak",
+                    verdict(pk <= i + 64),
+                )
+            )
 
         L.append("## Targets\n")
         L.append("| target | measured | verdict |\n|---|---|---|")
@@ -938,6 +982,39 @@ class Report:
             "A client whose CPU seconds approach the wall time × 2 cores is saturating the machine "
             "itself, not the service.\n"
         )
+
+        # ---- 7 untrusted callers
+        L.append("## 7. Untrusted callers: waiting calls and a flood\n")
+        L.append(
+            "Instances C and D run without a projector, so a position in their topics is never applied: "
+            "every GetUser waiting on it waits out the service's bound (`MAX_POSITION_WAIT`, 5 s) and gets "
+            "`DEADLINE_EXCEEDED`, though the caller's deadline is an hour. Redis' command rate comes from "
+            "`INFO commandstats` around each step (the whole server: any other client counts too).\n"
+        )
+        L.append("| step | waiting calls | Redis commands/s | calls answered | codes |\n|---|---|---|---|---|")
+        for name, label in (
+            ("waiters-0", "0 (idle)"),
+            ("lg-waiters-one", "1"),
+            ("lg-waiters-many", str(n_many)),
+            ("lg-get", "— (the GetUser load of section 1)"),
+        ):
+            d = r.get(name) or {}
+            rate = self.waiting.get(name)
+            codes = ", ".join(f"{k} {v:,}" for k, v in (d.get("errors") or {}).items()) or "—"
+            L.append(f"| {name} | {label} | {fmt_num(rate)} | {d.get('count', '—')} | {codes} |")
+        fl = r.get("lg-flood")
+        fm = self.steps.get("lg-flood") or {}
+        if fl:
+            errs = fl.get("errors") or {}
+            L.append(
+                f"\n**Flood**: {fm.get('callers', '?')} callers in a closed loop against instance D, whose "
+                f"budget is {fm.get('limit', '?')} concurrent calls (`MAX_CONCURRENT_CALLS`), every call "
+                f"waiting on the position above: {fl.get('count', 0):,} answers in {fl.get('elapsed_s', 0):.1f} s "
+                f"({', '.join(f'{k} {v:,}' for k, v in errs.items())}); refused calls are answered at once "
+                f"(p50 {fmt_num(self.lat('lg-flood', 'p50'))} ms, p99 {fmt_num(self.lat('lg-flood', 'p99'))} ms over "
+                f"all answers). Service CPU {fm.get('svc_cpu_s', '—')} s; its memory is in section 5 "
+                "(D: idle, flood, after-flood).\n"
+            )
 
         # ---- notes
         notes = os.path.join(HERE, "notes.md")

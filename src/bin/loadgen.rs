@@ -117,6 +117,11 @@ struct CallOpts {
     /// A label copied into the JSON output.
     #[arg(long, default_value = "")]
     label: String,
+    /// Codes that are the expected answer (e.g. `DeadlineExceeded`, as tonic
+    /// names them): the run fails only on other errors, or with no answer at
+    /// all. Without it, the run fails when no call succeeded.
+    #[arg(long, value_delimiter = ',')]
+    expect_codes: Vec<String>,
 }
 
 #[derive(Args)]
@@ -656,7 +661,11 @@ where
         "ok_rps": all.ok as f64 / elapsed.as_secs_f64().max(1e-9),
         "latency_ms": latency_json(all.latencies),
         "client_cpu_s": self_cpu_seconds() - cpu0,
-        "failed": all.ok == 0,
+        "failed": if o.expect_codes.is_empty() {
+            all.ok == 0
+        } else {
+            count == 0 || all.errors.keys().any(|c| !o.expect_codes.contains(c))
+        },
     }))
 }
 
