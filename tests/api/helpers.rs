@@ -344,6 +344,34 @@ pub fn group_lag(group: &str, topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
+/// The topic's partition count, from the broker's metadata (0 if the broker
+/// does not know the topic).
+pub fn partition_count(topic: &str) -> i32 {
+    let metadata = inspector("partition-count")
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32)
+}
+
+/// Each partition's log end offset (high watermark), read from the broker:
+/// what the log holds, whoever consumed it. Every partition the metadata
+/// lists is there, so a map for a topic the broker lacks is empty.
+pub fn log_end_offsets(topic: &str) -> std::collections::BTreeMap<i32, i64> {
+    let c = inspector("log-end-offsets");
+    (0..partition_count(topic))
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            (p, high)
+        })
+        .collect()
+}
+
 /// A Redis server of the test's own (from the same Debian package as the
 /// stack's), for tests that stop Redis without disturbing the others.
 pub struct OwnRedis {
