@@ -372,6 +372,98 @@ pub fn log_end_offsets(topic: &str) -> std::collections::BTreeMap<i32, i64> {
         .collect()
 }
 
+/// Every record of `topic` from the start of its log to its end offsets as
+/// they are now: (partition, offset, key, payload), in each partition's order.
+pub fn read_log(topic: &str) -> Vec<(i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> {
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let ends = log_end_offsets(topic);
+    let c = inspector(&unique("read-log"));
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("a partition to read");
+    }
+    c.assign(&tpl).expect("assign the topic's partitions");
+    let mut next: std::collections::BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while next.iter().any(|(p, n)| *n < ends[p]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not read {topic} up to {ends:?} (at {next:?})"
+        );
+        let Some(m) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.expect("a record");
+        next.insert(m.partition(), m.offset() + 1);
+        if m.offset() < ends[&m.partition()] {
+            records.push((
+                m.partition(),
+                m.offset(),
+                m.key().map(<[u8]>::to_vec),
+                m.payload().map(<[u8]>::to_vec),
+            ));
+        }
+    }
+    records.sort_by_key(|(p, o, _, _)| (*p, *o));
+    records
+}
+
+/// A broker address that is refused until [`BrokerGate::open`], then leads to
+/// the stack's broker (it forwards to it; the broker's metadata then points
+/// clients at the broker itself). A Kafka that is absent, then comes back,
+/// for one test only.
+pub struct BrokerGate {
+    pub port: u16,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+impl BrokerGate {
+    pub fn closed() -> Self {
+        Self {
+            port: free_port(),
+            forwarder: None,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts listening and forwarding every connection to the broker.
+    pub async fn open(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the gate's port is still free");
+        let upstream = kafka_brokers()
+            .split(',')
+            .next()
+            .expect("a broker")
+            .to_owned();
+        self.forwarder = Some(tokio::spawn(async move {
+            // Dropped with the task: every forwarded connection ends with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for BrokerGate {
+    fn drop(&mut self) {
+        if let Some(f) = self.forwarder.take() {
+            f.abort();
+        }
+    }
+}
+
 /// A Redis server of the test's own (from the same Debian package as the
 /// stack's), for tests that stop Redis without disturbing the others.
 pub struct OwnRedis {
