@@ -197,12 +197,9 @@ async fn an_absent_broker_is_unavailable_within_the_publish_timeout_and_a_retry_
     // reached the broker) carries that id, and the first one is the answer.
     let events: Vec<_> = read_log(&app.config.topic)
         .into_iter()
-        .map(|(p, o, k, v)| {
-            (
-                p,
-                o,
-                UserCreated::decode(k.as_deref(), v.as_deref()).unwrap(),
-            )
+        .map(|r| {
+            let event = UserCreated::decode(r.key.as_deref(), r.payload.as_deref()).unwrap();
+            (r.partition, r.offset, event)
         })
         .filter(|(_, _, e)| e.request_id.as_ref() == Some(&request_id))
         .collect();

@@ -372,9 +372,17 @@ pub fn log_end_offsets(topic: &str) -> std::collections::BTreeMap<i32, i64> {
         .collect()
 }
 
+/// One record as the log holds it.
+pub struct LogRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
 /// Every record of `topic` from the start of its log to its end offsets as
-/// they are now: (partition, offset, key, payload), in each partition's order.
-pub fn read_log(topic: &str) -> Vec<(i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// they are now, by partition, in each partition's order.
+pub fn read_log(topic: &str) -> Vec<LogRecord> {
     use rdkafka::{Message, Offset, TopicPartitionList};
     let ends = log_end_offsets(topic);
     let c = inspector(&unique("read-log"));
@@ -398,15 +406,15 @@ pub fn read_log(topic: &str) -> Vec<(i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)
         let m = m.expect("a record");
         next.insert(m.partition(), m.offset() + 1);
         if m.offset() < ends[&m.partition()] {
-            records.push((
-                m.partition(),
-                m.offset(),
-                m.key().map(<[u8]>::to_vec),
-                m.payload().map(<[u8]>::to_vec),
-            ));
+            records.push(LogRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+            });
         }
     }
-    records.sort_by_key(|(p, o, _, _)| (*p, *o));
+    records.sort_by_key(|r| (r.partition, r.offset));
     records
 }
 
