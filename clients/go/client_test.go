@@ -65,8 +65,9 @@ func TestCreateThenGetWithPosition(t *testing.T) {
 	if u.GetId() <= 0 || u.GetCreateTime() == nil || created.GetPosition() == nil {
 		t.Fatalf("CreateUser answered %v", created)
 	}
-	if p := created.GetPosition(); p.GetPartition() < 0 || p.GetPartition() > 2 || p.GetOffset() < 0 {
-		t.Fatalf("position %v is not in a 3-partition topic", p)
+	n := testenv.Partitions(t)
+	if p := created.GetPosition(); p.GetPartition() < 0 || int(p.GetPartition()) >= n || p.GetOffset() < 0 {
+		t.Fatalf("position %v is not in the service's %d-partition topic", p, n)
 	}
 
 	// With the position token the first read sees the write: no polling.
@@ -255,15 +256,16 @@ func TestGetProgress(t *testing.T) {
 		t.Errorf("topic %q, want the service's %q", s.GetTopic(), tp)
 	}
 
-	// A partition filter, and one the topic lacks.
-	resp, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Partitions: []int32{1}})
+	// A partition filter (the topic's last partition), and one the topic lacks.
+	n := int32(testenv.Partitions(t))
+	resp, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Partitions: []int32{n - 1}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ps := resp.GetSnapshot().GetPartitions(); len(ps) != 1 || ps[0].GetPartition() != 1 {
-		t.Fatalf("filtered to partition 1, got %v", ps)
+	if ps := resp.GetSnapshot().GetPartitions(); len(ps) != 1 || ps[0].GetPartition() != n-1 {
+		t.Fatalf("filtered to partition %d, got %v", n-1, ps)
 	}
-	_, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Partitions: []int32{7}})
+	_, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Partitions: []int32{n}})
 	wantCode(t, err, codes.InvalidArgument)
 	// A group Kafka has never heard of.
 	_, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Group: "no-such-group-" + testenv.Unique()})
@@ -277,8 +279,8 @@ func checkSnapshot(t *testing.T, s *userv1.ProgressSnapshot) {
 		t.Fatalf("incomplete snapshot %v", s)
 	}
 	ps := s.GetPartitions()
-	if len(ps) != 3 {
-		t.Fatalf("%d partitions, want 3: %v", len(ps), ps)
+	if n := testenv.Partitions(t); len(ps) != n {
+		t.Fatalf("%d partitions, the topic has %d: %v", len(ps), n, ps)
 	}
 	for i, p := range ps {
 		if p.GetPartition() != int32(i) {

@@ -8,8 +8,9 @@ Reads DIR/metrics.jsonl (one line per step, written by measure.py, and per
 memory snapshot), each step's raw output (ghz JSON, loadgen JSON,
 redis-benchmark, kafka producer-perf and e2e-latency text) and DIR/env.json.
 Writes FILE (markdown), SVG charts in FILE's directory under bench/, and
-DIR/results.json. Appends scripts/bench.d/notes.md (the hand-written
-analysis) to the report. Exits 2 if a step's output shows it failed (no
+DIR/results.json. The report holds only what this run measured: the
+hand-written analysis of earlier, named runs lives in docs/benchmarks-notes.md,
+which the report links to and never copies. Exits 2 if a step's output shows it failed (no
 answer, unparseable output, more than 1% errors); missed targets do not fail.
 Standard library only.
 """
@@ -823,8 +824,7 @@ class Report:
             )
         else:
             L.append(
-                "Not measured in this run: it predates `REDIS_CLIENT`. The notes below give a "
-                "smoke-sized comparison.\n"
+                "Not measured in this run: it predates `REDIS_CLIENT`.\n"
             )
 
         # ---- 3 freshness
@@ -1016,11 +1016,15 @@ class Report:
                 "(D: idle, flood, after-flood).\n"
             )
 
-        # ---- notes
-        notes = os.path.join(HERE, "notes.md")
-        if os.path.exists(notes):
-            with open(notes) as f:
-                L.append(f.read())
+        # ---- the hand-written analysis: linked, never copied in
+        notes = os.path.normpath(os.path.join(HERE, "..", "..", "docs", "benchmarks-notes.md"))
+        rel = os.path.relpath(notes, os.path.dirname(os.path.abspath(out_path)))
+        L.append("## Analysis\n")
+        L.append(
+            "Everything above was measured by this run. A hand-written analysis of earlier, named runs "
+            "(where the time goes, what was changed, why targets are missed) is kept apart in "
+            f"[benchmarks-notes.md]({rel}); this run did not measure it.\n"
+        )
 
         with open(out_path, "w") as f:
             f.write("\n".join(L).rstrip() + "\n")

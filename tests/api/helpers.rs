@@ -344,6 +344,134 @@ pub fn group_lag(group: &str, topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
+/// The topic's partition count, from the broker's metadata (0 if the broker
+/// does not know the topic).
+pub fn partition_count(topic: &str) -> i32 {
+    let metadata = inspector("partition-count")
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len() as i32)
+}
+
+/// Each partition's log end offset (high watermark), read from the broker:
+/// what the log holds, whoever consumed it. Every partition the metadata
+/// lists is there, so a map for a topic the broker lacks is empty.
+pub fn log_end_offsets(topic: &str) -> std::collections::BTreeMap<i32, i64> {
+    let c = inspector("log-end-offsets");
+    (0..partition_count(topic))
+        .map(|p| {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            (p, high)
+        })
+        .collect()
+}
+
+/// One record as the log holds it.
+pub struct LogRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Every record of `topic` from the start of its log to its end offsets as
+/// they are now, by partition, in each partition's order.
+pub fn read_log(topic: &str) -> Vec<LogRecord> {
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let ends = log_end_offsets(topic);
+    let c = inspector(&unique("read-log"));
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("a partition to read");
+    }
+    c.assign(&tpl).expect("assign the topic's partitions");
+    let mut next: std::collections::BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while next.iter().any(|(p, n)| *n < ends[p]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not read {topic} up to {ends:?} (at {next:?})"
+        );
+        let Some(m) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.expect("a record");
+        next.insert(m.partition(), m.offset() + 1);
+        if m.offset() < ends[&m.partition()] {
+            records.push(LogRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+            });
+        }
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+}
+
+/// A broker address that is refused until [`BrokerGate::open`], then leads to
+/// the stack's broker (it forwards to it; the broker's metadata then points
+/// clients at the broker itself). A Kafka that is absent, then comes back,
+/// for one test only.
+pub struct BrokerGate {
+    pub port: u16,
+    forwarder: Option<JoinHandle<()>>,
+}
+
+impl BrokerGate {
+    pub fn closed() -> Self {
+        Self {
+            port: free_port(),
+            forwarder: None,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts listening and forwarding every connection to the broker.
+    pub async fn open(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the gate's port is still free");
+        let upstream = kafka_brokers()
+            .split(',')
+            .next()
+            .expect("a broker")
+            .to_owned();
+        self.forwarder = Some(tokio::spawn(async move {
+            // Dropped with the task: every forwarded connection ends with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for BrokerGate {
+    fn drop(&mut self) {
+        if let Some(f) = self.forwarder.take() {
+            f.abort();
+        }
+    }
+}
+
 /// A Redis server of the test's own (from the same Debian package as the
 /// stack's), for tests that stop Redis without disturbing the others.
 pub struct OwnRedis {

@@ -15,6 +15,7 @@ use user_service::proto::user::v1::{
     GetProgressRequest, GroupState, PartitionStatus, ProgressSnapshot, WatchProgressRequest,
     WatchProgressResponse,
 };
+use user_service::{domain::UserId, kafka::user_partition};
 
 fn every(ms: i64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
@@ -81,7 +82,7 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let mut stream = watch_every(&app, 200).await.unwrap();
     let first = next(&mut stream).await;
     assert_eq!(first.group, app.config.consumer_group);
-    assert_eq!(first.partitions.len(), 3);
+    assert_eq!(first.partitions.len(), app.config.topic_partitions as usize);
     assert_eq!(first.totals.unwrap().total_lag, 0);
 
     // Pause the projector by taking Redis away, then produce N events.
@@ -116,12 +117,23 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
                 .iter()
                 .all(|p| p.status() == PartitionStatus::Ok)
         {
-            // Caught up: the applied offset of this instance equals the commit.
+            // Caught up: this instance, the only member, applied every event
+            // and committed it; both offsets are the log end.
             for p in &s.partitions {
+                assert!(
+                    p.log_end_offset > 0,
+                    "ids 1..={n} put events on every partition: {s:#?}"
+                );
                 assert_eq!(
-                    p.applied_offset.or(p.committed_offset),
+                    p.applied_offset,
+                    Some(p.log_end_offset),
+                    "partition {}: applied",
+                    p.partition
+                );
+                assert_eq!(
                     p.committed_offset,
-                    "partition {}",
+                    Some(p.log_end_offset),
+                    "partition {}: committed",
                     p.partition
                 );
             }
@@ -211,7 +223,11 @@ async fn figures_agree_with_kafka_consumer_groups_describe() {
     let ours = snapshot(&app).await;
     let theirs = official_describe(&app.config.consumer_group);
     assert_eq!(ours.state(), GroupState::Stable);
-    assert_eq!(theirs.len(), 3, "{theirs:?}");
+    assert_eq!(
+        theirs.len(),
+        app.config.topic_partitions as usize,
+        "{theirs:?}"
+    );
     for p in &ours.partitions {
         let (current, log_end, lag, consumer) = &theirs[&p.partition];
         assert_eq!(p.committed_offset, *current, "partition {}", p.partition);
@@ -228,10 +244,72 @@ async fn figures_agree_with_kafka_consumer_groups_describe() {
     app.stop().await.expect("clean stop");
 }
 
+/// GetProgress until `done` holds of a snapshot, which it returns; fails the
+/// test with the last snapshot after `limit`.
+async fn snapshot_until(
+    app: &TestApp,
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut(&ProgressSnapshot) -> bool,
+) -> ProgressSnapshot {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = snapshot(app).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never saw {what} within {limit:?}; last snapshot: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes one event on each of `partitions` (ids from `next_id` up,
+/// chosen by the service's partitioner).
+async fn one_event_per_partition(topic: &str, partitions: &BTreeSet<i32>, next_id: &mut i64) {
+    let p = producer();
+    let count = partitions.len() as i32;
+    for partition in partitions {
+        while user_partition(UserId::parse(*next_id).unwrap(), count) != *partition {
+            *next_id += 1;
+        }
+        publish_user_created(&p, topic, *next_id, "owned").await;
+        *next_id += 1;
+    }
+}
+
+/// Each partition's applied offset in `s` is the log end for the partitions
+/// `own`ed by the instance that answered, and unknown for the others.
+fn applied_only_by_the_owner(s: &ProgressSnapshot, own: &BTreeSet<i32>, log_end: i64) -> bool {
+    s.partitions.iter().all(|p| {
+        p.log_end_offset == log_end
+            && p.applied_offset == own.contains(&p.partition).then_some(log_end)
+    })
+}
+
 #[tokio::test]
 async fn either_instance_reports_every_partition_with_its_owner() {
     let a = spawn_app().await;
     a.wait_assigned().await;
+    let all: BTreeSet<i32> = (0..a.config.topic_partitions).collect();
+    assert_eq!(
+        a.stats().assignment,
+        all,
+        "the only member owns every partition"
+    );
+    // Applied by the only member: it reports every partition as applied.
+    let mut next_id = 1;
+    one_event_per_partition(&a.config.topic, &all, &mut next_id).await;
+    snapshot_until(
+        &a,
+        "every partition applied by the only member",
+        Duration::from_secs(60),
+        |s| applied_only_by_the_owner(s, &all, 1),
+    )
+    .await;
+
     let b = spawn_app_with(a.config.clone()).await;
     wait_until(Duration::from_secs(60), || async {
         !a.stats().assignment.is_empty() && !b.stats().assignment.is_empty()
@@ -240,41 +318,53 @@ async fn either_instance_reports_every_partition_with_its_owner() {
     .expect("both own partitions");
 
     for app in [&a, &b] {
-        let own = app.stats().assignment;
-        let s = {
-            let mut s = snapshot(app).await;
-            // The group may still be settling; wait until it reports two members.
-            for _ in 0..100 {
-                if s.members.len() == 2 && s.partitions.iter().all(|p| p.owner.is_some()) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                s = snapshot(app).await;
-            }
-            s
-        };
+        // The group may still be settling: wait until it reports two members
+        // sharing every partition.
+        let s = snapshot_until(
+            app,
+            "two members owning every partition",
+            Duration::from_secs(60),
+            |s| {
+                s.members.len() == 2
+                    && s.partitions.iter().all(|p| p.owner.is_some())
+                    && s.partitions
+                        .iter()
+                        .map(|p| p.owner.as_ref().unwrap().member_id.clone())
+                        .collect::<BTreeSet<_>>()
+                        .len()
+                        == 2
+            },
+        )
+        .await;
         assert_eq!(
             s.partitions
                 .iter()
                 .map(|p| p.partition)
                 .collect::<BTreeSet<_>>(),
-            BTreeSet::from([0, 1, 2])
+            all
         );
-        let owners: BTreeSet<_> = s
-            .partitions
-            .iter()
-            .map(|p| p.owner.clone().unwrap().member_id)
-            .collect();
-        assert_eq!(owners.len(), 2, "two members share the partitions: {s:#?}");
         for p in &s.partitions {
             let owner = p.owner.as_ref().unwrap();
             assert!(owner.client_id.starts_with("user-service@"));
             assert!(!owner.host.is_empty());
-            // Only the owning instance knows its applied, uncommitted offset.
-            if !own.contains(&p.partition) {
-                assert_eq!(p.applied_offset, None);
-            }
         }
+    }
+
+    // Only the owning instance knows its applied offset: after one more event
+    // on every partition, each instance reports the log end as applied for
+    // the partitions it owns now, and nothing for those it gave away.
+    one_event_per_partition(&a.config.topic, &all, &mut next_id).await;
+    for app in [&a, &b] {
+        snapshot_until(
+            app,
+            "the owner's applied offsets, and only its own",
+            Duration::from_secs(60),
+            |s| {
+                let own = app.stats().assignment;
+                own.len() < all.len() && applied_only_by_the_owner(s, &own, 2)
+            },
+        )
+        .await;
     }
     b.stop().await.expect("clean stop");
     a.stop().await.expect("clean stop");
@@ -364,18 +454,19 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
 
     // A watcher that leaves frees its slot; a new one can join.
     drop(streams.pop());
-    let mut rejoined = None;
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let rejoined = loop {
         match watch_every(&app, 200).await {
-            Ok(s) => {
-                rejoined = Some(s);
-                break;
-            }
+            Ok(s) => break s,
             Err(e) => assert_eq!(e.code(), Code::ResourceExhausted),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    streams.push(rejoined.expect("the slot came back"));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot of the watcher that left never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    streams.push(rejoined);
 
     // A faster watcher joining a slowly polled group still gets fresh polls.
     drop(streams);
@@ -495,7 +586,10 @@ async fn the_read_models_checkpoint_is_reported_and_a_lost_redis_is_rebuilding_u
         |s| caught_up(s, events),
     )
     .await;
-    assert_eq!(before.partitions.len(), 3);
+    assert_eq!(
+        before.partitions.len(),
+        app.config.topic_partitions as usize
+    );
 
     // Redis loses this service's data; the projector replays from the log.
     delete_keys(&app.config).await;

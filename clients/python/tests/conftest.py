@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from support import TIMEOUT
 
 import userservice_client as usc
+from userservice_client.user.v1 import projection_pb2
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -47,3 +49,13 @@ def progress(channel) -> usc.ProjectionServiceStub:
 def health(channel) -> usc.HealthStub:
     return usc.HealthStub(channel)
 
+
+
+@pytest.fixture(scope="session")
+def partitions(progress) -> int:
+    """The partition count of the service's topic, as the service reads it
+    from Kafka's metadata (a GetProgress snapshot's partitions, 0..n-1)."""
+    snapshot = progress.GetProgress(projection_pb2.GetProgressRequest(), timeout=TIMEOUT).snapshot
+    got = [p.partition for p in snapshot.partitions]
+    assert got and got == list(range(len(got))), f"the topic's partitions are not 0..n-1: {got}"
+    return len(got)

@@ -16,9 +16,6 @@ from support import TIMEOUT, random_id, unique_email
 import userservice_client as usc
 from userservice_client.user.v1 import projection_pb2, user_pb2
 
-PARTITIONS = 3  # KAFKA_TOPIC_PARTITIONS' default, which scripts/with-service keeps
-
-
 def _ms(n: int) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromMilliseconds(n)
@@ -47,7 +44,7 @@ def test_generated_code_is_a_proper_subpackage():
 # --- UserService ---------------------------------------------------------------
 
 
-def test_create_then_get_with_position(users):
+def test_create_then_get_with_position(users, partitions):
     email = unique_email("ada")
     created = users.CreateUser(
         user_pb2.CreateUserRequest(name="  Ada Lovelace  ", email=email), timeout=TIMEOUT
@@ -56,7 +53,7 @@ def test_create_then_get_with_position(users):
     assert created.user.name == "Ada Lovelace"  # surrounding spaces trimmed
     assert created.user.email == email
     assert created.user.HasField("create_time")
-    assert 0 <= created.position.partition < PARTITIONS
+    assert 0 <= created.position.partition < partitions
     assert created.position.offset >= 0
 
     got = users.GetUser(
@@ -137,10 +134,10 @@ def test_get_at_a_position_past_the_log_end_is_out_of_range(users):
     assert "past the end" in err.details()
 
 
-def test_get_waiting_for_a_partition_the_topic_lacks_is_invalid_argument(users):
+def test_get_waiting_for_a_partition_the_topic_lacks_is_invalid_argument(users, partitions):
     err = _error(
         lambda: users.GetUser(
-            user_pb2.GetUserRequest(id=1, min_position=user_pb2.Position(partition=PARTITIONS, offset=0)),
+            user_pb2.GetUserRequest(id=1, min_position=user_pb2.Position(partition=partitions, offset=0)),
             timeout=TIMEOUT,
         )
     )
@@ -151,8 +148,8 @@ def test_get_waiting_for_a_partition_the_topic_lacks_is_invalid_argument(users):
 # --- ProjectionService -----------------------------------------------------------
 
 
-def _check_snapshot(snapshot: projection_pb2.ProgressSnapshot) -> None:
-    assert sorted(p.partition for p in snapshot.partitions) == list(range(PARTITIONS))
+def _check_snapshot(snapshot: projection_pb2.ProgressSnapshot, partitions: int) -> None:
+    assert sorted(p.partition for p in snapshot.partitions) == list(range(partitions))
     assert snapshot.HasField("time")
     for p in snapshot.partitions:
         assert p.lag >= 0
@@ -163,19 +160,19 @@ def _check_snapshot(snapshot: projection_pb2.ProgressSnapshot) -> None:
         assert snapshot.group == os.environ["USER_SERVICE_GROUP"]
 
 
-def test_get_progress_reports_every_partition(progress):
+def test_get_progress_reports_every_partition(progress, partitions):
     resp = progress.GetProgress(projection_pb2.GetProgressRequest(), timeout=TIMEOUT)
-    _check_snapshot(resp.snapshot)
+    _check_snapshot(resp.snapshot, partitions)
 
 
-def test_watch_progress_streams_snapshots_and_cancels(progress):
+def test_watch_progress_streams_snapshots_and_cancels(progress, partitions):
     stream = progress.WatchProgress(
         projection_pb2.WatchProgressRequest(interval=_ms(200)), timeout=TIMEOUT
     )
     start = time.monotonic()
     received, times = [], []
     for resp in stream:
-        _check_snapshot(resp.snapshot)
+        _check_snapshot(resp.snapshot, partitions)
         received.append(time.monotonic() - start)
         times.append(resp.snapshot.time.ToNanoseconds())
         if len(received) == 4:
@@ -203,14 +200,67 @@ def _snapshot_times(stream, n: int) -> list:
     return times
 
 
-def test_watch_progress_faster_watcher_replans_a_slow_poller(progress):
-    # Pollers of earlier tests (intervals up to 1 s) stop once their last sleep ends.
-    time.sleep(1.5)
-    slow = progress.WatchProgress(
-        projection_pb2.WatchProgressRequest(interval=duration_pb2.Duration(seconds=3600)), timeout=TIMEOUT
+#: A poller that has not polled for this long serves no watcher with a shorter
+#: interval; every other watcher this suite opens asks for 1 s or less.
+QUIET_S = 2.0
+#: Just under the longest interval (1 h): faster than a poller planned for a
+#: 1 h watcher, so joining wakes it for one poll, and still about an hour.
+NEARLY_AN_HOUR = duration_pb2.Duration(seconds=3599)
+
+
+def _newest_poll(progress) -> int:
+    """The time of the poller's newest snapshot of the service's own group,
+    read without making it poll: a watcher at the longest interval is served
+    the newest snapshot at once, and being no faster than any other watcher,
+    does not wake the poller (a new poller polls once)."""
+    probe = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=duration_pb2.Duration(seconds=3600)),
+        timeout=TIMEOUT,
     )
     try:
-        next(slow)
+        return next(probe).snapshot.time.ToNanoseconds()
+    finally:
+        probe.cancel()
+
+
+def _wait_for_newest_poll(progress, what: str, done, limit: float = 30.0) -> int:
+    """Reads the newest poll's time until `done(time, seconds it has stayed
+    the newest)`; fails the test after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    newest, since = None, time.monotonic()
+    while True:
+        t = _newest_poll(progress)
+        now = time.monotonic()
+        if t != newest:
+            newest, since = t, now
+        if done(t, now - since):
+            return t
+        assert now < deadline, f"never saw {what} within {limit:.0f} s (newest poll at {t} ns)"
+        time.sleep(0.1)
+
+
+def _slowly_polled(progress):
+    """Brings the service's own poller to where these tests need it, whatever
+    ran before: no other watcher left polling it (its newest snapshot stays
+    the newest for QUIET_S), then a watcher of about an hour that joins and
+    wakes it for one fresh poll, after which it sleeps about an hour. Returns
+    that watcher's stream (open)."""
+    quiet = _wait_for_newest_poll(
+        progress, f"the poller quiet for {QUIET_S} s", lambda _, steady_s: steady_s >= QUIET_S
+    )
+    slow = progress.WatchProgress(
+        projection_pb2.WatchProgressRequest(interval=NEARLY_AN_HOUR), timeout=TIMEOUT
+    )
+    next(slow)
+    _wait_for_newest_poll(progress, "the poll the slow watcher woke", lambda t, _: t > quiet)
+    return slow
+
+
+def test_watch_progress_faster_watcher_replans_a_slow_poller(progress):
+    slow = _slowly_polled(progress)
+    try:
+        # The newest snapshot is fresh: the fast watcher is served it at once,
+        # and only its joining can make the poller re-plan.
         fast = progress.WatchProgress(
             projection_pb2.WatchProgressRequest(interval=_ms(200)), timeout=TIMEOUT
         )
@@ -226,14 +276,11 @@ def test_watch_progress_faster_watcher_replans_a_slow_poller(progress):
 
 
 def test_watch_progress_joining_after_a_slow_watcher_left_is_not_stalled(progress):
-    time.sleep(1.5)  # as above
-    slow = progress.WatchProgress(
-        projection_pb2.WatchProgressRequest(interval=duration_pb2.Duration(seconds=3600)), timeout=TIMEOUT
-    )
-    next(slow)
+    slow = _slowly_polled(progress)
     slow.cancel()
-    # 1 s, so that the slow watcher's snapshot is surely recent enough to be
-    # served at once: the service then does not poke the poller either.
+    # The poller now sleeps about an hour with nobody watching. 1 s, so that
+    # its fresh snapshot is served at once: the service then does not poke the
+    # poller for a first snapshot either.
     fast = progress.WatchProgress(projection_pb2.WatchProgressRequest(interval=_ms(1000)), timeout=15)
     # 3 snapshots 1 s apart take 2 s; the bug this guards against took an hour.
     assert len(_snapshot_times(fast, 3)) == 3

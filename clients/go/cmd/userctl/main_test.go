@@ -123,14 +123,16 @@ func TestProgress(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d\n%s%s", code, out, errOut)
 	}
+	n := testenv.Partitions(t)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 1+3*3 || !strings.HasPrefix(lines[0], "TIME") {
-		t.Fatalf("want a header and 3 snapshots of 3 partitions, got:\n%s", out)
+	if len(lines) != 1+3*n || !strings.HasPrefix(lines[0], "TIME") {
+		t.Fatalf("want a header and 3 snapshots of the topic's %d partitions, got:\n%s", n, out)
 	}
-	row := regexp.MustCompile(`^\S+ +[0-2] +(\d+|-) +\d+ +\d+ +(OK|LAGGING|STALLED|STOPPED) +\S`)
-	for _, l := range lines[1:] {
-		if !row.MatchString(l) {
-			t.Errorf("odd row %q", l)
+	row := regexp.MustCompile(`^\S+ +(\d+) +(\d+|-) +\d+ +\d+ +(OK|LAGGING|STALLED|STOPPED) +\S`)
+	for i, l := range lines[1:] {
+		m := row.FindStringSubmatch(l)
+		if m == nil || m[1] != strconv.Itoa(i%n) {
+			t.Errorf("odd row %q (want partition %d)", l, i%n)
 		}
 	}
 

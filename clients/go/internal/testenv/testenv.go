@@ -11,6 +11,7 @@ import (
 	"time"
 
 	userclient "github.com/user-service/user-service/clients/go"
+	userv1 "github.com/user-service/user-service/clients/go/gen/user/v1"
 )
 
 // Addr is the address of the service under test, from USER_SERVICE_ADDR. The
@@ -59,6 +60,28 @@ func Group() string { return os.Getenv("USER_SERVICE_GROUP") }
 
 // Topic is the service's event topic (USER_SERVICE_TOPIC), or "".
 func Topic() string { return os.Getenv("USER_SERVICE_TOPIC") }
+
+// Partitions is the partition count of the service's topic, as the service
+// reads it from Kafka's metadata: the partitions of a GetProgress snapshot of
+// its own group and topic, which must be 0..n-1 with n > 0. Tests compare
+// positions and snapshots with it instead of assuming a count.
+func Partitions(t testing.TB) int {
+	t.Helper()
+	resp, err := Client(t).Projection.GetProgress(Context(t), &userv1.GetProgressRequest{})
+	if err != nil {
+		t.Fatalf("GetProgress, for the topic's partition count: %v", err)
+	}
+	ps := resp.GetSnapshot().GetPartitions()
+	if len(ps) == 0 {
+		t.Fatalf("the service reports no partitions for its topic: %v", resp.GetSnapshot())
+	}
+	for i, p := range ps {
+		if p.GetPartition() != int32(i) {
+			t.Fatalf("the topic's partitions are not 0..%d: %v", len(ps)-1, ps)
+		}
+	}
+	return len(ps)
+}
 
 // RandomID is a large random user id (2^40 to 2^62), far from the ids the
 // service assigns from 1 up, so reruns against one instance do not collide.
