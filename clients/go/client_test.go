@@ -267,9 +267,9 @@ func TestGetProgress(t *testing.T) {
 	}
 	_, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Partitions: []int32{n}})
 	wantCode(t, err, codes.InvalidArgument)
-	// A group Kafka has never heard of.
+	// Another group: not the service's own, not on its allowlist.
 	_, err = c.Projection.GetProgress(testenv.Context(t), &userv1.GetProgressRequest{Group: "no-such-group-" + testenv.Unique()})
-	wantCode(t, err, codes.NotFound)
+	wantCode(t, err, codes.PermissionDenied)
 }
 
 // checkSnapshot checks what holds for every snapshot of the service's own group.
