@@ -179,10 +179,19 @@ async fn progress_serves_the_own_group_and_only_the_allowed_others() {
     let app = spawn_app_with(config).await;
     let mut progress = app.progress.clone();
 
-    progress
-        .get_progress(GetProgressRequest::default())
-        .await
-        .expect("the own group");
+    // The own group: served (Kafka may take a moment to describe a new group
+    // while many tests run; this waits on the answer, not on time).
+    wait_until(Duration::from_secs(30), || {
+        let mut progress = progress.clone();
+        async move {
+            progress
+                .get_progress(GetProgressRequest::default())
+                .await
+                .is_ok()
+        }
+    })
+    .await
+    .expect("the own group's progress");
     let err = progress
         .get_progress(GetProgressRequest {
             group: unique("someone-else"),
