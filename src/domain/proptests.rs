@@ -463,9 +463,19 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         proptest::sample::select(
-            &[0, 1, 2, -1, i64::MAX, i64::MIN, u32::MAX as i64, u32::MAX as i64 + 1][..]
+            &[
+                0,
+                1,
+                2,
+                -1,
+                i64::MAX,
+                i64::MIN,
+                u32::MAX as i64,
+                u32::MAX as i64 + 1
+            ][..]
         )
         .prop_map(Value::from),
         hostile_text().prop_map(Value::from),
@@ -703,7 +713,10 @@ fn some_mutated_encodings_still_decode() {
             UserCreated::decode(None, Some(&bytes)).is_ok_and(|d| d != event)
         })
         .count();
-    assert!(decoded > 20, "only {decoded} of 1000 mutated encodings decode to another event");
+    assert!(
+        decoded > 20,
+        "only {decoded} of 1000 mutated encodings decode to another event"
+    );
 }
 
 /// A record built to exhaust the projector's stack: serde_json refuses
@@ -754,7 +767,6 @@ fn a_field_given_twice_is_refused() {
     }
 }
 
-
 /// The hostile strategies must reach every outcome often enough, or the
 /// properties on them hold vacuously: accepted commands (for the fixed
 /// point), and each kind of decode result.
@@ -764,14 +776,22 @@ fn the_hostile_strategies_reach_every_outcome() {
     use proptest::test_runner::TestRunner;
     use std::collections::BTreeMap;
     let mut runner = TestRunner::deterministic();
-    let command = (hostile_id(), hostile_name(), hostile_email(), hostile_request_id());
+    let command = (
+        hostile_id(),
+        hostile_name(),
+        hostile_email(),
+        hostile_request_id(),
+    );
     let accepted = (0..1000)
         .filter(|_| {
             let (id, name, email, request_id) = command.new_tree(&mut runner).unwrap().current();
             NewUser::parse(id, &name, &email, &request_id).is_ok()
         })
         .count();
-    assert!(accepted > 50, "only {accepted} of 1000 commands are accepted");
+    assert!(
+        accepted > 50,
+        "only {accepted} of 1000 commands are accepted"
+    );
     let mut outcomes = BTreeMap::<&str, usize>::new();
     for _ in 0..1000 {
         let (event, json) = event_shaped_json().new_tree(&mut runner).unwrap().current();
