@@ -8,6 +8,7 @@ mod consumer_group;
 mod create_and_get;
 mod dead_letter;
 mod health;
+mod hostile_wire;
 mod idempotency;
 mod producer_watchdog;
 mod progress;
