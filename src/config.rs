@@ -125,7 +125,8 @@ pub struct Config {
     pub max_concurrent_streams: u32,
 
     /// Largest request message accepted by the user and progress services,
-    /// in bytes; larger ones get RESOURCE_EXHAUSTED. A user is a few hundred bytes.
+    /// in bytes; larger ones get OUT_OF_RANGE (tonic's code). A user is a few
+    /// hundred bytes.
     #[arg(long, env = "MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
     pub max_request_bytes: usize,
 
@@ -184,6 +185,14 @@ impl Config {
         } else {
             RedisTarget::Server(self.redis_url())
         }
+    }
+
+    /// The longest any unary call may run, whatever deadline its caller sends:
+    /// CreateUser's publish and its wait for the verdict, with a margin. A
+    /// call cut there (one that never sent its message, say) frees its slot
+    /// of `MAX_CONCURRENT_CALLS`; tonic answers it CANCELLED.
+    pub fn call_timeout(&self) -> Duration {
+        self.max_position_wait + self.publish_timeout + Duration::from_secs(2)
     }
 
     /// The (group, topic) pairs the progress RPCs serve: the service's own,

@@ -270,6 +270,9 @@ impl Application {
         let max_request = config.max_request_bytes;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = Server::builder()
+            // Bounds the time a call holds its slot of the budget (a stream
+            // only until it starts).
+            .timeout(config.call_timeout())
             .max_concurrent_streams(config.max_concurrent_streams)
             .layer(CatchPanicLayer::custom(on_panic))
             .add_service(HealthService(health.clone()).into_server())
