@@ -20,7 +20,7 @@ use crate::{
 };
 use std::{
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 use tokio::time::Instant;
 
@@ -85,23 +85,11 @@ pub struct CreateUser {
 }
 
 impl CreateUser {
-    /// Creates the user, or tells why not, by `deadline`.
+    /// Creates the user, or tells why not, by `deadline`. A request seen
+    /// before gets its first answer: its ids are the same on every retry, and
+    /// the user its event created names it.
     pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
-        // A request seen before: its answer, whatever id it got.
-        if let Some(id) = self.owner(new).await?
-            && let Some(existing) = self.store.get_user(id).await?
-        {
-            return match verdict(new, &existing, Some(id))? {
-                Verdict::Ours(created) => Ok(created),
-                Verdict::Reused => Err(CommandError::RequestIdReused),
-                // The owner record says otherwise: stale; decide below.
-                Verdict::Taken => self.create(new, deadline).await,
-            };
-        }
-        self.create(new, deadline).await
-    }
-
-    async fn create(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
+        let partitions = self.partitions().await?;
         let mut attempt = 0;
         loop {
             let id = match (new.id, &new.request_id) {
@@ -109,7 +97,7 @@ impl CreateUser {
                 (None, Some(r)) => ids::assigned_id(r, attempt),
                 (None, None) => ids::id_from_seed(rand::random()),
             };
-            match self.try_id(new, id, deadline).await? {
+            match self.try_id(new, id, partitions, deadline).await? {
                 Verdict::Ours(created) => return Ok(created),
                 Verdict::Reused => return Err(CommandError::RequestIdReused),
                 Verdict::Taken if new.id.is_some() => return Err(CommandError::AlreadyExists(id)),
@@ -124,48 +112,55 @@ impl CreateUser {
         }
     }
 
+    /// The topic's partition count (a user's key depends on its partition):
+    /// as the health probe last saw it, or asked of a broker now.
+    async fn partitions(&self) -> Result<i32, CommandError> {
+        if let Some(n) = self.publisher.known_partitions() {
+            return Ok(n);
+        }
+        self.publisher.ping(Duration::from_secs(2)).await?;
+        self.publisher.known_partitions().ok_or_else(|| {
+            CommandError::Kafka(crate::kafka::KafkaError::Unavailable(
+                "the topic has no partitions yet".into(),
+            ))
+        })
+    }
+
     /// One id: look in the read model, publish if it is free, learn the verdict.
     async fn try_id(
         &self,
         new: &NewUser,
         id: UserId,
+        partitions: i32,
         deadline: Instant,
     ) -> Result<Verdict, CommandError> {
-        let partition = self
-            .publisher
-            .known_partitions()
-            .map(|n| user_partition(id, n));
+        let p = user_partition(id, partitions);
         // The fast check: a user the read model has is the log's winner.
-        let existing = match partition {
-            Some(p) => {
-                let (state, existing) = self.store.lookup(id, p).await?;
-                if existing.is_none() && !state.is_complete() {
-                    // Rebuilding after a loss: the id may be taken by an event
-                    // not yet replayed. Publish only once the read model can
-                    // tell; the verdict would wait for the rebuild anyway.
-                    tracing::info!(
-                        partition = p,
-                        ?state,
-                        "waiting for the read model to rebuild"
-                    );
-                    self.watch
-                        .wait_complete(p, deadline)
-                        .await
-                        .map_err(|e| match e {
-                            WaitError::Timeout => CommandError::Undecided(
-                                "the read model is rebuilding from the log".into(),
-                            ),
-                            e => e.into(),
-                        })?;
-                    self.store.get_user(id).await?
-                } else {
-                    existing
-                }
-            }
-            None => self.store.get_user(id).await?,
+        let (state, existing) = self.store.lookup(id, p).await?;
+        let existing = if existing.is_none() && !state.is_complete() {
+            // Rebuilding after a loss: the id may be taken by an event not
+            // yet replayed. Publish only once the read model can tell; the
+            // verdict would wait for the rebuild anyway.
+            tracing::info!(
+                partition = p,
+                ?state,
+                "waiting for the read model to rebuild"
+            );
+            self.watch
+                .wait_complete(p, deadline)
+                .await
+                .map_err(|e| match e {
+                    WaitError::Timeout => {
+                        CommandError::Undecided("the read model is rebuilding from the log".into())
+                    }
+                    e => e.into(),
+                })?;
+            self.store.get_user(id, p).await?
+        } else {
+            existing
         };
         if let Some(existing) = existing {
-            return verdict(new, &existing, self.owner(new).await?);
+            return verdict(new, &existing);
         }
 
         let user = User {
@@ -183,7 +178,7 @@ impl CreateUser {
         self.watch
             .wait_applied(position.partition, position.offset, deadline)
             .await?;
-        let Some(stored) = self.store.get_user(id).await? else {
+        let Some(stored) = self.store.get_user(id, position.partition).await? else {
             // Applied, yet absent: Redis lost its data just now.
             return Err(CommandError::Undecided(
                 "the read model lost its data; it is rebuilding".into(),
@@ -195,27 +190,14 @@ impl CreateUser {
                 position,
             }));
         }
-        verdict(new, &stored, self.owner(new).await?)
-    }
-
-    /// The user the read model says this request created, if it has a
-    /// request id and the read model remembers it.
-    async fn owner(&self, new: &NewUser) -> Result<Option<UserId>, StoreError> {
-        match &new.request_id {
-            Some(r) => self.store.request_owner(r).await,
-            None => Ok(None),
-        }
+        verdict(new, &stored)
     }
 }
 
-/// Whether `existing` is this request's user, given the user the read model
-/// says the request created (`owner`).
-fn verdict(
-    new: &NewUser,
-    existing: &StoredUser,
-    owner: Option<UserId>,
-) -> Result<Verdict, CommandError> {
-    if owner != Some(existing.user.id) {
+/// Whether `existing` is this request's user: created by an event that
+/// carried this request's id.
+fn verdict(new: &NewUser, existing: &StoredUser) -> Result<Verdict, CommandError> {
+    if new.request_id.is_none() || existing.request_id != new.request_id {
         return Ok(Verdict::Taken);
     }
     let same = existing.user.name == new.name

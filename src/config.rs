@@ -35,6 +35,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_SENTINEL_URLS", value_delimiter = ',')]
     pub redis_sentinels: Vec<String>,
 
+    /// Redis Cluster nodes (comma-separated `host:port` or `redis://...`;
+    /// any of them finds the rest); when set, `REDIS_SERVER_URL` and
+    /// Sentinel are not used.
+    #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+
     /// The master's name in Sentinel.
     #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "mymaster")]
     pub redis_sentinel_master: String,
@@ -91,10 +97,6 @@ pub struct Config {
     /// Connections in the Redis pool (with `REDIS_CLIENT=pool`).
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: u32,
-
-    /// How long a request id is remembered for idempotent retries.
-    #[arg(long, env = "REQUEST_ID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
-    pub request_id_ttl: Duration,
 
     /// Longest time GetUser waits for a position when the call has no deadline.
     #[arg(long, env = "MAX_POSITION_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -173,6 +175,15 @@ impl Config {
 
     /// Where Redis is: Sentinel when sentinels are given, else the server URL.
     pub fn redis_target(&self) -> RedisTarget {
+        let cluster: Vec<String> = self
+            .redis_cluster_nodes
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !cluster.is_empty() {
+            return RedisTarget::Cluster(cluster);
+        }
         if self.redis_sentinels.iter().any(|s| !s.trim().is_empty()) {
             RedisTarget::Sentinel {
                 sentinels: self

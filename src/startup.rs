@@ -202,7 +202,6 @@ impl Application {
                 batch_size: config.projector_batch_size.max(1),
                 store: store.clone(),
                 watch: watch.clone(),
-                request_ttl: config.request_id_ttl,
                 publisher: publisher.clone(),
                 state: state.clone(),
             };
@@ -428,6 +427,11 @@ async fn probe_dependencies(
             last = Some(now);
         }
         health.set_dependencies(now.0, now.1);
+        if let Some(n) = publisher.known_partitions()
+            && let Err(e) = store.record_partition_count(n).await
+        {
+            tracing::debug!(error = %e, "cannot record the partition count in Redis");
+        }
         if let Some(state) = &projector {
             let in_group = state.stats().in_group;
             if in_group != last_in_group {

@@ -74,20 +74,17 @@ impl UserService for UserApi {
         if let Some(pos) = r.min_position {
             self.wait_for_position(pos, deadline).await?;
         }
-        let Some(partitions) = self.create.publisher.known_partitions() else {
-            // No broker has answered since start-up: a stored user is still
-            // an answer, but only its partition's checkpoint can vouch for
-            // its absence.
-            let stored = self
+        // The partition count as a broker told this instance, or any
+        // instance before (Redis keeps it): reads need no broker.
+        let partitions = match self.create.publisher.known_partitions() {
+            Some(n) => n,
+            None => self
                 .create
                 .store
-                .get_user(id)
+                .partition_count()
                 .await
-                .map_err(ApiError::from)?;
-            return match stored {
-                Some(s) => Ok(Response::new(to_response(&s))),
-                None => Err(ApiError::CannotTell.into()),
-            };
+                .map_err(ApiError::from)?
+                .ok_or(ApiError::CannotTell)?,
         };
         // The user's own partition vouches for its absence, if complete.
         let partition = user_partition(id, partitions);

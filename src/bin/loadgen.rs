@@ -1038,18 +1038,25 @@ async fn catchup(a: CatchupArgs) -> anyhow::Result<Value> {
     };
     let events: i64 = ends.iter().map(|(p, e)| e - starts[p]).sum();
 
-    // Applied positions, read straight from the read model.
-    let key = format!("{}projection:{}:applied", a.key_prefix, a.topic);
+    // Applied positions, read straight from the read model (one hash per
+    // partition, as the service lays them out).
+    let keys = user_service::store::Keys::new(&a.key_prefix, &a.topic);
     let redis = redis::Client::open(a.redis_url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
     let mut t_first = None;
     let mut samples = Vec::new();
     let mut last_sample = Duration::ZERO;
     let t_applied = loop {
-        let applied: HashMap<i32, i64> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await?;
+        let mut pipe = redis::pipe();
+        for p in ends.keys() {
+            pipe.hget(keys.projection(*p), "applied");
+        }
+        let offsets: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
+        let applied: HashMap<i32, i64> = ends
+            .keys()
+            .zip(offsets)
+            .filter_map(|(p, o)| Some((*p, o?)))
+            .collect();
         let now = start.elapsed();
         let done: i64 = ends
             .iter()

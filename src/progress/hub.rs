@@ -361,7 +361,7 @@ impl PollerTask {
 /// The read model's checkpoint per partition; empty when Redis cannot be
 /// read (the snapshot then goes without it, it does not fail).
 async fn read_model(store: &RedisStore) -> BTreeMap<i32, ReadModelPosition> {
-    match store.checkpoints().await {
+    match store.all_checkpoints().await {
         Ok(checkpoints) => positions(&checkpoints),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the read model's checkpoints for progress");

@@ -28,7 +28,7 @@ use crate::{
         EventPublisher, KafkaError, consumer_config,
         watchdog::{ClientHealth, Confirmations, cluster_reachable},
     },
-    store::{ApplyOp, ApplyResult, CheckpointWatch, RedisStore},
+    store::{ApplyOp, ApplyOutcome, ApplyResult, CheckpointWatch, RedisStore},
 };
 use futures::FutureExt;
 use partitions::Cursors;
@@ -62,8 +62,6 @@ pub struct Projector {
     pub store: RedisStore,
     /// Poked after each applied batch, so waiting calls see it at once.
     pub watch: Arc<CheckpointWatch>,
-    /// How long the read model remembers a request id after its event.
-    pub request_ttl: Duration,
     /// Used for the dead-letter topic only.
     pub publisher: EventPublisher,
     pub state: Arc<ProjectorState>,
@@ -300,35 +298,51 @@ impl Projector {
         // that a panicking task stops the service with a non-zero exit.
         fail::fail_point!("projector-apply");
 
-        let mut backoff = Duration::from_millis(50);
-        let outcome = loop {
-            match self.store.apply(&ops, &expected, self.request_ttl).await {
-                Ok(ApplyResult::Applied(outcome)) => break outcome,
-                Ok(ApplyResult::Moved {
-                    partition,
-                    checkpoint,
-                }) => {
-                    tracing::warn!(
-                        partition,
-                        redis = ?checkpoint,
-                        resumed_from = ?expected.get(&partition),
-                        "the read model's checkpoint moved (Redis lost data, or another member applied): resuming from Redis"
-                    );
-                    self.state.record_checkpoint_moved();
-                    cursors.forget(expected.keys().copied());
-                    return true;
-                }
-                Err(e) => {
-                    self.state.record_apply_failure();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot apply batch to Redis");
-                    tokio::select! {
-                        _ = token.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+        // One atomic script per partition: a partition's keys share a hash
+        // slot, a batch's partitions may not (Redis Cluster).
+        let mut by_partition: BTreeMap<i32, Vec<ApplyOp>> = BTreeMap::new();
+        for op in &ops {
+            by_partition
+                .entry(op.position.partition)
+                .or_default()
+                .push(op.clone());
+        }
+        let mut outcome = ApplyOutcome::default();
+        for (&partition, part_ops) in &by_partition {
+            let resumed_from = expected.get(&partition).copied().unwrap_or(-1);
+            let mut backoff = Duration::from_millis(50);
+            let done = loop {
+                match self.store.apply(partition, part_ops, resumed_from).await {
+                    Ok(ApplyResult::Applied(o)) => break o,
+                    Ok(ApplyResult::Moved { checkpoint, .. }) => {
+                        tracing::warn!(
+                            partition,
+                            redis = ?checkpoint,
+                            resumed_from,
+                            "the read model's checkpoint moved (Redis lost data, or another member applied): resuming from Redis"
+                        );
+                        self.state.record_checkpoint_moved();
+                        // Partitions applied before this one are resumed
+                        // from Redis too: past what they just applied.
+                        cursors.forget(expected.keys().copied());
+                        self.watch.poke();
+                        return true;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    Err(e) => {
+                        self.state.record_apply_failure();
+                        tracing::warn!(partition, error = %e, retry_in = ?backoff, "cannot apply batch to Redis");
+                        tokio::select! {
+                            _ = token.cancelled() => return false,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                 }
-            }
-        };
+            };
+            outcome.applied += done.applied;
+            outcome.duplicates += done.duplicates;
+            outcome.skipped += done.skipped;
+        }
         self.watch.poke();
 
         // The last offset of each partition in the batch: the new checkpoint,

@@ -220,7 +220,7 @@ impl Cursors {
         if self.open.is_empty() {
             return;
         }
-        match self.store.checkpoints().await {
+        match self.store.checkpoints(self.open.keys().copied()).await {
             Ok(held) => {
                 let moved: Vec<i32> = self
                     .open

@@ -9,7 +9,7 @@
 
 use super::{RedisStore, StoreError, read_model::decode};
 use crate::domain::UserId;
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::atomic::Ordering};
 
 /// What the read model can say about one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl PartitionState {
     }
 }
 
-/// Every partition's checkpoint and rebuild target, read in one round trip.
+/// Checkpoints and rebuild targets of the partitions read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoints {
     pub applied: HashMap<i32, i64>,
@@ -89,9 +89,7 @@ impl RedisStore {
             let (checkpoint, target): (String, String) = self
                 .scripts
                 .open
-                .key(self.keys.checkpoint())
-                .key(self.keys.rebuild())
-                .arg(partition)
+                .key(self.keys.projection(partition))
                 .arg(log_end)
                 .arg(floor)
                 .invoke_async(&mut conn)
@@ -106,40 +104,107 @@ impl RedisStore {
         .await
     }
 
-    /// Every partition's checkpoint and rebuild target.
-    pub async fn checkpoints(&self) -> Result<Checkpoints, StoreError> {
+    /// The checkpoint and rebuild target of each of `partitions`: one small
+    /// read per partition (each lives in its own hash slot), concurrently.
+    pub async fn checkpoints(
+        &self,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Result<Checkpoints, StoreError> {
         self.timed(async {
-            let mut conn = self.conn().await?;
-            let (applied, rebuild): (HashMap<i32, i64>, HashMap<i32, i64>) = redis::pipe()
-                .hgetall(self.keys.checkpoint())
-                .hgetall(self.keys.rebuild())
-                .query_async(&mut conn)
-                .await?;
-            Ok(Checkpoints { applied, rebuild })
+            let reads = partitions.into_iter().map(|p| async move {
+                let mut conn = self.conn().await?;
+                let (applied, rebuild): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+                    .arg(self.keys.projection(p))
+                    .arg("applied")
+                    .arg("rebuild")
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<_, StoreError>((p, applied, rebuild))
+            });
+            let mut out = Checkpoints::default();
+            for r in futures::future::join_all(reads).await {
+                let (p, applied, rebuild) = r?;
+                if let Some(a) = applied {
+                    out.applied.insert(p, a);
+                }
+                if let Some(t) = rebuild {
+                    out.rebuild.insert(p, t);
+                }
+            }
+            Ok(out)
         })
         .await
     }
 
+    /// Every partition's checkpoint, if the partition count is known.
+    pub async fn all_checkpoints(&self) -> Result<Checkpoints, StoreError> {
+        match self.partition_count().await? {
+            Some(n) => self.checkpoints(0..n).await,
+            None => Ok(Checkpoints::default()),
+        }
+    }
+
     /// The user and what the read model can say about its partition, in one
-    /// round trip; the state is read first, so a complete partition's answer
-    /// covers everything up to its checkpoint.
+    /// round trip (one hash slot); the state is read first, so a complete
+    /// partition's answer covers everything up to its checkpoint.
     pub async fn lookup(
         &self,
         id: UserId,
         partition: i32,
     ) -> Result<(PartitionState, Option<super::StoredUser>), StoreError> {
-        let key = self.keys.user(id);
+        let key = self.keys.user(id, partition);
         self.timed(async {
             let mut conn = self.conn().await?;
-            let (checkpoint, target, raw): (Option<i64>, Option<i64>, Option<String>) =
+            let ((checkpoint, target), raw): ((Option<i64>, Option<i64>), Option<String>) =
                 redis::pipe()
-                    .hget(self.keys.checkpoint(), partition)
-                    .hget(self.keys.rebuild(), partition)
+                    .cmd("HMGET")
+                    .arg(self.keys.projection(partition))
+                    .arg("applied")
+                    .arg("rebuild")
                     .get(&key)
                     .query_async(&mut conn)
                     .await?;
             let user = raw.map(|r| decode(&key, &r)).transpose()?;
             Ok((PartitionState::from_parts(checkpoint, target), user))
+        })
+        .await
+    }
+
+    /// The topic's partition count: as a broker told this instance, else as
+    /// one told any instance before (kept in Redis).
+    pub async fn partition_count(&self) -> Result<Option<i32>, StoreError> {
+        let known = self.partitions.load(Ordering::Relaxed);
+        if known > 0 {
+            return Ok(Some(known));
+        }
+        let key = self.keys.partition_count();
+        let stored: Option<i32> = self
+            .timed(async {
+                let mut conn = self.conn().await?;
+                Ok(redis::cmd("GET").arg(&key).query_async(&mut conn).await?)
+            })
+            .await?;
+        if let Some(n) = stored.filter(|n| *n > 0) {
+            self.partitions.store(n, Ordering::Relaxed);
+        }
+        Ok(stored.filter(|n| *n > 0))
+    }
+
+    /// A broker says the topic has `n` partitions: remembered here, and in
+    /// Redis for instances that start while no broker answers.
+    pub async fn record_partition_count(&self, n: i32) -> Result<(), StoreError> {
+        if n <= 0 || self.partitions.swap(n, Ordering::Relaxed) == n {
+            return Ok(());
+        }
+        let key = self.keys.partition_count();
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg(n)
+                .query_async(&mut conn)
+                .await?;
+            Ok(())
         })
         .await
     }

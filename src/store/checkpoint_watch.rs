@@ -1,7 +1,7 @@
 //! [`CheckpointWatch`]: one poller per instance for every call that waits
 //! until the read model has applied a position (GetUser's read-your-write,
-//! CreateUser's wait for the log's verdict). Redis sees one `HGETALL` pair per
-//! poll, however many calls wait; nobody polls while nobody waits, and the
+//! CreateUser's wait for the log's verdict). Redis sees one `HMGET` per
+//! partition waited on per poll, however many calls wait; nobody polls while nobody waits, and the
 //! local projector pokes the poller after each batch, so a wait ends within a
 //! round trip of the apply.
 //!
@@ -13,6 +13,7 @@
 
 use super::{Checkpoints, PartitionState, RedisStore, StoreError};
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -54,6 +55,8 @@ pub struct CheckpointWatch {
     store: RedisStore,
     tx: watch::Sender<Option<Snapshot>>,
     waiters: AtomicUsize,
+    /// The partitions waited on, and by how many calls: only they are polled.
+    waited: std::sync::Mutex<HashMap<i32, usize>>,
     wake: Notify,
     shutdown: CancellationToken,
     /// Polls made so far, for tests and the benchmark.
@@ -66,6 +69,7 @@ impl CheckpointWatch {
             store,
             tx: watch::Sender::new(None),
             waiters: AtomicUsize::new(0),
+            waited: std::sync::Mutex::default(),
             wake: Notify::new(),
             shutdown,
             polls: AtomicU64::new(0),
@@ -91,9 +95,16 @@ impl CheckpointWatch {
                     }
                 }
             }
+            let partitions: Vec<i32> = self
+                .waited
+                .lock()
+                .expect("waited lock poisoned")
+                .keys()
+                .copied()
+                .collect();
             let result = self
                 .store
-                .checkpoints()
+                .checkpoints(partitions)
                 .await
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
@@ -159,7 +170,7 @@ impl CheckpointWatch {
         done: impl Fn(PartitionState) -> bool,
     ) -> Result<PartitionState, WaitError> {
         let since = Instant::now();
-        let _waiting = Waiting::register(self);
+        let _waiting = Waiting::register(self, partition);
         let mut rx = self.tx.subscribe();
         let mut last_error = None;
         loop {
@@ -189,22 +200,36 @@ impl CheckpointWatch {
     }
 }
 
-/// Counts a waiter for as long as it lives, and wakes the poller.
-struct Waiting<'a>(&'a CheckpointWatch);
+/// Counts a waiter (and its partition) for as long as it lives, and wakes
+/// the poller.
+struct Waiting<'a>(&'a CheckpointWatch, i32);
 
 impl<'a> Waiting<'a> {
-    fn register(watch: &'a CheckpointWatch) -> Self {
+    fn register(watch: &'a CheckpointWatch, partition: i32) -> Self {
+        *watch
+            .waited
+            .lock()
+            .expect("waited lock poisoned")
+            .entry(partition)
+            .or_default() += 1;
         // Only the first waiter wakes an idle poller; later ones take the
         // next poll, so a stream of new waiters cannot speed it up.
         if watch.waiters.fetch_add(1, Ordering::AcqRel) == 0 {
             watch.wake.notify_one();
         }
-        Self(watch)
+        Self(watch, partition)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.waiters.fetch_sub(1, Ordering::AcqRel);
+        let mut waited = self.0.waited.lock().expect("waited lock poisoned");
+        if let Some(n) = waited.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                waited.remove(&self.1);
+            }
+        }
     }
 }

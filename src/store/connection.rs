@@ -40,6 +40,26 @@ pub enum RedisTarget {
         sentinels: Vec<String>,
         master: String,
     },
+    /// A Redis Cluster, found from any of these nodes (`redis://host:port`);
+    /// the `redis` crate's cluster client routes by slot, follows `MOVED`
+    /// and `ASK`, and refreshes the topology.
+    Cluster(Vec<String>),
+}
+
+/// The cluster connection, made on first use (it needs a node to answer).
+struct ClusterSource {
+    client: redis::cluster::ClusterClient,
+    conn: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+}
+
+impl ClusterSource {
+    async fn connection(&self) -> Result<redis::cluster_async::ClusterConnection, StoreError> {
+        Ok(self
+            .conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await?
+            .clone())
+    }
 }
 
 /// The master's connection, found through Sentinel and found again when a
@@ -82,6 +102,7 @@ pub(super) enum Conn<'a> {
     Pooled(bb8::PooledConnection<'a, RedisConnectionManager>),
     Shared(ConnectionManager),
     Sentinel(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl ConnectionLike for Conn<'_> {
@@ -90,6 +111,7 @@ impl ConnectionLike for Conn<'_> {
             Conn::Pooled(c) => c.req_packed_command(cmd),
             Conn::Shared(c) => c.req_packed_command(cmd),
             Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -103,6 +125,7 @@ impl ConnectionLike for Conn<'_> {
             Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
@@ -111,6 +134,7 @@ impl ConnectionLike for Conn<'_> {
             Conn::Pooled(c) => c.get_db(),
             Conn::Shared(c) => c.get_db(),
             Conn::Sentinel(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -124,7 +148,10 @@ pub struct RedisStore {
     shared: Option<ConnectionManager>,
     /// Set when Sentinel names the master; it then serves every call.
     sentinel: Option<Arc<SentinelSource>>,
+    cluster: Option<Arc<ClusterSource>>,
     pub(super) keys: Keys,
+    /// The topic's partition count once known (0 until then); shared by clones.
+    pub(super) partitions: Arc<std::sync::atomic::AtomicI32>,
     timeout: Duration,
     pub(super) scripts: Arc<Scripts>,
 }
@@ -142,8 +169,31 @@ impl RedisStore {
         let bad = |what: &str, e: redis::RedisError| {
             StoreError::Unavailable(format!("bad Redis {what}: {e}"))
         };
+        let mut cluster = None;
         let (url, sentinel) = match target {
             RedisTarget::Server(url) => (url.as_str(), None),
+            RedisTarget::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes
+                    .iter()
+                    .map(|s| {
+                        if s.contains("://") {
+                            s.clone()
+                        } else {
+                            format!("redis://{s}")
+                        }
+                    })
+                    .collect();
+                let client = redis::cluster::ClusterClient::builder(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(|e| bad("cluster nodes", e))?;
+                cluster = Some(Arc::new(ClusterSource {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                }));
+                ("redis://127.0.0.1:6379", None)
+            }
             RedisTarget::Sentinel { sentinels, master } => {
                 let urls: Vec<String> = sentinels
                     .iter()
@@ -175,8 +225,8 @@ impl RedisStore {
             // went away; without it, dead connections are handed out forever.
             .connection_timeout(timeout)
             .build_unchecked(manager);
-        let shared = match (kind, &sentinel) {
-            (RedisClientKind::Shared, None) => {
+        let shared = match (kind, &sentinel, &cluster) {
+            (RedisClientKind::Shared, None, None) => {
                 let client = redis::Client::open(url).map_err(|e| bad("URL", e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
@@ -194,7 +244,9 @@ impl RedisStore {
             pool,
             shared,
             sentinel,
+            cluster,
             keys,
+            partitions: Arc::default(),
             timeout,
             scripts: Arc::new(Scripts {
                 apply: Script::new(include_str!("lua/apply.lua")),
@@ -205,6 +257,9 @@ impl RedisStore {
 
     /// A connection for one call: the shared one, or one from the pool.
     pub(super) async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        if let Some(cluster) = &self.cluster {
+            return Ok(Conn::Cluster(cluster.connection().await?));
+        }
         Ok(match (&self.sentinel, &self.shared) {
             (Some(sentinel), _) => Conn::Sentinel(sentinel.connection().await?),
             (None, Some(shared)) => Conn::Shared(shared.clone()),

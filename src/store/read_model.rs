@@ -5,14 +5,12 @@
 use super::{RedisStore, StoreError};
 use crate::domain::{EventPosition, RequestId, User, UserId};
 use serde::{Deserialize, Serialize};
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
 
 /// A user as the read model holds it (`user_<id>`): the Go service's JSON,
-/// plus the position of the event that created it, which makes the log's
-/// verdict visible: a CreateUser whose event sits elsewhere did not create it.
+/// plus the position of the event that created it and that event's request
+/// id, which make the log's verdict visible: a CreateUser whose event sits
+/// elsewhere did not create it, unless an earlier attempt of the same
+/// request did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredUser {
     #[serde(flatten)]
@@ -22,14 +20,18 @@ pub struct StoredUser {
     pub partition: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
+    /// The request whose event created the user, if it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
 }
 
 impl StoredUser {
-    pub fn new(user: User, position: EventPosition) -> Self {
+    pub fn new(user: User, position: EventPosition, request_id: Option<RequestId>) -> Self {
         Self {
             user,
             partition: Some(position.partition),
             offset: Some(position.offset),
+            request_id,
         }
     }
 
@@ -76,9 +78,13 @@ pub enum ApplyResult {
 }
 
 impl RedisStore {
-    /// The user, if the read model has it.
-    pub async fn get_user(&self, id: UserId) -> Result<Option<StoredUser>, StoreError> {
-        let key = self.keys.user(id);
+    /// The user, if the read model has it (`partition`: its id's partition).
+    pub async fn get_user(
+        &self,
+        id: UserId,
+        partition: i32,
+    ) -> Result<Option<StoredUser>, StoreError> {
+        let key = self.keys.user(id, partition);
         self.timed(async {
             let mut conn = self.conn().await?;
             let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
@@ -87,86 +93,51 @@ impl RedisStore {
         .await
     }
 
-    /// The id of the user that `request_id`'s request created, while the
-    /// read model remembers it (`REQUEST_ID_TTL` after the event).
-    pub async fn request_owner(
-        &self,
-        request_id: &RequestId,
-    ) -> Result<Option<UserId>, StoreError> {
-        let key = self.keys.request(request_id);
-        self.timed(async {
-            let mut conn = self.conn().await?;
-            let raw: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-            Ok(raw.and_then(|id| UserId::parse(id).ok()))
-        })
-        .await
-    }
-
-    /// Applies a batch in log order, atomically with the checkpoint, if the
-    /// checkpoint of every partition in it is still `expected` (the offset
-    /// the projector resumed after; -1 for none). Request ids are remembered
-    /// until `request_ttl` after their event's time.
+    /// Applies one partition's records in log order, atomically with its
+    /// checkpoint, if the checkpoint is still `expected` (the offset the
+    /// projector resumed after; -1 for none).
     pub async fn apply(
         &self,
+        partition: i32,
         ops: &[ApplyOp],
-        expected: &BTreeMap<i32, i64>,
-        request_ttl: Duration,
+        expected: i64,
     ) -> Result<ApplyResult, StoreError> {
         if ops.is_empty() {
             return Ok(ApplyResult::Applied(ApplyOutcome::default()));
         }
-        let checkpoint = self.keys.checkpoint();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let mut invocation = self.scripts.apply.key(&checkpoint);
-        invocation.key(self.keys.rebuild()).arg(expected.len());
-        for (partition, offset) in expected {
-            invocation.arg(partition).arg(offset);
-        }
+        let projection = self.keys.projection(partition);
+        let mut invocation = self.scripts.apply.key(&projection);
+        invocation.arg(expected);
         for op in ops {
-            let p = op.position;
+            debug_assert_eq!(op.position.partition, partition);
             match &op.user {
                 Some(user) => {
-                    let value = serde_json::to_string(&StoredUser::new(user.clone(), p))
-                        .expect("a user serialises");
-                    let expires = user.created_at_ms.div_euclid(1000)
-                        + request_ttl.as_secs().min(i64::MAX as u64 / 2) as i64;
-                    match op.request_id.as_ref().filter(|_| expires > now) {
-                        Some(r) => invocation
-                            .key(self.keys.user(user.id))
-                            .key(self.keys.request(r)),
-                        None => invocation.key(self.keys.user(user.id)).key(&checkpoint),
-                    };
+                    let value = serde_json::to_string(&StoredUser::new(
+                        user.clone(),
+                        op.position,
+                        op.request_id.clone(),
+                    ))
+                    .expect("a user serialises");
                     invocation
-                        .arg(p.partition)
-                        .arg(p.offset)
-                        .arg(value)
-                        .arg(user.id.get())
-                        .arg(expires);
+                        .key(self.keys.user(user.id, partition))
+                        .arg(op.position.offset)
+                        .arg(value);
                 }
                 None => {
-                    invocation
-                        .key(&checkpoint)
-                        .key(&checkpoint)
-                        .arg(p.partition)
-                        .arg(p.offset)
-                        .arg("")
-                        .arg("")
-                        .arg(0);
+                    invocation.key(&projection).arg(op.position.offset).arg("");
                 }
             }
         }
         self.timed(async {
             let mut conn = self.conn().await?;
             let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await?;
-            parse_apply(&reply)
+            parse_apply(partition, &reply)
         })
         .await
     }
 }
 
-fn parse_apply(reply: &[redis::Value]) -> Result<ApplyResult, StoreError> {
+fn parse_apply(partition: i32, reply: &[redis::Value]) -> Result<ApplyResult, StoreError> {
     let bad = || StoreError::Protocol(format!("apply returned {reply:?}"));
     let text = |v: &redis::Value| redis::from_redis_value::<String>(v.clone()).ok();
     let int = |v: &redis::Value| redis::from_redis_value::<u64>(v.clone()).ok();
@@ -178,8 +149,8 @@ fn parse_apply(reply: &[redis::Value]) -> Result<ApplyResult, StoreError> {
                 skipped: int(s).ok_or_else(bad)?,
             }))
         }
-        [tag, p, c] if text(tag).as_deref() == Some("moved") => Ok(ApplyResult::Moved {
-            partition: text(p).and_then(|p| p.parse().ok()).ok_or_else(bad)?,
+        [tag, c] if text(tag).as_deref() == Some("moved") => Ok(ApplyResult::Moved {
+            partition,
             checkpoint: text(c).and_then(|c| c.parse().ok()),
         }),
         _ => Err(bad()),

@@ -35,11 +35,16 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .expect("found");
     assert_eq!(got, user);
 
-    // The read model holds the Go service's key and a JSON value.
+    // The read model holds the Go service's `user_<id>`, behind its
+    // partition's hash tag, and a JSON value.
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let partition = created.position.unwrap().partition;
     let raw: String = redis::cmd("GET")
-        .arg(format!("{}user_{}", app.config.redis_key_prefix, user.id))
+        .arg(format!(
+            "{}{{{}:{partition}}}user_{}",
+            app.config.redis_key_prefix, app.config.topic, user.id
+        ))
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -64,8 +64,7 @@ async fn a_retry_after_an_unknown_outcome_finds_the_first_event() {
     let app = spawn_app().await;
     let request_id = RequestId::parse("ambiguous-1").unwrap().unwrap();
     let id = ids::assigned_id(&request_id, 0);
-    // A second ago: the read model remembers request ids for REQUEST_ID_TTL
-    // after their event's time.
+    // A second ago.
     let first_attempt_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -2,7 +2,7 @@
 //! lost, nothing applied twice. The apply is fenced by that checkpoint.
 
 use crate::helpers::{group_lag, spawn_app, spawn_app_with, test_config};
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 use tonic::Code;
 use user_service::{
     domain::{Email, EventPosition, User, UserId, UserName},
@@ -107,23 +107,32 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         user: u,
         request_id: None,
     };
-    let ttl = Duration::from_secs(3600);
     // Nothing in the log yet: both partitions start at -1, not rebuilding.
     for p in [0, 1] {
         let opened = store.open_partition(p, 0, -1).await.unwrap();
         assert_eq!((opened.checkpoint, opened.rebuild_target), (-1, None));
     }
-    let batch = vec![
+    // One atomic apply per partition (its keys share one hash slot).
+    let batch0 = vec![
         op(0, 0, Some(user(1, "one"))),
-        op(1, 0, Some(user(2, "two"))),
         op(0, 1, None),
         op(0, 2, Some(user(3, "three"))),
     ];
-    let from_start = BTreeMap::from([(0, -1), (1, -1)]);
     assert_eq!(
-        store.apply(&batch, &from_start, ttl).await.unwrap(),
+        store.apply(0, &batch0, -1).await.unwrap(),
         ApplyResult::Applied(ApplyOutcome {
-            applied: 3,
+            applied: 2,
+            duplicates: 0,
+            skipped: 0
+        })
+    );
+    assert_eq!(
+        store
+            .apply(1, &[op(1, 0, Some(user(2, "two")))], -1)
+            .await
+            .unwrap(),
+        ApplyResult::Applied(ApplyOutcome {
+            applied: 1,
             duplicates: 0,
             skipped: 0
         })
@@ -131,7 +140,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     // A member that resumed from an older checkpoint (a zombie after a
     // rebalance) is fenced off: nothing is written, it learns where Redis is.
     assert_eq!(
-        store.apply(&batch, &from_start, ttl).await.unwrap(),
+        store.apply(0, &batch0, -1).await.unwrap(),
         ApplyResult::Moved {
             partition: 0,
             checkpoint: Some(2)
@@ -139,16 +148,12 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     );
     // A later event for an id already created: the first in the log wins.
     let later = store
-        .apply(
-            &[op(0, 3, Some(user(1, "impostor")))],
-            &BTreeMap::from([(0, 2)]),
-            ttl,
-        )
+        .apply(0, &[op(0, 3, Some(user(1, "impostor")))], 2)
         .await
         .unwrap();
     assert!(matches!(later, ApplyResult::Applied(o) if o.duplicates == 1));
     let one = store
-        .get_user(UserId::parse(1).unwrap())
+        .get_user(UserId::parse(1).unwrap(), 0)
         .await
         .unwrap()
         .unwrap();
@@ -160,17 +165,14 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
             offset: 0
         })
     );
-    let held = store.checkpoints().await.unwrap();
+    let held = store.checkpoints([0, 1]).await.unwrap();
     assert_eq!((held.applied[&0], held.applied[&1]), (3, 0));
 
     // Redis loses the checkpoint: the next apply is refused, and opening the
     // partition again says "replay from the start, up to the log end".
     crate::helpers::delete_keys(&config).await;
     assert_eq!(
-        store
-            .apply(&[op(0, 4, None)], &BTreeMap::from([(0, 3)]), ttl)
-            .await
-            .unwrap(),
+        store.apply(0, &[op(0, 4, None)], 3).await.unwrap(),
         ApplyResult::Moved {
             partition: 0,
             checkpoint: None
@@ -181,17 +183,14 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         (reopened.checkpoint, reopened.rebuild_target),
         (-1, Some(5))
     );
-    assert!(!store.checkpoints().await.unwrap().state(0).is_complete());
+    assert!(!store.checkpoints([0]).await.unwrap().state(0).is_complete());
 
     // A Redis that went back in time (a failover to a replica that had not
     // caught up): its checkpoint is behind what was applied before, so the
     // partition is rebuilding up to there, not trusted.
     store.open_partition(1, 0, -1).await.unwrap();
-    store
-        .apply(&[op(1, 0, None)], &BTreeMap::from([(1, -1)]), ttl)
-        .await
-        .unwrap();
+    store.apply(1, &[op(1, 0, None)], -1).await.unwrap();
     let behind = store.open_partition(1, 9, 6).await.unwrap();
     assert_eq!((behind.checkpoint, behind.rebuild_target), (0, Some(7)));
-    assert!(!store.checkpoints().await.unwrap().state(1).is_complete());
+    assert!(!store.checkpoints([1]).await.unwrap().state(1).is_complete());
 }

@@ -191,7 +191,13 @@ async fn the_service_follows_a_sentinel_failover() {
         new_user
     );
     // The new user was written to the new master, not to the demoted one.
-    let key = format!("{}user_{}", app.config.redis_key_prefix, new_user.id);
+    let key = format!(
+        "{}{{{}:{}}}user_{}",
+        app.config.redis_key_prefix,
+        app.config.topic,
+        after.position.unwrap().partition,
+        new_user.id
+    );
     let on_new_master: i64 = redis::from_redis_value(cmd(r, &["EXISTS", &key]).unwrap()).unwrap();
     assert_eq!(on_new_master, 1);
     // What was applied before the failover is still there.

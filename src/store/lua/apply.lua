@@ -1,68 +1,56 @@
--- Applies a batch of events to the read model, atomically with the checkpoint:
--- the users and the offset of the last applied event per partition change
--- together, so a reader that sees a checkpoint sees the data it covers, and a
--- replayed event changes nothing.
+-- Applies a batch of one partition's events to the read model, atomically
+-- with the partition's checkpoint: the users and the offset of the last
+-- applied event change together, so a reader that sees a checkpoint sees the
+-- data it covers, and a replayed event changes nothing. Every key carries the
+-- partition's hash tag, so in a Redis Cluster they share one slot.
 --
 -- The rule over the log (docs/design.md): for each id, the first UserCreated
--- in its partition's order creates the user; later ones create nothing. A
--- request id maps to the user its request created.
+-- in its partition's order creates the user; later ones create nothing. The
+-- stored user names the request whose event created it.
 --
--- Fencing: the projector says which checkpoint it resumed from for each
--- partition in the batch. If Redis holds another (it lost its data, or
--- another instance applied meanwhile during a rebalance), nothing is written
--- and the script answers {'moved', partition, checkpoint or ''}: the projector
--- then resumes from what Redis holds.
+-- Fencing: the projector says which checkpoint it resumed from. If Redis
+-- holds another (it lost its data, or another instance applied meanwhile
+-- during a rebalance), nothing is written and the script answers
+-- {'moved', checkpoint or ''}: the projector then resumes from what Redis holds.
 --
--- KEYS[1]   checkpoint hash; KEYS[2] rebuild hash
--- KEYS[3..] two keys per event: the user's key and the request key (KEYS[1]
---           stands in for "none": a record that only moves the checkpoint,
---           one sent to the dead-letter topic, or an event without request id)
--- ARGV[1]   number of partitions P, then P pairs (partition, expected checkpoint)
--- then, per event in log order: partition, offset, user value ('' for none),
---           request value (the user id), request expiry (unix seconds)
+-- KEYS[1]   the partition's projection hash (fields `applied`, `rebuild`)
+-- KEYS[2..] one key per event: the user's key (KEYS[1] stands in for "none":
+--           a record that only moves the checkpoint, one sent to the
+--           dead-letter topic)
+-- ARGV[1]   the expected checkpoint, then per event in log order: offset,
+--           user value ('' for none)
 --
--- Returns {'ok', applied, duplicates, skipped} | {'moved', partition, checkpoint}
-local nparts = tonumber(ARGV[1])
-local current = {}
-for i = 0, nparts - 1 do
-  local partition, expected = ARGV[2 + i * 2], ARGV[3 + i * 2]
-  local held = redis.call('HGET', KEYS[1], partition)
-  if held ~= expected then
-    return {'moved', partition, held or ''}
-  end
-  current[partition] = tonumber(held)
+-- Returns {'ok', applied, duplicates, skipped} | {'moved', checkpoint}
+local held = redis.call('HGET', KEYS[1], 'applied')
+if held ~= ARGV[1] then
+  return {'moved', held or ''}
 end
+local current = tonumber(held)
 
 local applied, duplicates, skipped = 0, 0, 0
-local raw = {} -- offsets as sent: Lua would print large numbers as 1e+15
-local base = 2 + nparts * 2
-local nevents = (#KEYS - 2) / 2
-for e = 0, nevents - 1 do
-  local ukey, rkey = KEYS[3 + e * 2], KEYS[4 + e * 2]
-  local a = base + e * 5
-  local partition, offset, value = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
-  if offset > current[partition] then
+local raw -- the offset as sent: Lua would print large numbers as 1e+15
+for e = 0, #KEYS - 2 do
+  local ukey = KEYS[2 + e]
+  local offset, value = tonumber(ARGV[2 + e * 2]), ARGV[3 + e * 2]
+  if offset > current then
     if value ~= '' then
       if redis.call('SET', ukey, value, 'NX') then
         applied = applied + 1
-        if rkey ~= KEYS[1] then
-          redis.call('SET', rkey, ARGV[a + 3], 'NX', 'EXAT', ARGV[a + 4])
-        end
       else
         duplicates = duplicates + 1
       end
     end
-    current[partition] = offset
-    raw[partition] = ARGV[a + 1]
+    current = offset
+    raw = ARGV[2 + e * 2]
   else
     skipped = skipped + 1
   end
 end
-for partition, offset in pairs(raw) do
-  redis.call('HSET', KEYS[1], partition, offset)
-  local target = redis.call('HGET', KEYS[2], partition)
-  if target and tonumber(offset) >= tonumber(target) - 1 then
-    redis.call('HDEL', KEYS[2], partition)
+if raw then
+  redis.call('HSET', KEYS[1], 'applied', raw)
+  local target = redis.call('HGET', KEYS[1], 'rebuild')
+  if target and tonumber(raw) >= tonumber(target) - 1 then
+    redis.call('HDEL', KEYS[1], 'rebuild')
   end
 end
 return {'ok', applied, duplicates, skipped}

@@ -10,19 +10,18 @@
 -- (or what was applied before), so that readers do not take its gaps for
 -- absent users.
 --
--- KEYS[1] checkpoint hash: partition -> offset of the last applied event
--- KEYS[2] rebuild hash: partition -> log end to reach
--- ARGV[1] partition
--- ARGV[2] the partition's log end offset (high watermark), read just before
--- ARGV[3] the floor: the highest offset known to have been applied before
+-- KEYS[1] the partition's projection hash: `applied` (offset of the last
+--         applied event), `rebuild` (log end to reach)
+-- ARGV[1] the partition's log end offset (high watermark), read just before
+-- ARGV[2] the floor: the highest offset known to have been applied before
 --         (the group's committed offset - 1, or this member's last
 --         checkpoint); -1 when none is known
 --
 -- Returns {checkpoint, rebuild target or ''}; '-1' means nothing applied.
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-local floor = tonumber(ARGV[3])
+local current = redis.call('HGET', KEYS[1], 'applied')
+local floor = tonumber(ARGV[2])
 if current and tonumber(current) >= floor then
-  return {current, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+  return {current, redis.call('HGET', KEYS[1], 'rebuild') or ''}
 end
 local target
 if current then
@@ -30,11 +29,11 @@ if current then
   target = floor + 1
 else
   current = '-1'
-  redis.call('HSET', KEYS[1], ARGV[1], current)
-  target = math.max(tonumber(ARGV[2]), floor + 1)
+  redis.call('HSET', KEYS[1], 'applied', current)
+  target = math.max(tonumber(ARGV[1]), floor + 1)
 end
-local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+local held = tonumber(redis.call('HGET', KEYS[1], 'rebuild') or '-1')
 if target > held and target > tonumber(current) + 1 then
-  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d', target))
+  redis.call('HSET', KEYS[1], 'rebuild', string.format('%d', target))
 end
-return {current, redis.call('HGET', KEYS[2], ARGV[1]) or ''}
+return {current, redis.call('HGET', KEYS[1], 'rebuild') or ''}
