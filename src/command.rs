@@ -90,6 +90,21 @@ impl CreateUser {
     /// the user its event created names it.
     pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
         let partitions = self.partitions().await?;
+        // A request id seen with another client-chosen id: the index says
+        // which user it created (retries need no index, see try_id).
+        if let Some(r) = &new.request_id
+            && let Some(id) = self.store.request_owner(r).await?
+            && let Some(existing) = self
+                .store
+                .get_user(id, user_partition(id, partitions))
+                .await?
+        {
+            match verdict(new, &existing)? {
+                Verdict::Ours(created) => return Ok(created),
+                Verdict::Reused => return Err(CommandError::RequestIdReused),
+                Verdict::Taken => {}
+            }
+        }
         let mut attempt = 0;
         loop {
             let id = match (new.id, &new.request_id) {

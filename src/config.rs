@@ -98,6 +98,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: u32,
 
+    /// How long the read model's index remembers which user a request id
+    /// created: within it, the request id reused for another request (another
+    /// client-chosen id) is refused. Retries are recognised for ever: the
+    /// user names the request that created it.
+    #[arg(long, env = "REQUEST_ID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub request_id_ttl: Duration,
+
     /// Longest time GetUser waits for a position when the call has no deadline.
     #[arg(long, env = "MAX_POSITION_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub max_position_wait: Duration,

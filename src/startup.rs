@@ -202,6 +202,7 @@ impl Application {
                 batch_size: config.projector_batch_size.max(1),
                 store: store.clone(),
                 watch: watch.clone(),
+                request_ttl: config.request_id_ttl,
                 publisher: publisher.clone(),
                 state: state.clone(),
             };

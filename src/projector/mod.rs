@@ -62,6 +62,8 @@ pub struct Projector {
     pub store: RedisStore,
     /// Poked after each applied batch, so waiting calls see it at once.
     pub watch: Arc<CheckpointWatch>,
+    /// How long the request index remembers a request id after its event.
+    pub request_ttl: Duration,
     /// Used for the dead-letter topic only.
     pub publisher: EventPublisher,
     pub state: Arc<ProjectorState>,
@@ -126,6 +128,27 @@ enum Ended {
 type Consumer_ = StreamConsumer<ProjectorContext>;
 
 impl Projector {
+    /// Indexes the request ids of the events that created users (a guard,
+    /// best effort: see `RedisStore::remember_request`).
+    async fn remember_requests(&self, ops: &[ApplyOp], created: &[usize]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let ttl = self.request_ttl.as_secs().min(i64::MAX as u64 / 2) as i64;
+        for op in created.iter().filter_map(|e| ops.get(*e)) {
+            let (Some(user), Some(r)) = (&op.user, &op.request_id) else {
+                continue;
+            };
+            let expires = user.created_at_ms.div_euclid(1000).saturating_add(ttl);
+            if expires <= now {
+                continue;
+            }
+            if let Err(e) = self.store.remember_request(r, user.id, expires).await {
+                tracing::warn!(error = %e, request_id = r.as_str(), "request id not indexed");
+            }
+        }
+    }
+
     /// Consumes until `token` is cancelled, then commits what it applied and
     /// leaves the group. A consumer that librdkafka leaves cut off from a
     /// reachable cluster (see [`crate::kafka::watchdog`]) is replaced by a new
@@ -342,6 +365,7 @@ impl Projector {
             outcome.applied += done.applied;
             outcome.duplicates += done.duplicates;
             outcome.skipped += done.skipped;
+            self.remember_requests(part_ops, &done.created).await;
         }
         self.watch.poke();
 
@@ -359,7 +383,7 @@ impl Projector {
                 tracing::debug!(partition, offset, error = %e, "offset not stored");
             }
         }
-        self.state.record_batch(outcome, dead, &last);
+        self.state.record_batch(outcome.clone(), dead, &last);
         tracing::debug!(
             records = ops.len(),
             applied = outcome.applied,

@@ -48,6 +48,13 @@ impl Keys {
         format!("{}projection", self.tag(partition))
     }
 
+    /// `user-request:{<request id>}`: the id of the user a request created,
+    /// for `REQUEST_ID_TTL` after its event (a guard against a request id
+    /// reused for another request; in its own slot).
+    pub fn request(&self, request_id: &crate::domain::RequestId) -> String {
+        format!("{}user-request:{{{}}}", self.prefix, request_id.as_str())
+    }
+
     /// The topic's partition count, as a broker last told it: lets an
     /// instance find a user's key before any broker answered it.
     pub fn partition_count(&self) -> String {

@@ -55,7 +55,7 @@ pub struct ApplyOp {
 }
 
 /// What a batch did to the read model.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Users written.
     pub applied: u64,
@@ -63,10 +63,12 @@ pub struct ApplyOutcome {
     pub duplicates: u64,
     /// Events at or below the checkpoint: replays, changed nothing.
     pub skipped: u64,
+    /// The indexes (in the batch) of the events that created a user.
+    pub created: Vec<usize>,
 }
 
 /// The answer of [`RedisStore::apply`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyResult {
     Applied(ApplyOutcome),
     /// Nothing was written: Redis holds another checkpoint for `partition`
@@ -137,16 +139,65 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Remembers, for `ttl`, that `request_id`'s request created `id`. The
+    /// index only guards against a client reusing a request id for another
+    /// request (another client-chosen id): retries need it not, since their
+    /// ids follow from the request id and the user names its request. So it
+    /// is written after the apply, in its own hash slot, first writer wins;
+    /// a crash between the two leaves that guard off for that request.
+    pub async fn remember_request(
+        &self,
+        request_id: &RequestId,
+        id: UserId,
+        expires_at_s: i64,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.request(request_id);
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(id.get())
+                .arg("NX")
+                .arg("EXAT")
+                .arg(expires_at_s)
+                .query_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The id of the user that `request_id`'s request created, while the
+    /// index remembers it (see [`RedisStore::remember_request`]).
+    pub async fn request_owner(
+        &self,
+        request_id: &RequestId,
+    ) -> Result<Option<UserId>, StoreError> {
+        let key = self.keys.request(request_id);
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let raw: Option<i64> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            Ok(raw.and_then(|id| UserId::parse(id).ok()))
+        })
+        .await
+    }
+}
+
 fn parse_apply(partition: i32, reply: &[redis::Value]) -> Result<ApplyResult, StoreError> {
     let bad = || StoreError::Protocol(format!("apply returned {reply:?}"));
     let text = |v: &redis::Value| redis::from_redis_value::<String>(v.clone()).ok();
     let int = |v: &redis::Value| redis::from_redis_value::<u64>(v.clone()).ok();
     match reply {
-        [tag, a, d, s] if text(tag).as_deref() == Some("ok") => {
+        [tag, a, d, s, created @ ..] if text(tag).as_deref() == Some("ok") => {
             Ok(ApplyResult::Applied(ApplyOutcome {
                 applied: int(a).ok_or_else(bad)?,
                 duplicates: int(d).ok_or_else(bad)?,
                 skipped: int(s).ok_or_else(bad)?,
+                created: created
+                    .iter()
+                    .map(|e| int(e).map(|e| e as usize).ok_or_else(bad))
+                    .collect::<Result<_, _>>()?,
             }))
         }
         [tag, c] if text(tag).as_deref() == Some("moved") => Ok(ApplyResult::Moved {

@@ -123,7 +123,8 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         ApplyResult::Applied(ApplyOutcome {
             applied: 2,
             duplicates: 0,
-            skipped: 0
+            skipped: 0,
+            created: vec![0, 2],
         })
     );
     assert_eq!(
@@ -134,7 +135,8 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         ApplyResult::Applied(ApplyOutcome {
             applied: 1,
             duplicates: 0,
-            skipped: 0
+            skipped: 0,
+            created: vec![0],
         })
     );
     // A member that resumed from an older checkpoint (a zombie after a

@@ -20,7 +20,8 @@
 -- ARGV[1]   the expected checkpoint, then per event in log order: offset,
 --           user value ('' for none)
 --
--- Returns {'ok', applied, duplicates, skipped} | {'moved', checkpoint}
+-- Returns {'ok', applied, duplicates, skipped, created...} | {'moved', checkpoint}
+-- where `created` lists the (0-based) indexes of the events that created a user.
 local held = redis.call('HGET', KEYS[1], 'applied')
 if held ~= ARGV[1] then
   return {'moved', held or ''}
@@ -28,6 +29,7 @@ end
 local current = tonumber(held)
 
 local applied, duplicates, skipped = 0, 0, 0
+local created = {}
 local raw -- the offset as sent: Lua would print large numbers as 1e+15
 for e = 0, #KEYS - 2 do
   local ukey = KEYS[2 + e]
@@ -36,6 +38,7 @@ for e = 0, #KEYS - 2 do
     if value ~= '' then
       if redis.call('SET', ukey, value, 'NX') then
         applied = applied + 1
+        created[#created + 1] = e
       else
         duplicates = duplicates + 1
       end
@@ -53,4 +56,8 @@ if raw then
     redis.call('HDEL', KEYS[1], 'rebuild')
   end
 end
-return {'ok', applied, duplicates, skipped}
+local reply = {'ok', applied, duplicates, skipped}
+for _, e in ipairs(created) do
+  reply[#reply + 1] = e
+end
+return reply
