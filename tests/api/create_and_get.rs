@@ -1,6 +1,6 @@
 //! The CQRS round trip: CreateUser publishes, the projector applies, GetUser reads.
 
-use crate::helpers::{kafka_brokers, redis_url, spawn_app};
+use crate::helpers::{kafka_brokers, raw_get, spawn_app};
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
@@ -37,17 +37,12 @@ async fn created_user_is_readable_with_and_without_the_position() {
 
     // The read model holds the Go service's `user_<id>`, behind its
     // partition's hash tag, and a JSON value.
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let partition = created.position.unwrap().partition;
-    let raw: String = redis::cmd("GET")
-        .arg(format!(
-            "{}{{{}:{partition}}}user_{}",
-            app.config.redis_key_prefix, app.config.topic, user.id
-        ))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let key = format!(
+        "{}{{{}:{partition}}}user_{}",
+        app.config.redis_key_prefix, app.config.topic, user.id
+    );
+    let raw = raw_get(&app.config, &key).await.expect("the user's key");
     let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(json["id"], user.id);
     assert_eq!(json["email"], "ada@example.com");

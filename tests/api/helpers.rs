@@ -55,6 +55,40 @@ pub fn init_logs() {
     });
 }
 
+/// The Redis Cluster the suite runs against instead of one server, when
+/// `REDIS_CLUSTER_URLS` is set (as `scripts/stack up --redis cluster` prints
+/// it): the same tests, the other mode.
+pub fn redis_cluster_nodes() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// GET of one key of the read model, in whichever mode the suite runs.
+pub async fn raw_get(config: &Config, key: &str) -> Option<String> {
+    if config.redis_cluster_nodes.is_empty() {
+        let client = redis::Client::open(config.redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    } else {
+        let client =
+            redis::cluster::ClusterClient::new(config.redis_cluster_nodes.clone()).unwrap();
+        let mut conn = client.get_async_connection().await.unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
 /// A configuration of its own for one test: fresh topic, group and key prefix,
 /// port 0, no drain grace.
 pub fn test_config() -> Config {
@@ -63,6 +97,7 @@ pub fn test_config() -> Config {
     c.listen_addr = "127.0.0.1:0".parse().unwrap();
     c.kafka_broker_url = kafka_brokers();
     c.redis_server_url = redis_url();
+    c.redis_cluster_nodes = redis_cluster_nodes();
     c.topic = format!("{name}-users");
     c.dlq_topic = None;
     c.consumer_group = format!("{name}-projector");
@@ -90,6 +125,35 @@ pub fn test_store(config: &Config) -> user_service::store::RedisStore {
 /// Deletes every key of the test's prefix: Redis "losing its data" for this
 /// test only (FLUSHALL would hit the tests running beside it).
 pub async fn delete_keys(config: &Config) {
+    if !config.redis_cluster_nodes.is_empty() {
+        // Every master's share of the prefix, key by key (no cross-slot DEL).
+        for node in &config.redis_cluster_nodes {
+            let url = if node.contains("://") {
+                node.clone()
+            } else {
+                format!("redis://{node}")
+            };
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap();
+            if redis::from_redis_value::<String>(role[0].clone()).unwrap() != "master" {
+                continue;
+            }
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", config.redis_key_prefix))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for k in keys {
+                let _: () = redis::cmd("DEL")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        return;
+    }
     let client = redis::Client::open(config.redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")

@@ -75,6 +75,7 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let mut redis = OwnRedis::start();
     let mut config = test_config();
     config.redis_server_url = redis.url();
+    config.redis_cluster_nodes.clear(); // its own server, in every mode
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;
     app.wait_assigned().await;

@@ -112,6 +112,7 @@ async fn the_service_follows_a_sentinel_failover() {
     let mut config = test_config();
     config.redis_server_url = "redis://127.0.0.1:1".into(); // not used with Sentinel
     config.redis_sentinels = vec![format!("127.0.0.1:{s}")];
+    config.redis_cluster_nodes.clear(); // its own Sentinel, in every mode
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;
     app.wait_health(ServingStatus::Serving).await;
