@@ -2,14 +2,15 @@
 //! everything here can be rebuilt by replaying the topic, and the checkpoint
 //! says which part of the log it reflects.
 //!
-//! - [`connection`]: one server, a bb8 pool, or Sentinel's master; timeouts.
-//! - [`keys`]: every key name, behind the configurable prefix.
-//! - [`read_model`]: `user_<id>` (the user and the position of the event that
-//!   created it) and `user-request:<request id>` (the user its request
-//!   created), written by the projector's apply script.
-//! - [`checkpoint`]: `projection:<topic>:applied` (the last applied offset per
-//!   partition) and `projection:<topic>:rebuild` (the log end a partition
-//!   replayed from the start must reach), written with the data.
+//! - [`connection`]: one server, a bb8 pool, Sentinel's master, or a Redis
+//!   Cluster; timeouts.
+//! - [`keys`]: every key name; a partition's keys share one hash tag.
+//! - [`read_model`]: `{<topic>:<p>}user_<id>` (the user, the position of the
+//!   event that created it and its request id), written by the projector's
+//!   apply script; `user-request:{<request id>}`, a guard index.
+//! - [`checkpoint`]: `{<topic>:<p>}projection` (partition p's last applied
+//!   offset and, while it is replayed from the start, its rebuild target),
+//!   written with the data; `projection:<topic>:partitions`.
 //! - [`checkpoint_watch`]: one poller per instance that tells waiting calls
 //!   when the checkpoint passes their position.
 
