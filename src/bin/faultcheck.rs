@@ -1879,6 +1879,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "unverified": unverified,
             "heal_s": heal_max.filter(|_| !heal_missing).map(|h| (h * 100.0).round() / 100.0),
             "rejoin_s": rejoin_max.map(|r| (r * 100.0).round() / 100.0),
+            "writes_during_fault": cli.writes_during_fault,
+            "no_acks_during_fault": cli.no_acks_during_fault,
             "writes_again_s": (cli.writes_during_fault && !cycles.is_empty())
                 .then(|| writes_again_max.map(|r| (r * 100.0).round() / 100.0)),
             "window_acks": cli.no_acks_during_fault.then_some(window_acks),
