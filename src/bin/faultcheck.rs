@@ -15,7 +15,12 @@
 //!    `--check-group`, after each heal the projector's consumer group must be
 //!    STABLE with every partition owned (`ProjectionService/GetProgress`)
 //!    within `--rejoin-within`; with `--repeat` > 1, a CreateUser must be
-//!    acknowledged within `--writes-within` of every heal.
+//!    acknowledged within `--writes-within` of every heal. The window from
+//!    the fault command's end (plus `--window-grace`) to the heal can be
+//!    checked both ways: `--writes-during-fault` (every partition takes a new
+//!    write in it: a killed leader was replaced) and `--no-acks-during-fault`
+//!    (nothing is acknowledged in it and calls fail UNAVAILABLE: too few
+//!    brokers left to keep two copies).
 //! 3. Read back: once every target's health says SERVING, GetUser(id,
 //!    min_position = the acknowledged position) for every acknowledged user,
 //!    retrying UNAVAILABLE and DEADLINE_EXCEEDED until `--heal-timeout`.
@@ -150,6 +155,32 @@ struct Cli {
     /// reads do not need).
     #[arg(long)]
     reads_during_fault: bool,
+    /// Between each fault's end (plus --window-grace) and its heal, every
+    /// partition that took writes before the fault must take a new one (for
+    /// faults that writes must ride out: a partition leader killed, a new one
+    /// elected among the in-sync replicas). Probes as with
+    /// --no-acks-during-fault, so that callers held up on one partition do
+    /// not starve the others.
+    #[arg(long)]
+    writes_during_fault: bool,
+    /// Between each fault's end (plus --window-grace) and its heal, no
+    /// CreateUser may be acknowledged, and calls must fail with UNAVAILABLE
+    /// (for faults that must stop writes: two of three brokers down, fewer in
+    /// sync than min.insync.replicas). The callers are closed-loop, so each
+    /// soon waits on a request it cannot finish; to keep asking, a fresh
+    /// request is also started every --probe-every from the fault's end to
+    /// the heal, each retried like the others.
+    #[arg(long)]
+    no_acks_during_fault: bool,
+    /// With --no-acks-during-fault or --writes-during-fault: how often a fresh
+    /// request is started between a fault's end and its heal.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    probe_every: Duration,
+    /// How long after the fault command's end the window of
+    /// --writes-during-fault and --no-acks-during-fault opens: a call whose
+    /// event was in the log before the fault may still be answered just after.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    window_grace: Duration,
     /// With --repeat > 1: a CreateUser must be acknowledged within this after
     /// every heal.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -338,7 +369,14 @@ struct Load {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     samples: Mutex<Samples>,
     unacked: AtomicU64,
+    /// Every failed attempt's time and code (at most ERROR_LOG_CAP), for the
+    /// fault windows.
+    error_log: Mutex<Vec<(Instant, &'static str)>>,
+    /// Requests started outside the callers (probes during a fault).
+    extra: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
+
+const ERROR_LOG_CAP: usize = 1_000_000;
 
 impl Load {
     fn request(&self, seq: u64) -> (CreateUserRequest, bool) {
@@ -363,6 +401,24 @@ impl Load {
                 .lock()
                 .expect("stop lock")
                 .is_some_and(|t| t.elapsed() >= self.retry_for)
+    }
+
+    /// Starts a fresh request every `every` until `until`, each in a task of
+    /// its own (so that one the fault holds up does not stop the next).
+    async fn probe(self: Arc<Self>, every: Duration, until: Instant) {
+        let mut n = 0u64;
+        while Instant::now() < until && !self.stop.load(Ordering::Relaxed) {
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            if seq >= self.max_requests {
+                break;
+            }
+            let load = self.clone();
+            let h = tokio::spawn(async move { load.one(seq).await });
+            self.extra.lock().expect("extra lock").push(h);
+            n += 1;
+            tokio::time::sleep(every).await;
+        }
+        say!("{n} probe requests started during the fault");
     }
 
     async fn worker(self: Arc<Self>) {
@@ -419,6 +475,12 @@ impl Load {
                     return;
                 }
                 Err(s) => {
+                    {
+                        let mut log = self.error_log.lock().expect("error log lock");
+                        if log.len() < ERROR_LOG_CAP {
+                            log.push((Instant::now(), code_name(s.code())));
+                        }
+                    }
                     let first = {
                         let mut errors = self.errors.lock().expect("errors lock");
                         let n = errors.entry(code_name(s.code())).or_default();
@@ -516,6 +578,10 @@ async fn run_shell(cmd: String, timeout: Duration) -> Result<i32, String> {
 #[derive(Debug, Default, Clone)]
 struct Cycle {
     started: Option<Instant>,
+    /// The fault command returned.
+    fault_done: Option<Instant>,
+    /// The heal command started (or, without one, was due).
+    heal_start: Option<Instant>,
     healed: Option<Instant>,
     problems: Vec<String>,
     rejoin: Option<Duration>,
@@ -628,6 +694,8 @@ struct FaultPlan {
     group: Option<String>,
     rejoin_within: Duration,
     reads_during_fault: bool,
+    /// Start a fresh request this often from each fault's end to its heal.
+    probe_every: Option<Duration>,
 }
 
 async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cycle> {
@@ -654,7 +722,11 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
             Ok(rc) => c.problems.push(format!("fault command exited {rc}")),
             Err(e) => c.problems.push(format!("fault command: {e}")),
         }
+        c.fault_done = Some(Instant::now());
         let heal_at = c.started.expect("set above") + plan.heal_after;
+        let probes = plan
+            .probe_every
+            .map(|every| tokio::spawn(load.clone().probe(every, heal_at)));
         let reads = plan.reads_during_fault.then(|| {
             tokio::spawn(reads_during(
                 load.clone(),
@@ -664,6 +736,7 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
         });
         if !plan.heal.trim().is_empty() {
             tokio::time::sleep_until(heal_at.into()).await;
+            c.heal_start = Some(Instant::now());
             say!("heal {}/{}: {}", i + 1, plan.repeat, plan.heal);
             match run_shell(plan.heal.clone(), plan.command_timeout).await {
                 Ok(0) => {}
@@ -673,6 +746,12 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
         }
         if let Some(reads) = reads {
             c.reads = reads.await.ok();
+        }
+        if let Some(p) = probes {
+            let _ = p.await;
+        }
+        if c.heal_start.is_none() {
+            c.heal_start = Some(heal_at.max(c.fault_done.expect("set above")));
         }
         let healed = Instant::now();
         c.healed = Some(healed);
@@ -735,6 +814,164 @@ async fn wait_group(pool: &Pool, group: &str, since: Instant, bound: Duration) -
     }
     say!("group {group} not back within {bound:?} (last: {last})");
     None
+}
+
+// ------------------------------------------------------------------ fault windows
+
+/// What the load saw between a fault's end (plus the grace) and its heal.
+#[derive(Debug, Default)]
+struct Window {
+    /// Seconds from the fault command's end to the window's start and end.
+    from_s: f64,
+    to_s: f64,
+    acks: u64,
+    acks_by_partition: BTreeMap<i32, u64>,
+    errors: BTreeMap<&'static str, u64>,
+    /// For every partition that took writes before the fault: seconds from
+    /// the fault command's end to its first write in the window, if any.
+    writes_again_s: BTreeMap<i32, Option<f64>>,
+    /// A few acknowledgements in the window, for the report.
+    examples: Vec<String>,
+}
+
+impl Window {
+    fn is_empty(&self) -> bool {
+        self.to_s <= self.from_s
+    }
+
+    fn unavailable(&self) -> u64 {
+        self.errors.get("UNAVAILABLE").copied().unwrap_or(0)
+    }
+
+    /// The slowest partition to write again; None if one never did.
+    fn writes_again_max(&self) -> Option<f64> {
+        self.writes_again_s
+            .values()
+            .try_fold(0.0f64, |m, w| w.map(|w| m.max(w)))
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "from_s": round1(self.from_s),
+            "to_s": round1(self.to_s),
+            "acks": self.acks,
+            "acks_by_partition": self.acks_by_partition,
+            "errors": self.errors,
+            "writes_again_s": self.writes_again_s.iter()
+                .map(|(p, w)| (p.to_string(), json!(w.map(|w| (w * 100.0).round() / 100.0))))
+                .collect::<serde_json::Map<_, _>>(),
+            "examples": self.examples,
+        })
+    }
+}
+
+/// The window from `fault_done + grace` to `heal_start` of one fault cycle.
+fn fault_window(
+    acks: &[Ack],
+    errors: &[(Instant, &'static str)],
+    started: Instant,
+    fault_done: Instant,
+    grace: Duration,
+    heal_start: Instant,
+) -> Window {
+    let from = fault_done + grace;
+    let secs = |t: Instant| {
+        if t >= fault_done {
+            t.duration_since(fault_done).as_secs_f64()
+        } else {
+            -fault_done.duration_since(t).as_secs_f64()
+        }
+    };
+    let mut w = Window {
+        from_s: secs(from),
+        to_s: secs(heal_start),
+        ..Window::default()
+    };
+    for a in acks {
+        if a.at < started {
+            if let Some((p, _)) = a.position {
+                w.writes_again_s.entry(p).or_insert(None);
+            }
+        }
+    }
+    let mut in_window: Vec<&Ack> = acks
+        .iter()
+        .filter(|a| a.at >= from && a.at < heal_start)
+        .collect();
+    in_window.sort_by_key(|a| a.at);
+    for a in in_window {
+        w.acks += 1;
+        if let Some((p, o)) = a.position {
+            *w.acks_by_partition.entry(p).or_default() += 1;
+            if let Some(first @ None) = w.writes_again_s.get_mut(&p) {
+                *first = Some(secs(a.at));
+            }
+            if w.examples.len() < 6 {
+                w.examples.push(format!(
+                    "{} acknowledged at {p}:{o}, {:.2}s after the fault's end",
+                    a.request_id,
+                    secs(a.at)
+                ));
+            }
+        }
+    }
+    for (t, code) in errors {
+        if *t >= from && *t < heal_start {
+            *w.errors.entry(code).or_default() += 1;
+        }
+    }
+    w
+}
+
+/// What is wrong with a window: `writes` (every partition must write again)
+/// or `no_acks` (nothing acknowledged, calls UNAVAILABLE).
+fn window_problems(w: &Window, writes: bool, no_acks: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if !(writes || no_acks) {
+        return out;
+    }
+    if w.is_empty() {
+        out.push(format!(
+            "the fault window is empty (from {:.1}s to {:.1}s after the fault's end): heal later",
+            w.from_s, w.to_s
+        ));
+        return out;
+    }
+    if writes {
+        let silent: Vec<i32> = w
+            .writes_again_s
+            .iter()
+            .filter(|(_, t)| t.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        if w.writes_again_s.is_empty() {
+            out.push("no partition took a write before the fault".into());
+        } else if !silent.is_empty() {
+            out.push(format!(
+                "partition(s) {silent:?} took no write between {:.1}s after the fault's end and the heal ({:.1}s): no leader took over",
+                w.from_s, w.to_s
+            ));
+        }
+    }
+    if no_acks {
+        if w.acks > 0 {
+            out.push(format!(
+                "{} CreateUser acknowledged between {:.1}s after the fault's end and the heal ({:.1}s), by partition {:?}: {}",
+                w.acks,
+                w.from_s,
+                w.to_s,
+                w.acks_by_partition,
+                w.examples.join("; ")
+            ));
+        }
+        if w.unavailable() == 0 {
+            out.push(format!(
+                "no call failed UNAVAILABLE between {:.1}s after the fault's end and the heal (errors {:?})",
+                w.from_s, w.errors
+            ));
+        }
+    }
+    out
 }
 
 // ------------------------------------------------------------------ health
@@ -1206,6 +1443,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         rejected: Mutex::new(BTreeMap::new()),
         samples: Mutex::new(Samples::new()),
         unacked: AtomicU64::new(0),
+        error_log: Mutex::new(Vec::new()),
+        extra: Mutex::new(Vec::new()),
     });
 
     // ---- load and fault
@@ -1227,6 +1466,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 group: cli.check_group.clone(),
                 rejoin_within: cli.rejoin_within,
                 reads_during_fault: cli.reads_during_fault,
+                probe_every: (cli.no_acks_during_fault || cli.writes_during_fault)
+                    .then_some(cli.probe_every),
             },
             load.clone(),
             start,
@@ -1250,6 +1491,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     for w in workers {
         let _ = w.await;
     }
+    let extra = std::mem::take(&mut *load.extra.lock().expect("extra lock"));
+    for h in extra {
+        let _ = h.await;
+    }
     let load_s = start.elapsed().as_secs_f64();
     let acks = std::mem::take(&mut *load.acks.lock().expect("acks lock"));
     let attempted = load.seq.load(Ordering::Relaxed).min(cli.max_requests);
@@ -1270,6 +1515,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut heal_max: Option<f64> = None;
     let mut heal_missing = false;
     let mut rejoin_max: Option<f64> = None;
+    let window_checks = cli.writes_during_fault || cli.no_acks_during_fault;
+    let error_log = std::mem::take(&mut *load.error_log.lock().expect("error log lock"));
+    let mut window_acks = 0u64;
+    let mut window_unavailable = 0u64;
+    let mut writes_again_max: Option<f64> = Some(0.0);
     for (i, c) in cycles.iter().enumerate() {
         let healed = c.healed.expect("a finished cycle");
         let heal = ack_times
@@ -1318,6 +1568,44 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ));
             }
         }
+        let window = window_checks.then(|| {
+            fault_window(
+                &acks,
+                &error_log,
+                c.started.expect("set"),
+                c.fault_done.expect("set"),
+                cli.window_grace,
+                c.heal_start.expect("set"),
+            )
+        });
+        if let Some(w) = &window {
+            window_acks += w.acks;
+            window_unavailable += w.unavailable();
+            writes_again_max = match (writes_again_max, w.writes_again_max()) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+            say!(
+                "cycle {}: from {:.1}s to {:.1}s after the fault's end: {} acknowledged {:?}, errors {:?}; partitions writing again after {}",
+                i + 1,
+                w.from_s,
+                w.to_s,
+                w.acks,
+                w.acks_by_partition,
+                w.errors,
+                w.writes_again_s
+                    .iter()
+                    .map(|(p, t)| format!(
+                        "{p}: {}",
+                        t.map_or("never".into(), |t| format!("{t:.2}s"))
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for p in window_problems(w, cli.writes_during_fault, cli.no_acks_during_fault) {
+                failures.push(format!("cycle {}: {p}", i + 1));
+            }
+        }
         if cli.repeat > 1 && heal.is_none_or(|h| h > cli.writes_within.as_secs_f64()) {
             failures.push(format!(
                 "cycle {}: no CreateUser acknowledged within {:?} of the heal",
@@ -1344,6 +1632,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "serving": r.serving,
                 "not_serving": r.not_serving,
             })),
+            "window": window.as_ref().map(Window::json),
             "problems": c.problems,
         }));
     }
@@ -1550,6 +1839,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             rejoin_max.map_or("never".into(), |r| format!("{r:.1}"))
         ));
     }
+    if cli.writes_during_fault && !cycles.is_empty() {
+        line.push_str(&format!(
+            " writes_again_s={}",
+            writes_again_max.map_or("never".into(), |r| format!("{r:.1}"))
+        ));
+    }
+    if cli.no_acks_during_fault && !cycles.is_empty() {
+        line.push_str(&format!(
+            " window_acks={window_acks} window_unavailable={window_unavailable}"
+        ));
+    }
     line.push_str(&format!(
         " log={log_status} result={}",
         if pass { "PASS" } else { "FAIL" }
@@ -1579,6 +1879,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "unverified": unverified,
             "heal_s": heal_max.filter(|_| !heal_missing).map(|h| (h * 100.0).round() / 100.0),
             "rejoin_s": rejoin_max.map(|r| (r * 100.0).round() / 100.0),
+            "writes_during_fault": cli.writes_during_fault,
+            "no_acks_during_fault": cli.no_acks_during_fault,
+            "writes_again_s": (cli.writes_during_fault && !cycles.is_empty())
+                .then(|| writes_again_max.map(|r| (r * 100.0).round() / 100.0)),
+            "window_acks": cli.no_acks_during_fault.then_some(window_acks),
+            "window_unavailable": cli.no_acks_during_fault.then_some(window_unavailable),
             "cycles": cycle_json,
             "load_s": round1(load_s),
             "log": log_json,
@@ -1674,6 +1980,99 @@ mod tests {
             "key must match the id"
         );
         assert!(decode(0, 3, Some(b"7"), Some(b"nope")).is_none());
+    }
+
+    fn timed_ack(seq: u64, partition: i32, at: Instant) -> Ack {
+        Ack {
+            at,
+            ..ack(seq as i64, seq, (partition, seq as i64))
+        }
+    }
+
+    #[test]
+    fn a_fault_window_counts_what_falls_in_it() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        // Fault from 10 s to 11 s, grace 2 s: the window is 13 s to 20 s.
+        let acks = [
+            timed_ack(1, 0, s(1.0)),
+            timed_ack(2, 1, s(2.0)),
+            timed_ack(3, 2, s(3.0)),
+            timed_ack(4, 0, s(11.5)), // within the grace: not counted
+            timed_ack(5, 1, s(14.0)),
+            timed_ack(6, 1, s(15.0)),
+            timed_ack(7, 2, s(16.0)),
+            timed_ack(8, 0, s(21.0)), // after the heal's start
+        ];
+        let errors = [
+            (s(12.0), "UNAVAILABLE"),
+            (s(13.5), "UNAVAILABLE"),
+            (s(19.0), "DEADLINE_EXCEEDED"),
+        ];
+        let w = fault_window(
+            &acks,
+            &errors,
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(20.0),
+        );
+        assert_eq!((w.from_s, w.to_s), (2.0, 9.0));
+        assert_eq!(w.acks, 3);
+        assert_eq!(w.acks_by_partition, BTreeMap::from([(1, 2), (2, 1)]));
+        assert_eq!(w.unavailable(), 1);
+        assert_eq!(w.errors.get("DEADLINE_EXCEEDED"), Some(&1));
+        assert_eq!(w.writes_again_s.get(&0), Some(&None));
+        assert_eq!(w.writes_again_s.get(&1), Some(&Some(3.0)));
+        assert_eq!(w.writes_again_max(), None);
+        // Partition 0 never wrote again: --writes-during-fault fails; three
+        // acks: --no-acks-during-fault fails.
+        let p = window_problems(&w, true, false);
+        assert!(p.len() == 1 && p[0].contains("[0]"), "{p:?}");
+        let p = window_problems(&w, false, true);
+        assert!(
+            p.len() == 1 && p[0].starts_with("3 CreateUser acknowledged"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_quiet_window_with_unavailable_passes_no_acks_and_fails_writes() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        let acks = [timed_ack(1, 0, s(1.0)), timed_ack(2, 0, s(30.0))];
+        let errors = [(s(15.0), "UNAVAILABLE")];
+        let w = fault_window(
+            &acks,
+            &errors,
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(20.0),
+        );
+        assert!(window_problems(&w, false, true).is_empty());
+        assert_eq!(window_problems(&w, true, false).len(), 1);
+        // No UNAVAILABLE in the window: the no-acks check wants to see the refusal.
+        let w = fault_window(
+            &acks,
+            &[],
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(20.0),
+        );
+        assert_eq!(window_problems(&w, false, true).len(), 1);
+        // A heal within the grace leaves no window to judge.
+        let w = fault_window(
+            &acks,
+            &errors,
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(12.0),
+        );
+        assert!(w.is_empty());
+        assert!(window_problems(&w, true, true)[0].contains("empty"));
     }
 
     #[test]
