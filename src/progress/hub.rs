@@ -97,6 +97,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().expect("progress lock poisoned")
 }
 
+impl Poller {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            latest: watch::Sender::new(None),
+            poke: Notify::new(),
+            intervals: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            period_nanos: AtomicU64::new(0),
+        })
+    }
+}
+
 impl ProgressHub {
     pub fn new(
         brokers: &str,
@@ -186,13 +198,7 @@ impl ProgressHub {
     }
 
     fn start_poller(&self, key: (String, String)) -> Arc<Poller> {
-        let poller = Arc::new(Poller {
-            latest: watch::Sender::new(None),
-            poke: Notify::new(),
-            intervals: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
-            period_nanos: AtomicU64::new(0),
-        });
+        let poller = Poller::new();
         let task = PollerTask {
             poller: poller.clone(),
             key,
@@ -430,13 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn snapshots_are_ordered_by_the_monotonic_clock_not_the_wall() {
-        let poller = Arc::new(Poller {
-            latest: watch::Sender::new(None),
-            poke: Notify::new(),
-            intervals: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
-            period_nanos: AtomicU64::new(0),
-        });
+        let poller = Poller::new();
         let mut sub = Subscription {
             rx: poller.latest.subscribe(),
             poller: poller.clone(),

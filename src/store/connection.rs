@@ -173,16 +173,7 @@ impl RedisStore {
         let (url, sentinel) = match target {
             RedisTarget::Server(url) => (url.as_str(), None),
             RedisTarget::Cluster(nodes) => {
-                let nodes: Vec<String> = nodes
-                    .iter()
-                    .map(|s| {
-                        if s.contains("://") {
-                            s.clone()
-                        } else {
-                            format!("redis://{s}")
-                        }
-                    })
-                    .collect();
+                let nodes: Vec<String> = nodes.iter().map(|s| with_scheme(s)).collect();
                 let client = redis::cluster::ClusterClient::builder(nodes)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
@@ -195,16 +186,7 @@ impl RedisStore {
                 ("redis://127.0.0.1:6379", None)
             }
             RedisTarget::Sentinel { sentinels, master } => {
-                let urls: Vec<String> = sentinels
-                    .iter()
-                    .map(|s| {
-                        if s.contains("://") {
-                            s.clone()
-                        } else {
-                            format!("redis://{s}")
-                        }
-                    })
-                    .collect();
+                let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
                 let client =
                     SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)
                         .map_err(|e| bad("Sentinel settings", e))?;
@@ -297,5 +279,14 @@ impl RedisStore {
             }
         })
         .await
+    }
+}
+
+/// A node given as `host:port` (as the Go service takes it) gets the scheme.
+fn with_scheme(node: &str) -> String {
+    if node.contains("://") {
+        node.to_owned()
+    } else {
+        format!("redis://{node}")
     }
 }

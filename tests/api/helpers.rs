@@ -283,6 +283,15 @@ impl TestApp {
         Ok(r.into_inner().status())
     }
 
+    /// Whether GetProgress of the service's own group answers now.
+    pub async fn progress_answers(&self) -> bool {
+        self.progress
+            .clone()
+            .get_progress(user_service::proto::user::v1::GetProgressRequest::default())
+            .await
+            .is_ok()
+    }
+
     /// Waits until the health of the whole server reads `want`.
     pub async fn wait_health(&self, want: ServingStatus) {
         wait_until(Duration::from_secs(30), || async {

@@ -378,17 +378,9 @@ async fn watchers_are_bounded_share_one_poller_and_reconnect() {
     let app = spawn_app_with(config).await;
     // Kafka describes a new group within moments, longer while many tests
     // run: the checks below need its answer, so wait for one.
-    wait_until(Duration::from_secs(30), || {
-        let mut progress = app.progress.clone();
-        async move {
-            progress
-                .get_progress(GetProgressRequest::default())
-                .await
-                .is_ok()
-        }
-    })
-    .await
-    .expect("the own group's progress");
+    wait_until(Duration::from_secs(30), || app.progress_answers())
+        .await
+        .expect("the own group's progress");
 
     // Bad requests.
     let err = watch_every(&app, 50).await.unwrap_err();

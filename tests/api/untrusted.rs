@@ -181,17 +181,9 @@ async fn progress_serves_the_own_group_and_only_the_allowed_others() {
 
     // The own group: served (Kafka may take a moment to describe a new group
     // while many tests run; this waits on the answer, not on time).
-    wait_until(Duration::from_secs(30), || {
-        let mut progress = progress.clone();
-        async move {
-            progress
-                .get_progress(GetProgressRequest::default())
-                .await
-                .is_ok()
-        }
-    })
-    .await
-    .expect("the own group's progress");
+    wait_until(Duration::from_secs(30), || app.progress_answers())
+        .await
+        .expect("the own group's progress");
     let err = progress
         .get_progress(GetProgressRequest {
             group: unique("someone-else"),
@@ -240,17 +232,9 @@ async fn every_progress_call_takes_a_watcher_slot() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 
     drop(stream);
-    wait_until(Duration::from_secs(10), || {
-        let mut progress = progress.clone();
-        async move {
-            progress
-                .get_progress(GetProgressRequest::default())
-                .await
-                .is_ok()
-        }
-    })
-    .await
-    .expect("the slot is given back when the watcher leaves");
+    wait_until(Duration::from_secs(10), || app.progress_answers())
+        .await
+        .expect("the slot is given back when the watcher leaves");
     app.stop().await.expect("clean stop");
 }
 
