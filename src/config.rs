@@ -41,6 +41,13 @@ pub struct Config {
     #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
     pub redis_cluster_nodes: Vec<String>,
 
+    /// Let GetUser read from replicas (Sentinel's or the cluster's): a
+    /// replica answers only what its own checkpoint covers, so a read with a
+    /// position still sees its write; off by default (see the README's
+    /// measurements before turning it on).
+    #[arg(long, env = "REDIS_READ_FROM_REPLICAS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_read_from_replicas: bool,
+
     /// The master's name in Sentinel.
     #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "mymaster")]
     pub redis_sentinel_master: String,
@@ -62,8 +69,9 @@ pub struct Config {
     )]
     pub consumer_group: String,
 
-    /// Partitions of the topic when the service creates it.
-    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = 3)]
+    /// Partitions of the topic when the service creates it (see
+    /// [`DEFAULT_TOPIC_PARTITIONS`]).
+    #[arg(long, env = "KAFKA_TOPIC_PARTITIONS", default_value_t = DEFAULT_TOPIC_PARTITIONS)]
     pub topic_partitions: i32,
 
     /// Replication factor of the topic when the service creates it.
@@ -171,6 +179,12 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+/// 12 partitions: the read model's keys spread them exactly evenly over 1, 2,
+/// 3, 4 or 6 Redis Cluster masters (`store::keys`), and up to 12 instances
+/// share the projection. A topic's count is fixed for its life: a user's
+/// partition follows from its id and the count.
+pub const DEFAULT_TOPIC_PARTITIONS: i32 = 12;
 
 impl Config {
     /// The dead-letter topic, derived from the main topic unless set.

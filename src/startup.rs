@@ -87,6 +87,7 @@ pub struct Application {
     progress: Arc<ProgressHub>,
     calls: CallBudget,
     checkpoint_watch: Arc<CheckpointWatch>,
+    store: RedisStore,
     /// Stops the checkpoint poller, once the server has finished its
     /// in-flight calls (they may be waiting on it).
     watch_stop: CancellationToken,
@@ -104,6 +105,8 @@ pub struct AppHandle {
     pub calls: CallBudget,
     /// The poller every waiting call shares.
     pub checkpoint_watch: Arc<CheckpointWatch>,
+    /// The Redis adapter (its replica read counts, for one).
+    pub store: RedisStore,
 }
 
 impl Application {
@@ -128,13 +131,17 @@ impl Application {
         let tasks = Tasks::new();
         let dlq_topic = config.dlq_topic();
 
-        let store = RedisStore::new(
+        let mut store = RedisStore::new(
             &config.redis_target(),
             Keys::new(&config.redis_key_prefix, &config.topic),
             config.redis_client,
             config.redis_pool_size,
             config.redis_timeout,
         )?;
+        if config.redis_read_from_replicas {
+            store = store.with_replica_reads(&config.redis_target())?;
+        }
+        let store_handle = store.clone();
         let publisher = EventPublisher::new(
             &config.kafka_broker_url,
             &config.topic,
@@ -308,6 +315,7 @@ impl Application {
             progress: progress_hub,
             calls: limit,
             checkpoint_watch,
+            store: store_handle,
             watch_stop,
         })
     }
@@ -325,6 +333,7 @@ impl Application {
             progress: self.progress.clone(),
             calls: self.calls.clone(),
             checkpoint_watch: self.checkpoint_watch.clone(),
+            store: self.store.clone(),
         }
     }
 

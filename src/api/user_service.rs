@@ -71,9 +71,10 @@ impl UserService for UserApi {
         let deadline = self.deadline();
         let r = request.into_inner();
         let id = UserId::parse(r.id).map_err(ApiError::from)?;
-        if let Some(pos) = r.min_position {
-            self.wait_for_position(pos, deadline).await?;
-        }
+        let waited = match r.min_position {
+            Some(pos) => Some(self.wait_for_position(pos, deadline).await?),
+            None => None,
+        };
         // The partition count as a broker told this instance, or any
         // instance before (Redis keeps it): reads need no broker.
         let partitions = match self.create.publisher.known_partitions() {
@@ -88,12 +89,24 @@ impl UserService for UserApi {
         };
         // The user's own partition vouches for its absence, if complete.
         let partition = user_partition(id, partitions);
-        let (state, stored) = self
-            .create
-            .store
-            .lookup(id, partition)
-            .await
-            .map_err(ApiError::from)?;
+        let store = &self.create.store;
+        let on_replica = match waited {
+            // A replica can vouch for a position of the user's own partition
+            // (its checkpoint is in the same slot); any other goes to the master.
+            Some((p, offset)) if p == partition => Some(Some(offset)),
+            Some(_) => None,
+            None => Some(None),
+        };
+        let replica = match on_replica {
+            Some(at_least) if store.reads_from_replicas() => {
+                store.lookup_on_replica(id, partition, at_least).await
+            }
+            _ => None,
+        };
+        let (state, stored) = match replica {
+            Some(answer) => answer,
+            None => store.lookup(id, partition).await.map_err(ApiError::from)?,
+        };
         let stored = match stored {
             Some(s) => s,
             None if state.is_complete() => return Err(ApiError::NotFound(id).into()),
@@ -118,9 +131,14 @@ impl UserApi {
         Instant::now() + self.max_position_wait
     }
 
-    /// Waits until the read model has applied `pos`; a position the log has
-    /// not reached is refused at once, since no wait would see it applied.
-    async fn wait_for_position(&self, pos: Position, deadline: Instant) -> Result<(), ApiError> {
+    /// Waits until the read model (its master) has applied `pos`, and returns
+    /// it; a position the log has not reached is refused at once, since no
+    /// wait would see it applied.
+    async fn wait_for_position(
+        &self,
+        pos: Position,
+        deadline: Instant,
+    ) -> Result<(i32, i64), ApiError> {
         let publisher = &self.create.publisher;
         let (partition, offset) = validate_position(pos, publisher.known_partitions())?;
         if let Reach::Beyond { log_end } = publisher.reach(partition, offset).await {
@@ -139,7 +157,7 @@ impl UserApi {
                 WaitError::ShuttingDown => ApiError::ShuttingDown,
                 WaitError::Store(e) => e.into(),
             })?;
-        Ok(())
+        Ok((partition, offset))
     }
 }
 

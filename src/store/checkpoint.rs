@@ -152,22 +152,59 @@ impl RedisStore {
         id: UserId,
         partition: i32,
     ) -> Result<(PartitionState, Option<super::StoredUser>), StoreError> {
-        let key = self.keys.user(id, partition);
+        let (key, pipe) = self.lookup_pipe(id, partition);
         self.timed(async {
             let mut conn = self.conn().await?;
-            let ((checkpoint, target), raw): ((Option<i64>, Option<i64>), Option<String>) =
-                redis::pipe()
-                    .cmd("HMGET")
-                    .arg(self.keys.projection(partition))
-                    .arg("applied")
-                    .arg("rebuild")
-                    .get(&key)
-                    .query_async(&mut conn)
-                    .await?;
-            let user = raw.map(|r| decode(&key, &r)).transpose()?;
-            Ok((PartitionState::from_parts(checkpoint, target), user))
+            let reply = pipe.query_async(&mut conn).await?;
+            parse_lookup(&key, reply)
         })
         .await
+    }
+
+    /// [`RedisStore::lookup`] on a replica, if replica reads are on and the
+    /// replica's answer is good enough: it has applied `at_least` (an offset
+    /// of the user's partition), and it knows the user or vouches for its
+    /// absence. `None` sends the caller to the master (counted, like the
+    /// replica's errors, which never fail the read).
+    pub async fn lookup_on_replica(
+        &self,
+        id: UserId,
+        partition: i32,
+        at_least: Option<i64>,
+    ) -> Option<(PartitionState, Option<super::StoredUser>)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (key, pipe) = self.lookup_pipe(id, partition);
+        let answer = match self.query_replica(&key, &pipe, 2).await? {
+            Ok(reply) => parse_lookup(&key, reply),
+            Err(e) => Err(e),
+        };
+        let good = match answer {
+            Ok((state, user)) => {
+                let caught_up = at_least.is_none_or(|o| state.checkpoint() >= Some(o));
+                (caught_up && (user.is_some() || state.is_complete())).then_some((state, user))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, partition, "replica read failed; asking the master");
+                None
+            }
+        };
+        let counter = match good {
+            Some(_) => &self.replica_counts.served,
+            None => &self.replica_counts.fell_back,
+        };
+        counter.fetch_add(1, Relaxed);
+        good
+    }
+
+    fn lookup_pipe(&self, id: UserId, partition: i32) -> (String, redis::Pipeline) {
+        let key = self.keys.user(id, partition);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(self.keys.projection(partition))
+            .arg("applied")
+            .arg("rebuild")
+            .get(&key);
+        (key, pipe)
     }
 
     /// The topic's partition count: as a broker told this instance, else as
@@ -191,11 +228,14 @@ impl RedisStore {
     }
 
     /// A broker says the topic has `n` partitions: remembered here, and in
-    /// Redis for instances that start while no broker answers.
+    /// Redis for instances that start while no broker answers. Written on
+    /// every probe, not only on a change: a Redis that lost its data (a
+    /// flush, a failover to a replica that missed it) gets it back.
     pub async fn record_partition_count(&self, n: i32) -> Result<(), StoreError> {
-        if n <= 0 || self.partitions.swap(n, Ordering::Relaxed) == n {
+        if n <= 0 {
             return Ok(());
         }
+        self.partitions.store(n, Ordering::Relaxed);
         let key = self.keys.partition_count();
         self.timed(async {
             let mut conn = self.conn().await?;
@@ -208,6 +248,16 @@ impl RedisStore {
         })
         .await
     }
+}
+
+type LookupReply = ((Option<i64>, Option<i64>), Option<String>);
+
+fn parse_lookup(
+    key: &str,
+    ((checkpoint, target), raw): LookupReply,
+) -> Result<(PartitionState, Option<super::StoredUser>), StoreError> {
+    let user = raw.map(|r| decode(key, &r)).transpose()?;
+    Ok((PartitionState::from_parts(checkpoint, target), user))
 }
 
 #[cfg(test)]

@@ -62,12 +62,49 @@ impl ClusterSource {
     }
 }
 
-/// The master's connection, found through Sentinel and found again when a
-/// call fails (the master went away, or was demoted and answers READONLY).
+/// The master's connection (or, for replica reads, a replica's), found
+/// through Sentinel and found again when a call fails (the node went away,
+/// or a master was demoted and answers READONLY).
 struct SentinelSource {
     client: tokio::sync::Mutex<SentinelClient>,
     current: std::sync::Mutex<Option<MultiplexedConnection>>,
     timeout: Duration,
+}
+
+impl SentinelSource {
+    fn new(
+        sentinels: &[String],
+        master: &str,
+        kind: SentinelServerType,
+        timeout: Duration,
+    ) -> Result<Self, redis::RedisError> {
+        let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
+        Ok(Self {
+            client: tokio::sync::Mutex::new(SentinelClient::build(
+                urls,
+                master.to_owned(),
+                None,
+                kind,
+            )?),
+            current: std::sync::Mutex::new(None),
+            timeout,
+        })
+    }
+}
+
+/// Where GetUser may read when `REDIS_READ_FROM_REPLICAS` is on: a replica
+/// of the slot's master in a cluster, a replica that Sentinel names.
+enum ReplicaReads {
+    Cluster,
+    Sentinel(Box<SentinelSource>),
+}
+
+/// How often reads went to a replica, and how often the replica could not
+/// answer for the position asked (or at all) and the master did.
+#[derive(Debug, Default)]
+pub struct ReplicaReadCounts {
+    pub served: std::sync::atomic::AtomicU64,
+    pub fell_back: std::sync::atomic::AtomicU64,
 }
 
 impl SentinelSource {
@@ -87,7 +124,7 @@ impl SentinelSource {
         let conn = master
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        tracing::info!(master = ?master.get_connection_info().addr(), "Redis master found through Sentinel");
+        tracing::info!(node = ?master.get_connection_info().addr(), "Redis node found through Sentinel");
         *self.current.lock().expect("sentinel lock poisoned") = Some(conn.clone());
         Ok(conn)
     }
@@ -149,6 +186,9 @@ pub struct RedisStore {
     /// Set when Sentinel names the master; it then serves every call.
     sentinel: Option<Arc<SentinelSource>>,
     cluster: Option<Arc<ClusterSource>>,
+    /// Set when reads may go to replicas (see [`RedisStore::with_replica_reads`]).
+    replicas: Option<Arc<ReplicaReads>>,
+    pub(super) replica_counts: Arc<ReplicaReadCounts>,
     pub(super) keys: Keys,
     /// The topic's partition count once known (0 until then); shared by clones.
     pub(super) partitions: Arc<std::sync::atomic::AtomicI32>,
@@ -186,15 +226,9 @@ impl RedisStore {
                 ("redis://127.0.0.1:6379", None)
             }
             RedisTarget::Sentinel { sentinels, master } => {
-                let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
-                let client =
-                    SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)
+                let source =
+                    SentinelSource::new(sentinels, master, SentinelServerType::Master, timeout)
                         .map_err(|e| bad("Sentinel settings", e))?;
-                let source = SentinelSource {
-                    client: tokio::sync::Mutex::new(client),
-                    current: std::sync::Mutex::new(None),
-                    timeout,
-                };
                 // The pool and the shared connection are not used with Sentinel.
                 ("redis://127.0.0.1:6379", Some(Arc::new(source)))
             }
@@ -227,6 +261,8 @@ impl RedisStore {
             shared,
             sentinel,
             cluster,
+            replicas: None,
+            replica_counts: Arc::default(),
             keys,
             partitions: Arc::default(),
             timeout,
@@ -247,6 +283,96 @@ impl RedisStore {
             (None, Some(shared)) => Conn::Shared(shared.clone()),
             (None, None) => Conn::Pooled(self.pool.get().await?),
         })
+    }
+
+    /// Lets GetUser read from replicas, to spread reads over more nodes. A
+    /// replica answers only for what it has applied (its own checkpoint says
+    /// so), and the master answers what it cannot; a single server has no
+    /// replicas to read from, so asking for them there is a setup error.
+    pub fn with_replica_reads(mut self, target: &RedisTarget) -> Result<Self, StoreError> {
+        self.replicas = Some(Arc::new(match target {
+            RedisTarget::Cluster(_) => ReplicaReads::Cluster,
+            RedisTarget::Sentinel { sentinels, master } => {
+                let source = SentinelSource::new(
+                    sentinels,
+                    master,
+                    SentinelServerType::Replica,
+                    self.timeout,
+                )
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("bad Redis Sentinel settings: {e}"))
+                })?;
+                ReplicaReads::Sentinel(Box::new(source))
+            }
+            RedisTarget::Server(_) => {
+                return Err(StoreError::Unavailable(
+                    "REDIS_READ_FROM_REPLICAS needs REDIS_SENTINEL_URLS or REDIS_CLUSTER_URLS"
+                        .into(),
+                ));
+            }
+        }));
+        Ok(self)
+    }
+
+    /// Whether GetUser may read from replicas.
+    pub fn reads_from_replicas(&self) -> bool {
+        self.replicas.is_some()
+    }
+
+    /// Reads served by replicas, and reads the master took over.
+    pub fn replica_read_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.replica_counts.served.load(Relaxed),
+            self.replica_counts.fell_back.load(Relaxed),
+        )
+    }
+
+    /// Runs a read-only pipeline on a replica of `key`'s slot: `None` when
+    /// replica reads are off.
+    pub(super) async fn query_replica<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        pipe: &Pipeline,
+        commands: usize,
+    ) -> Option<Result<T, StoreError>> {
+        let replicas = self.replicas.as_ref()?;
+        let run = async {
+            match replicas.as_ref() {
+                ReplicaReads::Cluster => {
+                    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+                    let cluster = self
+                        .cluster
+                        .as_ref()
+                        .expect("cluster replicas need a cluster");
+                    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+                        key.as_bytes(),
+                        SlotAddr::ReplicaRequired,
+                    ));
+                    let values = cluster
+                        .connection()
+                        .await?
+                        .route_pipeline(pipe.clone(), 0, commands, route)
+                        .await?;
+                    redis::from_redis_value(Value::Array(values))
+                        .map_err(|e| StoreError::Protocol(e.to_string()))
+                }
+                ReplicaReads::Sentinel(source) => {
+                    let mut conn = source.connection().await?;
+                    let result = pipe.query_async(&mut conn).await;
+                    if result.is_err() {
+                        // That replica may be gone: ask Sentinel for another.
+                        source.forget();
+                    }
+                    Ok(result?)
+                }
+            }
+        };
+        Some(
+            tokio::time::timeout(self.timeout, run)
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("Redis replica timed out".into()))),
+        )
     }
 
     pub fn keys(&self) -> &Keys {

@@ -2,20 +2,59 @@
 //! prefix) agrees on them. All sit behind the configurable prefix.
 //!
 //! Every key of one Kafka partition carries the partition's hash tag,
-//! `{<topic>:<partition>}`: a Redis Cluster keeps them in one slot, so the
-//! projector writes a partition's users and its checkpoint in one atomic
-//! script, and the partitions spread over the masters. The partition is
-//! already the unit of order and of the checkpoint; readers find a user's
-//! partition from its id with the producer's murmur2. One layout serves every
-//! Redis mode (a tag is an ordinary part of the name to a single server).
+//! `{<topic>:<partition>:<salt>}`: a Redis Cluster keeps them in one slot, so
+//! the projector writes a partition's users and its checkpoint in one atomic
+//! script. The partition is already the unit of order and of the checkpoint;
+//! readers find a user's partition from its id with the producer's murmur2.
+//! One layout serves every Redis mode (a tag is an ordinary part of the name
+//! to a single server).
+//!
+//! The salt spreads the partitions over the slot space on purpose, not by
+//! chance: it is the first one that puts partition `p`'s slot in cell
+//! [`SPREAD`]`[p % 12]` of twelve equal cells. A cluster's masters own equal
+//! runs of slots (`redis-cli --cluster create` and `rebalance` make them so),
+//! so 12 partitions (the default count) land 4/4/4 on three masters, 6/6 on
+//! two, 3 each on four and 2 each on six, and any first `k` partitions are as
+//! even as `k` allows. CRC16 of `{users:p}` alone spread the default topic's
+//! 12 partitions 5/4/3; no partition count makes hashing even.
 
 use crate::domain::UserId;
+use std::sync::{Arc, RwLock};
+
+/// Redis Cluster's slot count.
+const SLOTS: u32 = 16384;
+
+/// The order in which partitions take the twelve cells of the slot space:
+/// every prefix of it is as even as it can be over 2, 3, 4 and 6 equal runs
+/// of cells (found by search; `spread_is_even` checks it).
+const SPREAD: [u32; 12] = [0, 11, 5, 7, 9, 2, 3, 6, 10, 1, 4, 8];
 
 /// The read model's keys.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
     topic: String,
+    /// Each partition's `{...}` tag with its prefix, computed once.
+    tags: Arc<RwLock<Vec<Arc<str>>>>,
+}
+
+/// The slot Redis Cluster gives a hash tag's content (CRC16/XMODEM).
+pub fn slot_of(tag: &str) -> u16 {
+    (u32::from(crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes())) % SLOTS) as u16
+}
+
+/// The tag content of `partition`: `<topic>:<partition>:<salt>`, the first
+/// salt whose slot falls in the partition's cell.
+fn spread_tag(topic: &str, partition: i32) -> String {
+    let cell = SPREAD[partition.unsigned_abs() as usize % SPREAD.len()];
+    let cells = SPREAD.len() as u32;
+    // Clear of the cell's edges by a few slots, where a run of one master
+    // may end one slot off an even split (redis-cli rounds).
+    let range = cell * SLOTS / cells + 4..(cell + 1) * SLOTS / cells - 4;
+    (0u32..)
+        .map(|salt| format!("{topic}:{partition}:{salt}"))
+        .find(|tag| range.contains(&u32::from(slot_of(tag))))
+        .expect("some salt lands in every cell")
 }
 
 impl Keys {
@@ -23,22 +62,32 @@ impl Keys {
         Self {
             prefix: prefix.to_owned(),
             topic: topic.to_owned(),
+            tags: Arc::default(),
         }
     }
 
-    /// The hash tag of a partition's keys.
-    fn tag(&self, partition: i32) -> String {
-        format!("{}{{{}:{partition}}}", self.prefix, self.topic)
+    /// The prefix and hash tag of a partition's keys.
+    fn tag(&self, partition: i32) -> Arc<str> {
+        let index = partition.max(0) as usize;
+        if let Some(tag) = self.tags.read().expect("tags lock").get(index) {
+            return tag.clone();
+        }
+        let mut tags = self.tags.write().expect("tags lock");
+        while tags.len() <= index {
+            let p = tags.len() as i32;
+            tags.push(format!("{}{{{}}}", self.prefix, spread_tag(&self.topic, p)).into());
+        }
+        tags[index].clone()
     }
 
-    /// `{<topic>:<partition>}user_<id>`: the user, the position of the event
+    /// `{<topic>:<partition>:<salt>}user_<id>`: the user, the position of the event
     /// that created it and that event's request id (the Go service's
     /// `user_<id>`, behind its partition's tag).
     pub fn user(&self, id: UserId, partition: i32) -> String {
         format!("{}user_{id}", self.tag(partition))
     }
 
-    /// `{<topic>:<partition>}projection`: the partition's checkpoint, a hash
+    /// `{<topic>:<partition>:<salt>}projection`: the partition's checkpoint, a hash
     /// of `applied` (offset of the last event applied to the read model,
     /// written in the same script as the users it covers) and, while the
     /// partition is replayed from the start (Redis lost its data, or never
@@ -66,18 +115,89 @@ impl Keys {
 mod tests {
     use super::*;
 
+    /// The content of a key's first `{...}`, as Redis Cluster hashes it.
+    fn tag_of(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        &key[open + 1..open + key[open..].find('}').unwrap()]
+    }
+
     #[test]
     fn a_partitions_keys_share_one_hash_tag() {
         let k = Keys::new("t1:", "users");
         let id = UserId::parse(42).unwrap();
-        assert_eq!(k.user(id, 3), "t1:{users:3}user_42");
-        assert_eq!(k.projection(3), "t1:{users:3}projection");
-        // Redis Cluster hashes the first `{...}` of a key: the same for both.
-        let tag = |key: &str| {
-            let open = key.find('{').unwrap();
-            key[open..=open + key[open..].find('}').unwrap()].to_owned()
-        };
-        assert_eq!(tag(&k.user(id, 3)), "{users:3}");
-        assert_eq!(tag(&k.projection(3)), "{users:3}");
+        let user = k.user(id, 3);
+        assert!(user.starts_with("t1:{users:3:"), "{user}");
+        assert!(user.ends_with("}user_42"), "{user}");
+        assert_eq!(tag_of(&user), tag_of(&k.projection(3)));
+        assert_ne!(tag_of(&k.projection(3)), tag_of(&k.projection(4)));
+    }
+
+    #[test]
+    fn slots_follow_redis_cluster() {
+        // The cluster specification's test vector, and `CLUSTER KEYSLOT foo`.
+        assert_eq!(
+            crc16::State::<crc16::XMODEM>::calculate(b"123456789"),
+            0x31C3
+        );
+        assert_eq!(slot_of("foo"), 12182);
+    }
+
+    /// The master that owns `slot` when `redis-cli --cluster create` splits
+    /// the slots over `masters` (its rounding, from redis-cli.c).
+    fn master_of(slot: u16, masters: u32) -> usize {
+        let per = SLOTS as f64 / f64::from(masters);
+        let (mut first, mut cursor) = (0i64, 0f64);
+        for i in 0..masters {
+            let mut last = (cursor + per - 1.0).round() as i64;
+            if i == masters - 1 {
+                last = i64::from(SLOTS) - 1;
+            }
+            if (first..=last).contains(&i64::from(slot)) {
+                return i as usize;
+            }
+            first = last + 1;
+            cursor += per;
+        }
+        unreachable!("slot {slot} past the last master")
+    }
+
+    #[test]
+    fn partitions_spread_evenly_over_the_masters() {
+        for topic in ["topic-user-creating", "users", "fc-kafka-kill9-1764-1", "a"] {
+            let k = Keys::new("", topic);
+            for masters in [2u32, 3, 4, 6] {
+                for partitions in 1..=48i32 {
+                    let mut per = vec![0; masters as usize];
+                    for p in 0..partitions {
+                        per[master_of(slot_of(tag_of(&k.projection(p))), masters)] += 1;
+                    }
+                    let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+                    // Even when the count allows it; never more than one apart.
+                    assert!(
+                        hi - lo <= 1,
+                        "{topic}: {partitions} over {masters}: {per:?}"
+                    );
+                    if partitions % 12 == 0 {
+                        assert_eq!(lo, hi, "{topic}: {partitions} over {masters}: {per:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spread_is_even() {
+        // Every prefix of SPREAD, over 2, 3, 4 and 6 equal runs of cells.
+        for masters in [2usize, 3, 4, 6] {
+            let width = SPREAD.len() / masters;
+            for n in 1..=SPREAD.len() {
+                let mut per = vec![0; masters];
+                for cell in &SPREAD[..n] {
+                    per[*cell as usize / width] += 1;
+                }
+                let spread = per.iter().max().unwrap() - per.iter().min().unwrap();
+                assert!(spread <= 1, "{n} cells over {masters}: {per:?}");
+            }
+        }
     }
 }

@@ -38,10 +38,16 @@ async fn created_user_is_readable_with_and_without_the_position() {
     // The read model holds the Go service's `user_<id>`, behind its
     // partition's hash tag, and a JSON value.
     let partition = created.position.unwrap().partition;
-    let key = format!(
-        "{}{{{}:{partition}}}user_{}",
-        app.config.redis_key_prefix, app.config.topic, user.id
+    let key = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic).user(
+        user_service::domain::UserId::parse(user.id).unwrap(),
+        partition,
     );
+    let tagged = format!(
+        "{}{{{}:{partition}:",
+        app.config.redis_key_prefix, app.config.topic
+    );
+    assert!(key.starts_with(&tagged), "{key}");
+    assert!(key.ends_with(&format!("}}user_{}", user.id)), "{key}");
     let raw = raw_get(&app.config, &key).await.expect("the user's key");
     let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(json["id"], user.id);

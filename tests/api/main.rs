@@ -13,6 +13,7 @@ mod idempotency;
 mod producer_watchdog;
 mod progress;
 mod redis_loss;
+mod replica_reads;
 mod restart;
 mod sentinel;
 mod shutdown;

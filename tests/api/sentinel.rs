@@ -10,7 +10,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A server process of the test's own, killed when dropped.
-struct Proc(Child);
+pub struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -29,7 +29,7 @@ fn redis_server(args: &[&str]) -> Proc {
     )
 }
 
-fn cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+pub fn cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
     let mut c = redis::cmd(args[0]);
@@ -58,63 +58,98 @@ fn replicas_known(sentinel: u16) -> usize {
         .map_or(0, |r| r.len())
 }
 
+/// A master, its replica and one Sentinel, of a test's own (in every mode of
+/// the suite), stopped when dropped.
+pub struct SentinelSet {
+    pub master: u16,
+    pub replica: u16,
+    pub sentinel: u16,
+    pub dir: std::path::PathBuf,
+    _procs: Vec<Proc>,
+}
+
+impl SentinelSet {
+    pub async fn start() -> Self {
+        let (m, r, s) = (free_port(), free_port(), free_port());
+        // Files (the replica's copy of the master's data, Sentinel's config) go
+        // to a directory of the test's own, not the working directory.
+        let dir = std::env::temp_dir().join(unique("sentinel"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir_arg = dir.to_str().unwrap().to_owned();
+        let common = [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_arg,
+        ];
+        let master = redis_server(&[&["--port", &m.to_string()][..], &common].concat());
+        let replica = redis_server(
+            &[
+                &[
+                    "--port",
+                    &r.to_string(),
+                    "--replicaof",
+                    "127.0.0.1",
+                    &m.to_string(),
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {s}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {m} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let sentinel = redis_server(&[conf.to_str().unwrap(), "--sentinel"]);
+        wait_until(Duration::from_secs(60), || async {
+            master_port(s) == Some(m) && replicas_known(s) > 0
+        })
+        .await
+        .expect("Sentinel watches the master and knows its replica");
+        Self {
+            master: m,
+            replica: r,
+            sentinel: s,
+            dir,
+            _procs: vec![sentinel, replica, master],
+        }
+    }
+
+    /// A test config that finds Redis through this Sentinel only.
+    pub fn config(&self) -> user_service::config::Config {
+        let mut config = test_config();
+        config.redis_server_url = "redis://127.0.0.1:1".into(); // not used with Sentinel
+        config.redis_sentinels = vec![format!("127.0.0.1:{}", self.sentinel)];
+        config.redis_cluster_nodes.clear(); // its own Sentinel, in every mode
+        config.redis_timeout = Duration::from_millis(500);
+        config
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        self._procs.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test]
 async fn the_service_follows_a_sentinel_failover() {
-    let (m, r, s) = (free_port(), free_port(), free_port());
-    // Files (the replica's copy of the master's data, Sentinel's config) go
-    // to a directory of the test's own, not the working directory.
-    let dir = std::env::temp_dir().join(unique("sentinel"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let dir_arg = dir.to_str().unwrap().to_owned();
-    let common = [
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir_arg,
-    ];
-    let _master = redis_server(&[&["--port", &m.to_string()][..], &common].concat());
-    let _replica = redis_server(
-        &[
-            &[
-                "--port",
-                &r.to_string(),
-                "--replicaof",
-                "127.0.0.1",
-                &m.to_string(),
-            ][..],
-            &common,
-        ]
-        .concat(),
-    );
-    let conf = dir.join("sentinel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "port {s}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
-             sentinel monitor mymaster 127.0.0.1 {m} 1\n\
-             sentinel down-after-milliseconds mymaster 1000\n\
-             sentinel failover-timeout mymaster 5000\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let _sentinel = redis_server(&[conf.to_str().unwrap(), "--sentinel"]);
-    wait_until(Duration::from_secs(60), || async {
-        master_port(s) == Some(m) && replicas_known(s) > 0
-    })
-    .await
-    .expect("Sentinel watches the master and knows its replica");
-
-    let mut config = test_config();
-    config.redis_server_url = "redis://127.0.0.1:1".into(); // not used with Sentinel
-    config.redis_sentinels = vec![format!("127.0.0.1:{s}")];
-    config.redis_cluster_nodes.clear(); // its own Sentinel, in every mode
-    config.redis_timeout = Duration::from_millis(500);
-    let app = spawn_app_with(config).await;
+    let set = SentinelSet::start().await;
+    let (m, r, s) = (set.master, set.replica, set.sentinel);
+    let app = spawn_app_with(set.config()).await;
     app.wait_health(ServingStatus::Serving).await;
 
     let before = app
@@ -192,12 +227,9 @@ async fn the_service_follows_a_sentinel_failover() {
         new_user
     );
     // The new user was written to the new master, not to the demoted one.
-    let key = format!(
-        "{}{{{}:{}}}user_{}",
-        app.config.redis_key_prefix,
-        app.config.topic,
+    let key = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic).user(
+        user_service::domain::UserId::parse(new_user.id).unwrap(),
         after.position.unwrap().partition,
-        new_user.id
     );
     let on_new_master: i64 = redis::from_redis_value(cmd(r, &["EXISTS", &key]).unwrap()).unwrap();
     assert_eq!(on_new_master, 1);
@@ -210,5 +242,4 @@ async fn the_service_follows_a_sentinel_failover() {
     );
     app.wait_health(ServingStatus::Serving).await;
     app.stop().await.expect("clean stop");
-    let _ = std::fs::remove_dir_all(&dir);
 }
