@@ -10,7 +10,7 @@ use crate::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
     },
-    store::{StoredUser, WaitError},
+    store::{PartitionState, StoredUser, WaitError},
     tasks::Tasks,
 };
 use std::time::Duration;
@@ -71,13 +71,14 @@ impl UserService for UserApi {
         let deadline = self.deadline();
         let r = request.into_inner();
         let id = UserId::parse(r.id).map_err(ApiError::from)?;
-        let waited = match r.min_position {
-            Some(pos) => Some(self.wait_for_position(pos, deadline).await?),
-            None => None,
-        };
+        let publisher = &self.create.publisher;
+        let wanted = r
+            .min_position
+            .map(|pos| validate_position(pos, publisher.known_partitions()))
+            .transpose()?;
         // The partition count as a broker told this instance, or any
         // instance before (Redis keeps it): reads need no broker.
-        let partitions = match self.create.publisher.known_partitions() {
+        let partitions = match publisher.known_partitions() {
             Some(n) => n,
             None => self
                 .create
@@ -89,24 +90,29 @@ impl UserService for UserApi {
         };
         // The user's own partition vouches for its absence, if complete.
         let partition = user_partition(id, partitions);
-        let store = &self.create.store;
-        let on_replica = match waited {
-            // A replica can vouch for a position of the user's own partition
-            // (its checkpoint is in the same slot); any other goes to the master.
-            Some((p, offset)) if p == partition => Some(Some(offset)),
-            Some(_) => None,
-            None => Some(None),
-        };
-        let replica = match on_replica {
-            Some(at_least) if store.reads_from_replicas() => {
-                store.lookup_on_replica(id, partition, at_least).await
+        let answer = match wanted {
+            None => self.read(id, partition, None).await?,
+            Some((p, offset)) => {
+                // A position on the user's own partition (a create's is) is
+                // checked by the lookup itself, whose checkpoint comes with
+                // the user: applied already, one round trip and no wait.
+                let at_least = (p == partition).then_some(offset);
+                let ready = match at_least {
+                    Some(_) => self.read(id, partition, at_least).await?,
+                    None => None,
+                };
+                match ready {
+                    Some(answer) => Some(answer),
+                    None => {
+                        self.wait_for_position(p, offset, deadline).await?;
+                        self.read(id, partition, at_least).await?
+                    }
+                }
             }
-            _ => None,
         };
-        let (state, stored) = match replica {
-            Some(answer) => answer,
-            None => store.lookup(id, partition).await.map_err(ApiError::from)?,
-        };
+        // Applied by the wait's poll, behind by the read after it: Redis
+        // lost data in between, and the partition is being rebuilt.
+        let (state, stored) = answer.ok_or(ApiError::Rebuilding(partition))?;
         let stored = match stored {
             Some(s) => s,
             None if state.is_complete() => return Err(ApiError::NotFound(id).into()),
@@ -131,16 +137,38 @@ impl UserApi {
         Instant::now() + self.max_position_wait
     }
 
-    /// Waits until the read model (its master) has applied `pos`, and returns
-    /// it; a position the log has not reached is refused at once, since no
-    /// wait would see it applied.
+    /// The user and its partition's state, from a replica when replica reads
+    /// are on and it is good enough, else from the master; `None` when the
+    /// read model has not applied `at_least` (an offset of `partition`) yet.
+    async fn read(
+        &self,
+        id: UserId,
+        partition: i32,
+        at_least: Option<i64>,
+    ) -> Result<Option<(PartitionState, Option<StoredUser>)>, ApiError> {
+        let store = &self.create.store;
+        if store.reads_from_replicas()
+            && let Some(answer) = store.lookup_on_replica(id, partition, at_least).await
+        {
+            return Ok(Some(answer));
+        }
+        let (state, stored) = store.lookup(id, partition).await?;
+        if at_least.is_some_and(|o| state.checkpoint() < Some(o)) {
+            return Ok(None);
+        }
+        Ok(Some((state, stored)))
+    }
+
+    /// Waits until the read model (its master) has applied `offset` of
+    /// `partition`; a position the log has not reached is refused at once,
+    /// since no wait would see it applied.
     async fn wait_for_position(
         &self,
-        pos: Position,
+        partition: i32,
+        offset: i64,
         deadline: Instant,
-    ) -> Result<(i32, i64), ApiError> {
+    ) -> Result<(), ApiError> {
         let publisher = &self.create.publisher;
-        let (partition, offset) = validate_position(pos, publisher.known_partitions())?;
         if let Reach::Beyond { log_end } = publisher.reach(partition, offset).await {
             return Err(ApiError::PastLogEnd {
                 partition,
@@ -157,7 +185,7 @@ impl UserApi {
                 WaitError::ShuttingDown => ApiError::ShuttingDown,
                 WaitError::Store(e) => e.into(),
             })?;
-        Ok((partition, offset))
+        Ok(())
     }
 }
 
