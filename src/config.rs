@@ -18,6 +18,13 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
 
+    /// Where Prometheus scrapes `/metrics` (its own port, off the gRPC one);
+    /// `off` turns the endpoint off. On by default: metrics are how such a
+    /// service is watched, and an unscraped endpoint costs nothing. Port 0
+    /// picks a free one (tests, several instances on one machine).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: MetricsAddr,
+
     /// Kafka bootstrap servers, a comma-separated list of host:port.
     #[arg(long, env = "KAFKA_BROKER_URL", default_value = "127.0.0.1:19092")]
     pub kafka_broker_url: String,
@@ -171,6 +178,15 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Where to send traces (OTLP over gRPC, e.g. `http://otel-collector:4317`);
+    /// unset, no spans are made and no trace context is propagated.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "user-service")]
+    pub otel_service_name: String,
 }
 
 /// Log output format.
@@ -178,6 +194,27 @@ pub struct Config {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Where the metrics endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "off" | "none" => Ok(Self::Off),
+            addr => addr
+                .parse()
+                .map(Self::At)
+                .map_err(|e| format!("{addr:?}: {e} (host:port, or off)")),
+        }
+    }
 }
 
 /// 12 partitions: the read model's keys spread them exactly evenly over 1, 2,

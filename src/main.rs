@@ -15,16 +15,33 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    telemetry::init(config.log_format, "info,rdkafka=warn");
+    // Traces only where an OTLP endpoint is configured.
+    let tracer = config
+        .otlp_endpoint
+        .as_deref()
+        .map(|endpoint| telemetry::trace::otlp_provider(endpoint, &config.otel_service_name))
+        .transpose()
+        .context("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    telemetry::init_with(
+        Some(config.log_format),
+        "info,rdkafka=warn",
+        tracer.as_ref(),
+    );
     // Fail points from FAILPOINTS (only with the `failpoints` feature; tests).
     let _failpoints = fail::FailScenario::setup();
     let app = Application::build(config)
         .await
         .context("starting user-service")?;
-    tracing::info!(addr = %app.local_addr(), "serving gRPC");
-    app.run_until_stopped(shutdown_signal())
+    tracing::info!(addr = %app.local_addr(), traces = tracer.is_some(), "serving gRPC");
+    let ran = app
+        .run_until_stopped(shutdown_signal())
         .await
-        .context("running user-service")
+        .context("running user-service");
+    if let Some(tracer) = tracer {
+        // Sends the spans still batched.
+        let _ = tracer.shutdown();
+    }
+    ran
 }
 
 /// Resolves on the first SIGTERM (what Kubernetes sends) or Ctrl-C.

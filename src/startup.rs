@@ -25,6 +25,14 @@ use crate::{
     store::{CheckpointWatch, Keys, RedisStore, StoreError},
     tasks::Tasks,
 };
+use crate::{
+    config::MetricsAddr,
+    telemetry::{
+        Metrics,
+        endpoint::{self, Sources},
+        grpc::GrpcTelemetryLayer,
+    },
+};
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +96,8 @@ pub struct Application {
     calls: CallBudget,
     checkpoint_watch: Arc<CheckpointWatch>,
     store: RedisStore,
+    metrics: Metrics,
+    metrics_addr: Option<SocketAddr>,
     /// Stops the checkpoint poller, once the server has finished its
     /// in-flight calls (they may be waiting on it).
     watch_stop: CancellationToken,
@@ -107,6 +117,9 @@ pub struct AppHandle {
     pub checkpoint_watch: Arc<CheckpointWatch>,
     /// The Redis adapter (its replica read counts, for one).
     pub store: RedisStore,
+    pub metrics: Metrics,
+    /// Where `/metrics` is served (the real port when configured with 0).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Application {
@@ -126,6 +139,16 @@ impl Application {
             addr: config.listen_addr,
             source,
         })?;
+        let metrics_listener = match config.metrics_addr {
+            MetricsAddr::Off => None,
+            MetricsAddr::At(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|source| StartupError::Bind { addr: at, source })?,
+            ),
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics = Metrics::new();
 
         let token = CancellationToken::new();
         let tasks = Tasks::new();
@@ -141,13 +164,15 @@ impl Application {
         if config.redis_read_from_replicas {
             store = store.with_replica_reads(&config.redis_target())?;
         }
+        let store = store.with_metrics(metrics.clone());
         let store_handle = store.clone();
         let publisher = EventPublisher::new(
             &config.kafka_broker_url,
             &config.topic,
             config.publish_timeout,
             config.producer_linger,
-        )?;
+        )?
+        .with_metrics(metrics.clone());
         // Our contract, the health service's, and google.rpc's error details, so
         // grpcurl can print a BadRequest.
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -212,6 +237,7 @@ impl Application {
                 request_ttl: config.request_id_ttl,
                 publisher: publisher.clone(),
                 state: state.clone(),
+                metrics: metrics.clone(),
             };
             let t = token.clone();
             tasks.spawn("projector", async move {
@@ -229,6 +255,7 @@ impl Application {
                 projector.clone(),
                 health.clone(),
                 config.health_probe_interval,
+                metrics.clone(),
                 token.clone(),
             ),
         );
@@ -281,6 +308,7 @@ impl Application {
             // only until it starts).
             .timeout(config.call_timeout())
             .max_concurrent_streams(config.max_concurrent_streams)
+            .layer(GrpcTelemetryLayer::new(metrics.clone()))
             .layer(CatchPanicLayer::custom(on_panic))
             .add_service(HealthService(health.clone()).into_server())
             .add_service(reflection_v1)
@@ -301,6 +329,23 @@ impl Application {
             )
             .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
         let server = tasks.spawn("gRPC server", server);
+        if let Some(listener) = metrics_listener {
+            let sources = Sources {
+                metrics: metrics.clone(),
+                calls: limit.clone(),
+                health: health.clone(),
+                projector: projector.clone(),
+                progress: progress_hub.clone(),
+                store: store.clone(),
+                watch: watch.clone(),
+                producer: publisher.client_health(),
+            };
+            tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
+            tasks.spawn(
+                "metrics endpoint",
+                endpoint::serve(listener, sources, token.clone()),
+            );
+        }
         let checkpoint_watch = watch;
 
         Ok(Self {
@@ -316,6 +361,8 @@ impl Application {
             calls: limit,
             checkpoint_watch,
             store: store_handle,
+            metrics,
+            metrics_addr,
             watch_stop,
         })
     }
@@ -334,6 +381,8 @@ impl Application {
             calls: self.calls.clone(),
             checkpoint_watch: self.checkpoint_watch.clone(),
             store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            metrics_addr: self.metrics_addr,
         }
     }
 
@@ -417,13 +466,20 @@ async fn probe_dependencies(
     projector: Option<Arc<ProjectorState>>,
     health: Arc<HealthRegistry>,
     interval: Duration,
+    metrics: Metrics,
     token: CancellationToken,
 ) {
     let mut last: Option<(bool, bool)> = None;
     let mut last_in_group = false;
     let probe_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
     loop {
-        let (redis, kafka) = tokio::join!(store.ping(), publisher.ping(probe_timeout));
+        let began = std::time::Instant::now();
+        let ((redis, redis_took), (kafka, kafka_took)) =
+            tokio::join!(async { (store.ping().await, began.elapsed()) }, async {
+                (publisher.ping(probe_timeout).await, began.elapsed())
+            },);
+        metrics.probe("redis", redis.is_ok(), redis_took);
+        metrics.probe("kafka", kafka.is_ok(), kafka_took);
         let now = (redis.is_ok(), kafka.is_ok());
         if last != Some(now) {
             match (&redis, &kafka) {

@@ -127,6 +127,14 @@ impl HealthRegistry {
         }
     }
 
+    /// Every health name and whether it is SERVING now (for metrics).
+    pub fn statuses(&self) -> Vec<(String, bool)> {
+        self.lock()
+            .iter()
+            .map(|(n, (_, tx))| (n.clone(), *tx.borrow() == ServingStatus::Serving))
+            .collect()
+    }
+
     pub fn status(&self, name: &str) -> Option<ServingStatus> {
         self.lock().get(name).map(|(_, tx)| *tx.borrow())
     }

@@ -16,7 +16,7 @@ use crate::{
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{Instrument, Span, instrument};
 
 /// The handlers' shared state; cheap to clone into spawned tasks.
 #[derive(Clone)]
@@ -48,7 +48,7 @@ impl UserService for UserApi {
             .tasks
             .spawn(
                 "create user",
-                async move { create.run(&new, deadline).await },
+                async move { create.run(&new, deadline).await }.instrument(Span::current()),
             )
             .await
             .ok()

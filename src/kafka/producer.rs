@@ -53,6 +53,7 @@ pub struct EventPublisher {
     partitions: Arc<AtomicI32>,
     /// How far each partition's log reaches, as far as this instance knows.
     log_ends: Arc<LogEnds>,
+    metrics: crate::telemetry::Metrics,
 }
 
 impl EventPublisher {
@@ -75,6 +76,7 @@ impl EventPublisher {
             timeout,
             partitions: Arc::default(),
             log_ends: Arc::default(),
+            metrics: Default::default(),
         })
     }
 
@@ -178,11 +180,23 @@ impl EventPublisher {
     pub async fn publish(&self, event: &UserCreated) -> Result<Published, KafkaError> {
         let key = event.key();
         let payload = event.to_json();
-        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        let mut record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        // With tracing on, the record carries its publish span's context.
+        let traced = crate::telemetry::trace::publish_span(&self.topic, &key);
+        let span = match traced {
+            Some((span, headers)) => {
+                record = record.headers(headers);
+                span
+            }
+            None => tracing::Span::none(),
+        };
         // librdkafka's message.timeout.ms bounds delivery; the outer timeout is a
         // guard against a queue that never drains.
         let producer = self.current();
+        let began = Instant::now();
+        self.metrics.event_sent();
         let send = producer.send(record, Timeout::After(self.timeout));
+        let send = tracing::Instrument::instrument(send, span.clone());
         let (result, timed_out) =
             match tokio::time::timeout(self.timeout + Duration::from_secs(1), send).await {
                 Ok(Ok(delivery)) => (
@@ -212,7 +226,28 @@ impl EventPublisher {
                 ),
             };
         self.record_send(result.is_ok(), timed_out);
+        let failure = match (&result, timed_out) {
+            (Ok(_), _) => None,
+            (Err(_), true) => Some("timeout"),
+            (Err(_), false) => Some("broker"),
+        };
+        self.metrics.event_done(failure, began.elapsed());
+        if let Ok(p) = &result {
+            span.record("messaging.destination.partition.id", p.partition);
+            span.record("messaging.kafka.offset", p.offset);
+        }
         result
+    }
+
+    /// Records sends and acknowledgements into `metrics` (the application's).
+    pub fn with_metrics(mut self, metrics: crate::telemetry::Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// What librdkafka's statistics say about the producer (for metrics).
+    pub fn client_health(&self) -> Arc<ClientHealth> {
+        self.health.clone()
     }
 
     /// Asks a broker for the topic's metadata: the health probe. Also notes

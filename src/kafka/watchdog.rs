@@ -36,6 +36,20 @@ struct Inner {
     out_of_group_since: Option<Instant>,
     /// Whether librdkafka reports this member in its group (`up`, `steady`).
     in_group: bool,
+    /// The last report's figures worth exporting.
+    figures: Option<Figures>,
+}
+
+/// What the last statistics report says about the client's queue and its
+/// round trips to each broker (as metrics show them).
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// Messages and bytes waiting in the producer's queue.
+    pub queue_messages: u64,
+    pub queue_bytes: u64,
+    /// Mean request round trip of each learned broker (`host:port/id`) over
+    /// the last window.
+    pub rtt: Vec<(String, Duration)>,
 }
 
 impl ClientHealth {
@@ -49,6 +63,19 @@ impl ClientHealth {
         } else {
             h.no_broker_since.or(Some(now))
         };
+        h.figures = Some(Figures {
+            queue_messages: s.msg_cnt,
+            queue_bytes: s.msg_size,
+            rtt: s
+                .brokers
+                .values()
+                .filter(|b| b.nodeid >= 0)
+                .filter_map(|b| {
+                    let avg = b.rtt.as_ref()?.avg;
+                    Some((b.name.clone(), Duration::from_micros(avg.max(0) as u64)))
+                })
+                .collect(),
+        });
         if let Some(cgrp) = &s.cgrp {
             h.in_group = cgrp.state == "up" && cgrp.join_state == "steady";
             h.out_of_group_since = if cgrp.state == "up" {
@@ -77,6 +104,15 @@ impl ClientHealth {
             .lock()
             .expect("client health lock poisoned")
             .in_group
+    }
+
+    /// The last statistics report's figures, once one came.
+    pub fn figures(&self) -> Option<Figures> {
+        self.inner
+            .lock()
+            .expect("client health lock poisoned")
+            .figures
+            .clone()
     }
 
     /// Forgets everything: the client it described was replaced.

@@ -67,6 +67,7 @@ pub struct Projector {
     /// Used for the dead-letter topic only.
     pub publisher: EventPublisher,
     pub state: Arc<ProjectorState>,
+    pub metrics: crate::telemetry::Metrics,
 }
 
 /// Keeps [`ProjectorState`]'s view of the assignment and of the group
@@ -295,6 +296,23 @@ impl Projector {
     ) -> bool {
         let mut ops = Vec::with_capacity(batch.len());
         let mut dead = 0u64;
+        // With tracing on, one span per record, child of the publish span its
+        // headers carry; each ends once its batch is in Redis.
+        let _spans: Vec<tracing::Span> = if crate::telemetry::trace::enabled() {
+            batch
+                .iter()
+                .map(|m| {
+                    crate::telemetry::trace::process_span(
+                        m.headers(),
+                        &self.topic,
+                        m.partition(),
+                        m.offset(),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for m in batch {
             let position = EventPosition {
                 partition: m.partition(),
@@ -335,8 +353,17 @@ impl Projector {
             let resumed_from = expected.get(&partition).copied().unwrap_or(-1);
             let mut backoff = Duration::from_millis(50);
             let done = loop {
+                let began = std::time::Instant::now();
                 match self.store.apply(partition, part_ops, resumed_from).await {
-                    Ok(ApplyResult::Applied(o)) => break o,
+                    Ok(ApplyResult::Applied(o)) => {
+                        self.metrics.projector_applied(
+                            partition,
+                            part_ops.len(),
+                            o.applied,
+                            began.elapsed(),
+                        );
+                        break o;
+                    }
                     Ok(ApplyResult::Moved { checkpoint, .. }) => {
                         tracing::warn!(
                             partition,

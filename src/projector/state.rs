@@ -18,6 +18,8 @@ pub struct ProjectorState {
     dead_lettered: AtomicU64,
     apply_failures: AtomicU64,
     checkpoint_moves: AtomicU64,
+    /// Assignments received or lost.
+    rebalances: AtomicU64,
     /// librdkafka says this member is in its group (stats `cgrp.state` up,
     /// `join_state` steady); refreshed every statistics interval.
     in_group: AtomicBool,
@@ -59,12 +61,17 @@ pub struct ProjectorStats {
     pub checkpoint_moves: u64,
     /// Whether librdkafka reports this member in its group.
     pub in_group: bool,
+    /// Times this member's assignment changed.
+    pub rebalances: u64,
 }
 
 impl ProjectorState {
     pub(super) fn set_assignment(&self, assignment: BTreeSet<i32>) {
         let mut inner = self.inner.lock().expect("projector state lock poisoned");
         inner.applied_offsets.retain(|p, _| assignment.contains(p));
+        if inner.assignment != assignment {
+            self.rebalances.fetch_add(1, Ordering::Relaxed);
+        }
         inner.assignment = assignment;
     }
 
@@ -114,6 +121,7 @@ impl ProjectorState {
             checkpoints: inner.checkpoints.clone(),
             checkpoint_moves: self.checkpoint_moves.load(Ordering::Relaxed),
             in_group: self.in_group.load(Ordering::Relaxed),
+            rebalances: self.rebalances.load(Ordering::Relaxed),
         }
     }
 }

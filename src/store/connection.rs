@@ -189,6 +189,7 @@ pub struct RedisStore {
     /// Set when reads may go to replicas (see [`RedisStore::with_replica_reads`]).
     replicas: Option<Arc<ReplicaReads>>,
     pub(super) replica_counts: Arc<ReplicaReadCounts>,
+    metrics: crate::telemetry::Metrics,
     pub(super) keys: Keys,
     /// The topic's partition count once known (0 until then); shared by clones.
     pub(super) partitions: Arc<std::sync::atomic::AtomicI32>,
@@ -263,6 +264,7 @@ impl RedisStore {
             cluster,
             replicas: None,
             replica_counts: Arc::default(),
+            metrics: Default::default(),
             keys,
             partitions: Arc::default(),
             timeout,
@@ -312,6 +314,12 @@ impl RedisStore {
             }
         }));
         Ok(self)
+    }
+
+    /// Records its calls' latency into `metrics` (the application's).
+    pub fn with_metrics(mut self, metrics: crate::telemetry::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Whether GetUser may read from replicas.
@@ -383,9 +391,11 @@ impl RedisStore {
         &self,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        let began = std::time::Instant::now();
         let result = tokio::time::timeout(self.timeout, f)
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("Redis call timed out".into())));
+        self.metrics.redis_call(result.is_ok(), began.elapsed());
         if let (Err(StoreError::Unavailable(_)), Some(sentinel)) = (&result, &self.sentinel) {
             // The master may have moved: ask Sentinel again on the next call.
             sentinel.forget();

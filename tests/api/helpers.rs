@@ -46,13 +46,34 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Logs only when asked: `TEST_LOG=1 cargo test` (with `RUST_LOG` to filter).
+/// Traces always: every span the suite makes goes to one in-memory exporter
+/// ([`finished_spans`]), as an OTLP exporter would send it.
 pub fn init_logs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        if std::env::var_os("TEST_LOG").is_some() {
-            user_service::telemetry::init(LogFormat::Text, "info,user_service=debug,rdkafka=warn");
-        }
+        let format = std::env::var_os("TEST_LOG").map(|_| LogFormat::Text);
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(span_exporter().clone())
+            .build();
+        user_service::telemetry::init_with(
+            format,
+            "info,user_service=debug,rdkafka=warn",
+            Some(&provider),
+        );
+        // The provider lives as long as the test process.
+        std::mem::forget(provider);
     });
+}
+
+fn span_exporter() -> &'static opentelemetry_sdk::trace::InMemorySpanExporter {
+    static EXPORTER: std::sync::OnceLock<opentelemetry_sdk::trace::InMemorySpanExporter> =
+        std::sync::OnceLock::new();
+    EXPORTER.get_or_init(opentelemetry_sdk::trace::InMemorySpanExporter::default)
+}
+
+/// Every span ended so far in this test process.
+pub fn finished_spans() -> Vec<opentelemetry_sdk::trace::SpanData> {
+    span_exporter().get_finished_spans().unwrap_or_default()
 }
 
 /// The Redis Cluster the suite runs against instead of one server, when
@@ -95,6 +116,7 @@ pub fn test_config() -> Config {
     let name = unique("t");
     let mut c = Config::parse_from(["user-service"]);
     c.listen_addr = "127.0.0.1:0".parse().unwrap();
+    c.metrics_addr = user_service::config::MetricsAddr::At("127.0.0.1:0".parse().unwrap());
     c.kafka_broker_url = kafka_brokers();
     c.redis_server_url = redis_url();
     c.redis_cluster_nodes = redis_cluster_nodes();
@@ -615,4 +637,61 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The service's `/metrics`, as Prometheus would scrape it (plain HTTP/1.1).
+pub async fn scrape(app: &TestApp) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.handle.metrics_addr.expect("the metrics endpoint is on");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // A chunked body (axum streams it): join the chunks.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_owned()
+    }
+}
+
+/// The samples of an exposition: `name{labels}` → value.
+pub fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every sample of `name` whose labels contain all of `with`.
+pub fn sum_of(samples: &std::collections::BTreeMap<String, f64>, name: &str, with: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let bare = series.split('{').next().unwrap();
+            bare == name && with.iter().all(|w| series.contains(w))
+        })
+        .map(|(_, v)| v)
+        .sum()
 }

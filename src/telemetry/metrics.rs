@@ -1,0 +1,503 @@
+//! Prometheus metrics: one registry per running application (so tests that
+//! run several side by side each read their own), rendered in Prometheus'
+//! text format by `metrics-exporter-prometheus`.
+//!
+//! Two kinds of figures. Those that happen on a call's path (a gRPC call, a
+//! Kafka acknowledgement, a projector batch, a Redis call) are recorded where
+//! they happen, through this module's helpers. Those that the service already
+//! keeps for its own use (the projector's counters, the call budget, health,
+//! the progress snapshot the progress RPC serves) are copied in at scrape
+//! time by [`Metrics::collect`], from the same structures, so the metrics and
+//! the RPCs never disagree.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+/// Latency buckets, in seconds: from a fast Redis call to a call that hit
+/// the service's longest wait.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Records per projector batch (up to `PROJECTOR_BATCH_SIZE`, 500 by default).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+
+/// What every metric is: name, kind, unit and help, described once.
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (
+        "grpc_server_started_total",
+        Kind::Counter,
+        "gRPC calls started, by service and method",
+    ),
+    (
+        "grpc_server_handled_total",
+        Kind::Counter,
+        "gRPC calls completed, by service, method and status code",
+    ),
+    (
+        "grpc_server_handling_seconds",
+        Kind::Histogram,
+        "time from a call's start to its status, by service and method",
+    ),
+    (
+        "grpc_server_in_flight_calls",
+        Kind::Gauge,
+        "calls of UserService and ProjectionService in flight (the budget MAX_CONCURRENT_CALLS counts them)",
+    ),
+    (
+        "user_service_calls_shed_total",
+        Kind::Counter,
+        "calls refused at once because MAX_CONCURRENT_CALLS were in flight",
+    ),
+    (
+        "user_service_events_sent_total",
+        Kind::Counter,
+        "UserCreated records handed to the Kafka producer",
+    ),
+    (
+        "user_service_events_acknowledged_total",
+        Kind::Counter,
+        "records the brokers acknowledged (acks=all)",
+    ),
+    (
+        "user_service_events_failed_total",
+        Kind::Counter,
+        "records not acknowledged, by class (timeout: no ack in KAFKA_PUBLISH_TIMEOUT; broker: refused or unreachable)",
+    ),
+    (
+        "user_service_events_in_flight",
+        Kind::Gauge,
+        "records sent and not yet acknowledged or failed",
+    ),
+    (
+        "user_service_event_ack_seconds",
+        Kind::Histogram,
+        "time from send to the brokers' acknowledgement or failure",
+    ),
+    (
+        "kafka_producer_queue_messages",
+        Kind::Gauge,
+        "messages in librdkafka's producer queue (statistics msg_cnt)",
+    ),
+    (
+        "kafka_producer_queue_bytes",
+        Kind::Gauge,
+        "bytes in librdkafka's producer queue (statistics msg_size)",
+    ),
+    (
+        "kafka_producer_broker_rtt_seconds",
+        Kind::Gauge,
+        "librdkafka's request round trip to each broker, mean over the last statistics window",
+    ),
+    (
+        "user_service_projector_events_applied_total",
+        Kind::Counter,
+        "users written to the read model by this instance, by partition",
+    ),
+    (
+        "user_service_projector_events_duplicate_total",
+        Kind::Counter,
+        "events for an id the read model already had (the first in the log won)",
+    ),
+    (
+        "user_service_projector_events_replayed_total",
+        Kind::Counter,
+        "events at or below the checkpoint, replayed without effect",
+    ),
+    (
+        "user_service_projector_dead_lettered_total",
+        Kind::Counter,
+        "undecodable records sent to the dead-letter topic",
+    ),
+    (
+        "user_service_projector_apply_failures_total",
+        Kind::Counter,
+        "failed attempts to apply a batch or open a partition (Redis or Kafka away); each is retried",
+    ),
+    (
+        "user_service_projector_checkpoint_moves_total",
+        Kind::Counter,
+        "times the read model held another checkpoint than the projector resumed from (Redis lost data): the partition is replayed",
+    ),
+    (
+        "user_service_projector_batch_records",
+        Kind::Histogram,
+        "records per partition per apply (one Lua script)",
+    ),
+    (
+        "user_service_projector_apply_seconds",
+        Kind::Histogram,
+        "time of one partition's apply script",
+    ),
+    (
+        "user_service_projector_rebalances_total",
+        Kind::Counter,
+        "partition assignments this instance received or lost",
+    ),
+    (
+        "user_service_projector_assigned_partitions",
+        Kind::Gauge,
+        "partitions this instance owns",
+    ),
+    (
+        "user_service_projector_in_group",
+        Kind::Gauge,
+        "1 while librdkafka reports this instance in its consumer group",
+    ),
+    (
+        "user_service_projection_lag_records",
+        Kind::Gauge,
+        "records of the partition not yet committed by the group (log end minus committed offset), as the progress RPC reports it",
+    ),
+    (
+        "user_service_projection_lag_seconds",
+        Kind::Gauge,
+        "how far behind the partition's projection is in time, as the progress RPC reports it",
+    ),
+    (
+        "user_service_projection_log_end_offset",
+        Kind::Gauge,
+        "the partition's log end offset at the last progress poll",
+    ),
+    (
+        "user_service_projection_committed_offset",
+        Kind::Gauge,
+        "the group's committed offset of the partition at the last progress poll",
+    ),
+    (
+        "user_service_projection_partitions_rebuilding",
+        Kind::Gauge,
+        "partitions the read model is replaying from the log",
+    ),
+    (
+        "user_service_dependency_up",
+        Kind::Gauge,
+        "1 while the last probe of the dependency (redis, kafka) succeeded",
+    ),
+    (
+        "user_service_health_serving",
+        Kind::Gauge,
+        "1 while the health name answers SERVING",
+    ),
+    (
+        "user_service_dependency_probe_seconds",
+        Kind::Histogram,
+        "time of one health probe of the dependency",
+    ),
+    (
+        "user_service_redis_call_seconds",
+        Kind::Histogram,
+        "time of one Redis call (a command, a pipeline or a script), by outcome",
+    ),
+    (
+        "user_service_redis_replica_reads_total",
+        Kind::Counter,
+        "GetUser lookups sent to a replica, by outcome (served, or taken over by the master)",
+    ),
+    (
+        "user_service_checkpoint_polls_total",
+        Kind::Counter,
+        "polls of the read model's checkpoints for calls waiting on a position",
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The application's metrics. Cheap to clone; a default one records into a
+/// registry nobody scrapes (tools and tests that build parts alone).
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Handles by name and labels, so a hot path does not rebuild its key.
+    counters: RwLock<HashMap<(&'static str, Vec<Label>), Counter>>,
+    histograms: RwLock<HashMap<(&'static str, Vec<Label>), Histogram>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                SECONDS_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_records".into()),
+                    BATCH_BUCKETS,
+                )
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
+        for (name, kind, help) in DESCRIPTIONS {
+            let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+            match kind {
+                Kind::Counter => recorder.describe_counter((*name).into(), unit, (*help).into()),
+                Kind::Gauge => recorder.describe_gauge((*name).into(), unit, (*help).into()),
+                Kind::Histogram => {
+                    recorder.describe_histogram((*name).into(), unit, (*help).into())
+                }
+            }
+        }
+        let handle = recorder.handle();
+        Self(Arc::new(Inner {
+            recorder,
+            handle,
+            counters: RwLock::default(),
+            histograms: RwLock::default(),
+        }))
+    }
+
+    /// The exposition, in Prometheus' text format.
+    pub fn render(&self) -> String {
+        self.0.handle.run_upkeep();
+        self.0.handle.render()
+    }
+
+    /// Drains the histograms' buffers into their buckets; run every few
+    /// seconds, or memory grows with every sample between scrapes.
+    pub fn upkeep(&self) {
+        self.0.handle.run_upkeep();
+    }
+
+    pub(crate) fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        let key = (name, labels);
+        if let Some(c) = self.0.counters.read().expect("metrics lock").get(&key) {
+            return c.clone();
+        }
+        let c = self
+            .0
+            .recorder
+            .register_counter(&Key::from_parts(name, key.1.clone()), &METADATA);
+        self.0
+            .counters
+            .write()
+            .expect("metrics lock")
+            .insert(key, c.clone());
+        c
+    }
+
+    pub(crate) fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, &str)],
+    ) -> Histogram {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        let key = (name, labels);
+        if let Some(h) = self.0.histograms.read().expect("metrics lock").get(&key) {
+            return h.clone();
+        }
+        let h = self
+            .0
+            .recorder
+            .register_histogram(&Key::from_parts(name, key.1.clone()), &METADATA);
+        self.0
+            .histograms
+            .write()
+            .expect("metrics lock")
+            .insert(key, h.clone());
+        h
+    }
+
+    /// Gauges are set at scrape time or rarely: no cache.
+    pub(crate) fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        self.0
+            .recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+    }
+
+    // ---- what happens on a call's path
+
+    /// A gRPC call began.
+    pub fn grpc_started(&self, service: &str, method: &str) {
+        self.counter(
+            "grpc_server_started_total",
+            &[("grpc_service", service), ("grpc_method", method)],
+        )
+        .increment(1);
+    }
+
+    /// A gRPC call ended with `code` (its name, e.g. `OK`) after `took`.
+    pub fn grpc_handled(&self, service: &str, method: &str, code: &str, took: Duration) {
+        self.counter(
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", service),
+                ("grpc_method", method),
+                ("grpc_code", code),
+            ],
+        )
+        .increment(1);
+        self.histogram(
+            "grpc_server_handling_seconds",
+            &[("grpc_service", service), ("grpc_method", method)],
+        )
+        .record(took.as_secs_f64());
+    }
+
+    /// A record was handed to the producer.
+    pub fn event_sent(&self) {
+        self.counter("user_service_events_sent_total", &[])
+            .increment(1);
+        self.gauge("user_service_events_in_flight", &[])
+            .increment(1.0);
+    }
+
+    /// The record was acknowledged (`failure` None) or not, after `took`.
+    pub fn event_done(&self, failure: Option<&'static str>, took: Duration) {
+        match failure {
+            None => self
+                .counter("user_service_events_acknowledged_total", &[])
+                .increment(1),
+            Some(class) => self
+                .counter("user_service_events_failed_total", &[("class", class)])
+                .increment(1),
+        }
+        self.gauge("user_service_events_in_flight", &[])
+            .decrement(1.0);
+        self.histogram("user_service_event_ack_seconds", &[])
+            .record(took.as_secs_f64());
+    }
+
+    /// One partition's apply script ran (`applied` users written).
+    pub fn projector_applied(&self, partition: i32, records: usize, applied: u64, took: Duration) {
+        let p = partition.to_string();
+        self.counter(
+            "user_service_projector_events_applied_total",
+            &[("partition", &p)],
+        )
+        .increment(applied);
+        self.histogram("user_service_projector_batch_records", &[])
+            .record(records as f64);
+        self.histogram("user_service_projector_apply_seconds", &[])
+            .record(took.as_secs_f64());
+    }
+
+    /// One Redis call took `took` and succeeded or not.
+    pub fn redis_call(&self, ok: bool, took: Duration) {
+        self.histogram(
+            "user_service_redis_call_seconds",
+            &[("outcome", if ok { "ok" } else { "error" })],
+        )
+        .record(took.as_secs_f64());
+    }
+
+    /// One health probe of `dependency` took `took`.
+    pub fn probe(&self, dependency: &str, up: bool, took: Duration) {
+        self.histogram(
+            "user_service_dependency_probe_seconds",
+            &[("dependency", dependency)],
+        )
+        .record(took.as_secs_f64());
+        self.gauge("user_service_dependency_up", &[("dependency", dependency)])
+            .set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// The gRPC status code's name, as grpc-go and the Prometheus gRPC
+/// middlewares write it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_help_and_types() {
+        let m = Metrics::new();
+        m.grpc_started("user.v1.UserService", "GetUser");
+        m.grpc_handled(
+            "user.v1.UserService",
+            "GetUser",
+            "OK",
+            Duration::from_millis(3),
+        );
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE grpc_server_handled_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP grpc_server_handled_total"), "{text}");
+        assert!(
+            text.contains(
+                "grpc_server_handled_total{grpc_service=\"user.v1.UserService\",grpc_method=\"GetUser\",grpc_code=\"OK\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE grpc_server_handling_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("grpc_server_handling_seconds_bucket{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_metric_is_described_once() {
+        let mut names: Vec<&str> = DESCRIPTIONS.iter().map(|d| d.0).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len());
+    }
+}
