@@ -148,6 +148,17 @@ pub struct Config {
     #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
+    /// The server pings each client connection this often (HTTP/2 PING), so
+    /// a proxy or NAT between sees traffic on a long quiet stream (a
+    /// WatchProgress at a slow interval) and a dead peer is found; the
+    /// clients ping no more often than this (their keepalive time, 30 s).
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A ping unanswered this long closes the connection.
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
     /// Largest request message accepted by the user and progress services,
     /// in bytes; larger ones get OUT_OF_RANGE (tonic's code). A user is a few
     /// hundred bytes.

@@ -308,6 +308,8 @@ impl Application {
             // only until it starts).
             .timeout(config.call_timeout())
             .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
             .layer(GrpcTelemetryLayer::new(metrics.clone()))
             .layer(CatchPanicLayer::custom(on_panic))
             .add_service(HealthService(health.clone()).into_server())
