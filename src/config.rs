@@ -25,6 +25,29 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: MetricsAddr,
 
+    /// The server's certificate chain (PEM): set with `TLS_KEY_FILE`, gRPC is
+    /// served over TLS only; unset, plaintext (local development, or a mesh
+    /// sidecar that terminates TLS). Read again when the file changes.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+
+    /// Set: every client must present a certificate signed by this CA (PEM):
+    /// mutual TLS.
+    #[arg(long, env = "TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
+
+    /// How often the TLS files are checked for a change.
+    #[arg(long, env = "TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// A TLS handshake not done by then is dropped.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
     /// Kafka bootstrap servers, a comma-separated list of host:port.
     #[arg(long, env = "KAFKA_BROKER_URL", default_value = "127.0.0.1:19092")]
     pub kafka_broker_url: String,

@@ -19,7 +19,8 @@
 //! - [`store`]: the Redis adapter, a projection of the log and nothing else:
 //!   the read model (users, request ids) and its checkpoint (the last applied
 //!   offset per partition, rebuilds), written in one atomic step; one server,
-//!   a pool, or behind Sentinel.
+//!   a pool, behind Sentinel, or a Redis Cluster (keys tagged per partition),
+//!   with reads from replicas when asked.
 //! - [`projector`]: the consumer-group loop: resume from the read model's
 //!   checkpoint, fetch, apply to Redis (fenced, idempotently), then store the
 //!   offset for commit.
@@ -32,7 +33,10 @@
 //!   the projector and the dependency probe under one cancellation token.
 //! - [`tasks`]: every task the service starts, tracked and joined at
 //!   shutdown; a panic in any of them stops the service.
-//! - [`telemetry`]: `tracing` set-up (`RUST_LOG`, text or JSON).
+//! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics and
+//!   their `/metrics` endpoint, traces propagated from the call through Kafka
+//!   to the projector.
+//! - [`tls`]: gRPC over TLS or mutual TLS, certificates reloaded on change.
 
 pub mod api;
 pub mod command;
@@ -46,3 +50,4 @@ pub mod startup;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;

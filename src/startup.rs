@@ -73,6 +73,8 @@ pub enum StartupError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("a task panicked ({0}); the service stopped")]
     Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
@@ -149,6 +151,14 @@ impl Application {
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = Metrics::new();
+        // TLS files are read before anything starts: a bad one stops here.
+        let tls = crate::tls::TlsFiles::from_settings(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+            config.tls_client_ca_file.as_deref(),
+        )?
+        .map(crate::tls::ReloadingTls::new)
+        .transpose()?;
 
         let token = CancellationToken::new();
         let tasks = Tasks::new();
@@ -302,8 +312,7 @@ impl Application {
             }
         };
         let max_request = config.max_request_bytes;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let server = Server::builder()
+        let router = Server::builder()
             // Bounds the time a call holds its slot of the budget (a stream
             // only until it starts).
             .timeout(config.call_timeout())
@@ -328,8 +337,31 @@ impl Application {
                         .max_decoding_message_size(max_request)
                         .max_encoding_message_size(MAX_RESPONSE_BYTES),
                 ),
-            )
-            .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+            );
+        let stop = token.clone().cancelled_owned();
+        let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
+            match &tls {
+                None => {
+                    tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
+                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+                }
+                Some(tls) => {
+                    tracing::info!(%addr, mutual = tls.mutual(), "gRPC over TLS");
+                    tasks.spawn(
+                        "TLS reload",
+                        tls.clone().watch(config.tls_reload_interval, token.clone()),
+                    );
+                    let incoming = crate::tls::incoming(
+                        listener,
+                        tls.clone(),
+                        config.tls_handshake_timeout,
+                        token.clone(),
+                        &tasks,
+                    );
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+                }
+            };
         let server = tasks.spawn("gRPC server", server);
         if let Some(listener) = metrics_listener {
             let sources = Sources {

@@ -217,11 +217,16 @@ pub async fn spawn_app_with(config: Config) -> TestApp {
     let handle = app.handle();
     let stop = CancellationToken::new();
     let task = tokio::spawn(app.run_until_stopped(stop.clone().cancelled_owned()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("the server accepts connections");
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    // A TLS server's tests make their own channels; these stay unused.
+    let channel = if config.tls_cert_file.is_some() {
+        endpoint.connect_lazy()
+    } else {
+        endpoint
+            .connect()
+            .await
+            .expect("the server accepts connections")
+    };
     TestApp {
         config,
         addr,

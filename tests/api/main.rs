@@ -19,6 +19,7 @@ mod restart;
 mod sentinel;
 mod shutdown;
 mod stack_round_trip;
+mod tls;
 mod traces;
 mod untrusted;
 mod validation;

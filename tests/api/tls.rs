@@ -1,0 +1,246 @@
+//! gRPC over TLS and mutual TLS, with certificates made here (rcgen): the
+//! right CA gets in, anything else fails the handshake, and a rotated
+//! certificate serves new connections while an open stream goes on.
+
+use crate::helpers::{TestApp, spawn_app_with, test_config, unique, wait_until};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use std::{path::PathBuf, time::Duration};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use user_service::proto::user::v1::{
+    WatchProgressRequest, projection_service_client::ProjectionServiceClient,
+};
+
+/// A CA that signs server and client certificates.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// (certificate PEM, key PEM) for `name`, a server (localhost) or a client.
+    fn leaf(&self, name: &str, server: bool) -> (String, String) {
+        let sans = if server {
+            vec!["localhost".to_owned()]
+        } else {
+            vec![]
+        };
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("tls"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes a file whole at once (rename), as a Secret update does.
+    fn write(&self, name: &str, contents: &str) {
+        let tmp = self.path(&format!(".{name}.tmp"));
+        std::fs::write(&tmp, contents).unwrap();
+        std::fs::rename(&tmp, self.path(name)).unwrap();
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn tls_app(files: &Files, mutual: bool) -> TestApp {
+    let mut config = test_config();
+    config.tls_cert_file = Some(files.path("server.pem"));
+    config.tls_key_file = Some(files.path("server.key"));
+    config.tls_client_ca_file = mutual.then(|| files.path("clients-ca.pem"));
+    config.tls_reload_interval = Duration::from_millis(100);
+    spawn_app_with(config).await
+}
+
+/// A TLS channel trusting `ca`, with a client identity if given.
+async fn connect(
+    app: &TestApp,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{}", app.addr))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn check(channel: Channel) -> Result<(), tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+}
+
+/// Connect and call once: Ok only if both work.
+async fn reaches(app: &TestApp, ca: &str, identity: Option<&(String, String)>) -> bool {
+    match connect(app, ca, identity).await {
+        Ok(channel) => check(channel).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn tls_admits_only_clients_that_trust_its_ca() {
+    let (ca, other) = (Ca::new("service CA"), Ca::new("another CA"));
+    let files = Files::new();
+    let (cert, key) = ca.leaf("user-service", true);
+    files.write("server.pem", &cert);
+    files.write("server.key", &key);
+    // The test's plaintext clients (helpers) cannot reach it: build by hand.
+    let app = tls_app(&files, false).await;
+
+    assert!(reaches(&app, &ca.pem(), None).await, "the right CA gets in");
+    assert!(
+        !reaches(&app, &other.pem(), None).await,
+        "another CA does not"
+    );
+    // Plaintext against a TLS port: no answer.
+    let plain = Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plain {
+        Ok(channel) => check(channel).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "plaintext is refused");
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate_from_its_ca() {
+    let (ca, clients, other) = (
+        Ca::new("server CA"),
+        Ca::new("clients CA"),
+        Ca::new("rogue CA"),
+    );
+    let files = Files::new();
+    let (cert, key) = ca.leaf("user-service", true);
+    files.write("server.pem", &cert);
+    files.write("server.key", &key);
+    files.write("clients-ca.pem", &clients.pem());
+    let app = tls_app(&files, true).await;
+
+    let good = clients.leaf("a client", false);
+    let rogue = other.leaf("a client", false);
+    assert!(
+        reaches(&app, &ca.pem(), Some(&good)).await,
+        "a client of the CA gets in"
+    );
+    assert!(
+        !reaches(&app, &ca.pem(), None).await,
+        "no certificate, no entry"
+    );
+    assert!(
+        !reaches(&app, &ca.pem(), Some(&rogue)).await,
+        "another CA's client does not"
+    );
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_serves_new_connections_and_open_streams_go_on() {
+    let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
+    let files = Files::new();
+    let (cert, key) = old_ca.leaf("user-service", true);
+    files.write("server.pem", &cert);
+    files.write("server.key", &key);
+    let app = tls_app(&files, false).await;
+
+    // A progress stream over the old certificate.
+    let channel = connect(&app, &old_ca.pem(), None).await.expect("old CA");
+    let mut stream = ProjectionServiceClient::new(channel)
+        .watch_progress(WatchProgressRequest {
+            interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("stream opened")
+        .into_inner();
+    stream.message().await.unwrap().expect("a first snapshot");
+
+    // Rotate: a certificate from another CA, key first then certificate.
+    let (cert, key) = new_ca.leaf("user-service", true);
+    files.write("server.key", &key);
+    files.write("server.pem", &cert);
+    wait_until(Duration::from_secs(10), || async {
+        reaches(&app, &new_ca.pem(), None).await
+    })
+    .await
+    .expect("new connections get the new certificate");
+    assert!(
+        !reaches(&app, &old_ca.pem(), None).await,
+        "and no longer the old one"
+    );
+
+    // The stream opened before goes on.
+    for _ in 0..3 {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("a snapshot in time");
+        assert!(next.unwrap().is_some(), "the open stream goes on");
+    }
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_certificate_without_its_key_stops_the_start() {
+    let mut config = test_config();
+    config.tls_cert_file = Some("/nonexistent/server.pem".into());
+    let err = user_service::startup::Application::build(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("TLS_KEY_FILE"), "{err}");
+}
