@@ -71,6 +71,21 @@ pub struct Config {
     #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
     pub redis_cluster_nodes: Vec<String>,
 
+    /// The Redis ACL user (with `REDIS_PASSWORD`); unset, the default user.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// The Redis password. Prefer `REDIS_PASSWORD_FILE` (a mounted secret):
+    /// a value in the environment is seen by whoever can read the process's.
+    /// Never printed: not in `--help`, logs, errors, health or metrics.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub redis_password: Option<secrecy::SecretString>,
+
+    /// A file holding the Redis password (its first line), as container
+    /// platforms mount secrets; wins over `REDIS_PASSWORD`.
+    #[arg(long, env = "REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+
     /// Let GetUser read from replicas (Sentinel's or the cluster's): a
     /// replica answers only what its own checkpoint covers, so a read with a
     /// position still sees its write; off by default (see the README's
@@ -230,6 +245,35 @@ pub enum LogFormat {
     Json,
 }
 
+fn parse_secret(s: &str) -> Result<secrecy::SecretString, String> {
+    Ok(secrecy::SecretString::from(s.to_owned()))
+}
+
+/// A setting that names a file whose contents are a secret: the error names
+/// the setting and the path, never what the file holds.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: cannot read {path}: {source}")]
+pub struct SecretFileError {
+    pub setting: &'static str,
+    pub path: std::path::PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Reads a secret from `path` (its first line, without the newline that
+/// `echo` and most secret stores add).
+pub fn read_secret_file(
+    setting: &'static str,
+    path: &std::path::Path,
+) -> Result<secrecy::SecretString, SecretFileError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| SecretFileError {
+        setting,
+        path: path.to_owned(),
+        source,
+    })?;
+    let line = raw.lines().next().unwrap_or_default();
+    Ok(secrecy::SecretString::from(line.to_owned()))
+}
+
 /// Where the metrics endpoint listens, if anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsAddr {
@@ -317,6 +361,19 @@ impl Config {
     }
 
     /// The Redis URL with a scheme, accepting the Go service's bare `host:port`.
+    /// The Redis credentials: `REDIS_USERNAME` and the password from
+    /// `REDIS_PASSWORD_FILE` or `REDIS_PASSWORD`.
+    pub fn redis_auth(&self) -> Result<crate::store::RedisAuth, SecretFileError> {
+        let password = match &self.redis_password_file {
+            Some(path) => Some(read_secret_file("REDIS_PASSWORD_FILE", path)?),
+            None => self.redis_password.clone(),
+        };
+        Ok(crate::store::RedisAuth {
+            username: self.redis_username.clone(),
+            password,
+        })
+    }
+
     pub fn redis_url(&self) -> String {
         if self.redis_server_url.contains("://") {
             self.redis_server_url.clone()

@@ -75,6 +75,8 @@ pub enum StartupError {
     Server(#[from] tonic::transport::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Secret(#[from] crate::config::SecretFileError),
     #[error("a task panicked ({0}); the service stopped")]
     Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
@@ -164,15 +166,17 @@ impl Application {
         let tasks = Tasks::new();
         let dlq_topic = config.dlq_topic();
 
-        let mut store = RedisStore::new(
+        let auth = config.redis_auth()?;
+        let mut store = RedisStore::with_auth(
             &config.redis_target(),
+            &auth,
             Keys::new(&config.redis_key_prefix, &config.topic),
             config.redis_client,
             config.redis_pool_size,
             config.redis_timeout,
         )?;
         if config.redis_read_from_replicas {
-            store = store.with_replica_reads(&config.redis_target())?;
+            store = store.with_replica_reads(&config.redis_target(), &auth)?;
         }
         let store = store.with_metrics(metrics.clone());
         let store_handle = store.clone();

@@ -29,6 +29,31 @@ pub enum RedisClientKind {
     Shared,
 }
 
+/// The Redis ACL credentials every connection authenticates with (in every
+/// mode); the password never leaves its `SecretString` but to the connection.
+#[derive(Debug, Clone, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password: Option<secrecy::SecretString>,
+}
+
+impl RedisAuth {
+    fn apply(&self, mut redis: redis::RedisConnectionInfo) -> redis::RedisConnectionInfo {
+        use secrecy::ExposeSecret;
+        if let Some(u) = &self.username {
+            redis = redis.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            redis = redis.set_password(p.expose_secret());
+        }
+        redis
+    }
+
+    fn is_set(&self) -> bool {
+        self.username.is_some() || self.password.is_some()
+    }
+}
+
 /// Where Redis is: one server, or the master that Sentinel names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
@@ -76,14 +101,21 @@ impl SentinelSource {
         sentinels: &[String],
         master: &str,
         kind: SentinelServerType,
+        auth: &RedisAuth,
         timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
         let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
+        // The credentials are for the Redis nodes Sentinel names (a sentinel
+        // of its own ACL takes them in its URL).
+        let node = auth.is_set().then(|| {
+            redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(auth.apply(Default::default()))
+        });
         Ok(Self {
             client: tokio::sync::Mutex::new(SentinelClient::build(
                 urls,
                 master.to_owned(),
-                None,
+                node,
                 kind,
             )?),
             current: std::sync::Mutex::new(None),
@@ -207,6 +239,25 @@ impl RedisStore {
         pool_size: u32,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
+        Self::with_auth(
+            target,
+            &RedisAuth::default(),
+            keys,
+            kind,
+            pool_size,
+            timeout,
+        )
+    }
+
+    /// [`RedisStore::new`] with ACL credentials for every connection.
+    pub fn with_auth(
+        target: &RedisTarget,
+        auth: &RedisAuth,
+        keys: Keys,
+        kind: RedisClientKind,
+        pool_size: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let bad = |what: &str, e: redis::RedisError| {
             StoreError::Unavailable(format!("bad Redis {what}: {e}"))
         };
@@ -215,7 +266,15 @@ impl RedisStore {
             RedisTarget::Server(url) => (url.as_str(), None),
             RedisTarget::Cluster(nodes) => {
                 let nodes: Vec<String> = nodes.iter().map(|s| with_scheme(s)).collect();
-                let client = redis::cluster::ClusterClient::builder(nodes)
+                let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                if let Some(u) = &auth.username {
+                    builder = builder.username(u);
+                }
+                if let Some(p) = &auth.password {
+                    use secrecy::ExposeSecret;
+                    builder = builder.password(p.expose_secret());
+                }
+                let client = builder
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .build()
@@ -227,14 +286,23 @@ impl RedisStore {
                 ("redis://127.0.0.1:6379", None)
             }
             RedisTarget::Sentinel { sentinels, master } => {
-                let source =
-                    SentinelSource::new(sentinels, master, SentinelServerType::Master, timeout)
-                        .map_err(|e| bad("Sentinel settings", e))?;
+                let source = SentinelSource::new(
+                    sentinels,
+                    master,
+                    SentinelServerType::Master,
+                    auth,
+                    timeout,
+                )
+                .map_err(|e| bad("Sentinel settings", e))?;
                 // The pool and the shared connection are not used with Sentinel.
                 ("redis://127.0.0.1:6379", Some(Arc::new(source)))
             }
         };
-        let manager = RedisConnectionManager::new(url).map_err(|e| bad("URL", e))?;
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad("URL", e))?;
+        let redis_settings = auth.apply(info.redis_settings().clone());
+        let info = info.set_redis_settings(redis_settings);
+        let manager = RedisConnectionManager::new(info.clone()).map_err(|e| bad("URL", e))?;
         let pool = bb8::Pool::builder()
             .max_size(pool_size)
             // bb8 PINGs each connection it hands out (one more round trip per
@@ -244,7 +312,7 @@ impl RedisStore {
             .build_unchecked(manager);
         let shared = match (kind, &sentinel, &cluster) {
             (RedisClientKind::Shared, None, None) => {
-                let client = redis::Client::open(url).map_err(|e| bad("URL", e))?;
+                let client = redis::Client::open(info).map_err(|e| bad("URL", e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -291,7 +359,11 @@ impl RedisStore {
     /// replica answers only for what it has applied (its own checkpoint says
     /// so), and the master answers what it cannot; a single server has no
     /// replicas to read from, so asking for them there is a setup error.
-    pub fn with_replica_reads(mut self, target: &RedisTarget) -> Result<Self, StoreError> {
+    pub fn with_replica_reads(
+        mut self,
+        target: &RedisTarget,
+        auth: &RedisAuth,
+    ) -> Result<Self, StoreError> {
         self.replicas = Some(Arc::new(match target {
             RedisTarget::Cluster(_) => ReplicaReads::Cluster,
             RedisTarget::Sentinel { sentinels, master } => {
@@ -299,6 +371,7 @@ impl RedisStore {
                     sentinels,
                     master,
                     SentinelServerType::Replica,
+                    auth,
                     self.timeout,
                 )
                 .map_err(|e| {

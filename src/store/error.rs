@@ -17,6 +17,15 @@ pub enum StoreError {
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         use redis::RetryMethod;
+        // Wrong or missing credentials: say which settings, never their values.
+        if matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+            || e.kind() == redis::ErrorKind::AuthenticationFailed
+        {
+            return StoreError::Unavailable(format!(
+                "Redis refused the credentials (check REDIS_USERNAME and REDIS_PASSWORD / REDIS_PASSWORD_FILE): {}",
+                e.code().unwrap_or("authentication failed")
+            ));
+        }
         // The redis crate's own verdict on whether a retry can help (it says
         // "wait and retry" for a Sentinel that knows no master yet, mid-failover).
         let retryable = !matches!(e.retry_method(), RetryMethod::NoRetry);

@@ -23,7 +23,7 @@ mod read_model;
 
 pub use checkpoint::{Checkpoints, Opened, PartitionState};
 pub use checkpoint_watch::{CheckpointWatch, WaitError};
-pub use connection::{RedisClientKind, RedisStore, RedisTarget};
+pub use connection::{RedisAuth, RedisClientKind, RedisStore, RedisTarget};
 pub use error::StoreError;
 pub use keys::Keys;
 pub use read_model::{ApplyOp, ApplyOutcome, ApplyResult, StoredUser};

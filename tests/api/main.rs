@@ -16,6 +16,7 @@ mod progress;
 mod redis_loss;
 mod replica_reads;
 mod restart;
+mod secrets;
 mod sentinel;
 mod shutdown;
 mod stack_round_trip;

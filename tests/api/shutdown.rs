@@ -19,6 +19,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     let (topic, group) = (format!("{name}-users"), format!("{name}-projector"));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
         .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("METRICS_ADDR", "127.0.0.1:0")
         .env("KAFKA_BROKER_URL", kafka_brokers())
         .env("REDIS_SERVER_URL", redis_url())
         .env("KAFKA_TOPIC", &topic)

@@ -324,6 +324,7 @@ mod panics {
         let child = Command::new(env!("CARGO_BIN_EXE_user-service"))
             .env("FAILPOINTS", failpoints)
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env("KAFKA_BROKER_URL", &config.kafka_broker_url)
             .env("REDIS_SERVER_URL", &config.redis_server_url)
             .env("KAFKA_TOPIC", &config.topic)
