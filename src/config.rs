@@ -86,6 +86,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<std::path::PathBuf>,
 
+    /// The CA (PEM) that signs the Redis servers' certificates, for
+    /// `rediss://` URLs (one server or Cluster nodes); unset, the system's
+    /// trust store.
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<std::path::PathBuf>,
+
     /// Let GetUser read from replicas (Sentinel's or the cluster's): a
     /// replica answers only what its own checkpoint covers, so a read with a
     /// position still sees its write; off by default (see the README's
@@ -368,9 +374,18 @@ impl Config {
             Some(path) => Some(read_secret_file("REDIS_PASSWORD_FILE", path)?),
             None => self.redis_password.clone(),
         };
+        let tls_ca = match &self.redis_tls_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| SecretFileError {
+                setting: "REDIS_TLS_CA_FILE",
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
         Ok(crate::store::RedisAuth {
             username: self.redis_username.clone(),
             password,
+            tls_ca,
         })
     }
 

@@ -35,6 +35,9 @@ pub enum RedisClientKind {
 pub struct RedisAuth {
     pub username: Option<String>,
     pub password: Option<secrecy::SecretString>,
+    /// The CA (PEM) that signs the servers' certificates, for `rediss://`;
+    /// `None`: the system's trust store.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl RedisAuth {
@@ -51,6 +54,13 @@ impl RedisAuth {
 
     fn is_set(&self) -> bool {
         self.username.is_some() || self.password.is_some()
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: self.tls_ca.clone(),
+        }
     }
 }
 
@@ -266,7 +276,11 @@ impl RedisStore {
             RedisTarget::Server(url) => (url.as_str(), None),
             RedisTarget::Cluster(nodes) => {
                 let nodes: Vec<String> = nodes.iter().map(|s| with_scheme(s)).collect();
+                let tls = nodes.iter().any(|n| n.starts_with("rediss://"));
                 let mut builder = redis::cluster::ClusterClient::builder(nodes);
+                if tls {
+                    builder = builder.certs(auth.certificates());
+                }
                 if let Some(u) = &auth.username {
                     builder = builder.username(u);
                 }
@@ -301,7 +315,14 @@ impl RedisStore {
         let info =
             redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad("URL", e))?;
         let redis_settings = auth.apply(info.redis_settings().clone());
-        let info = info.set_redis_settings(redis_settings);
+        let mut info = info.set_redis_settings(redis_settings);
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            // rediss://: the connection info then carries the trust roots.
+            info = redis::Client::build_with_tls(info, auth.certificates())
+                .map_err(|e| bad("TLS settings", e))?
+                .get_connection_info()
+                .clone();
+        }
         let manager = RedisConnectionManager::new(info.clone()).map_err(|e| bad("URL", e))?;
         let pool = bb8::Pool::builder()
             .max_size(pool_size)

@@ -12,7 +12,8 @@ use user_service::proto::user::v1::{
     CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient,
 };
 
-/// A redis-server whose only user is `svc` with `password`.
+/// A redis-server whose only user is `svc` with `password`; over TLS only
+/// when given the certificate files (server cert, key).
 struct AclRedis {
     port: u16,
     child: std::process::Child,
@@ -20,11 +21,34 @@ struct AclRedis {
 
 impl AclRedis {
     fn start(password: &str) -> Self {
+        Self::start_with(password, None)
+    }
+
+    fn start_with(
+        password: &str,
+        tls: Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+    ) -> Self {
         let port = free_port();
+        let mut listen = vec!["--port".to_owned(), port.to_string()];
+        if let Some((cert, key, ca)) = tls {
+            listen = vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                ca.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ];
+        }
         let child = std::process::Command::new("redis-server")
+            .args(&listen)
             .args([
-                "--port",
-                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -228,4 +252,64 @@ async fn reqwest_like_get(port: u16) -> String {
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).await.unwrap();
     String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test]
+async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
+    use crate::tls::{Ca, Files};
+    let (ca, other) = (Ca::new("redis CA"), Ca::new("another CA"));
+    let files = Files::new();
+    let (cert, key) = ca.leaf("redis", true);
+    files.write("redis.pem", &cert);
+    files.write("redis.key", &key);
+    files.write("ca.pem", &ca.pem());
+    files.write("other-ca.pem", &other.pem());
+    let secret = format!("tls-{}", unique("pw"));
+    let redis = AclRedis::start_with(
+        &secret,
+        Some((
+            &files.path("redis.pem"),
+            &files.path("redis.key"),
+            &files.path("ca.pem"),
+        )),
+    );
+
+    let config_with = |ca_file: &str| {
+        let mut c = crate::helpers::test_config();
+        c.redis_cluster_nodes.clear(); // its own Redis, in every mode
+        c.redis_server_url = format!("rediss://127.0.0.1:{}", redis.port);
+        c.redis_username = Some("svc".into());
+        c.redis_password = Some(secrecy::SecretString::from(secret.clone()));
+        c.redis_tls_ca_file = Some(files.path(ca_file));
+        c
+    };
+    // The right CA: the read model over TLS, a create and its read.
+    let app = crate::helpers::spawn_app_with(config_with("ca.pem")).await;
+    app.wait_health(ServingStatus::Serving).await;
+    let created = app
+        .create_req(CreateUserRequest {
+            name: "Over TLS".into(),
+            email: "tls@example.com".into(),
+            request_id: unique("req"),
+            ..Default::default()
+        })
+        .await
+        .expect("created over TLS");
+    let user = created.user.unwrap();
+    let got = app
+        .get_at(user.id, created.position, Duration::from_secs(10))
+        .await
+        .expect("read over TLS");
+    assert_eq!(got, user);
+    app.stop().await.expect("clean stop");
+
+    // A CA that did not sign Redis's certificate: never SERVING.
+    let app = crate::helpers::spawn_app_with(config_with("other-ca.pem")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // several probes
+    assert_eq!(
+        app.health_status("").await.unwrap(),
+        ServingStatus::NotServing,
+        "an untrusted Redis certificate is refused"
+    );
+    app.stop().await.expect("clean stop");
 }

@@ -15,12 +15,12 @@ use user_service::proto::user::v1::{
 };
 
 /// A CA that signs server and client certificates.
-struct Ca {
+pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -29,14 +29,15 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub fn pem(&self) -> String {
         self.issuer.pem()
     }
 
-    /// (certificate PEM, key PEM) for `name`, a server (localhost) or a client.
-    fn leaf(&self, name: &str, server: bool) -> (String, String) {
+    /// (certificate PEM, key PEM) for `name`, a server (localhost,
+    /// 127.0.0.1) or a client.
+    pub fn leaf(&self, name: &str, server: bool) -> (String, String) {
         let sans = if server {
-            vec!["localhost".to_owned()]
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
         } else {
             vec![]
         };
@@ -53,23 +54,23 @@ impl Ca {
     }
 }
 
-struct Files {
+pub struct Files {
     dir: PathBuf,
 }
 
 impl Files {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let dir = std::env::temp_dir().join(unique("tls"));
         std::fs::create_dir_all(&dir).unwrap();
         Self { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// Writes a file whole at once (rename), as a Secret update does.
-    fn write(&self, name: &str, contents: &str) {
+    pub fn write(&self, name: &str, contents: &str) {
         let tmp = self.path(&format!(".{name}.tmp"));
         std::fs::write(&tmp, contents).unwrap();
         std::fs::rename(&tmp, self.path(name)).unwrap();
