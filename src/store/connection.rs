@@ -122,12 +122,7 @@ impl SentinelSource {
                 .set_redis_connection_info(auth.apply(Default::default()))
         });
         Ok(Self {
-            client: tokio::sync::Mutex::new(SentinelClient::build(
-                urls,
-                master.to_owned(),
-                node,
-                kind,
-            )?),
+            client: tokio::sync::Mutex::new(SentinelClient::build(urls, master, node, kind)?),
             current: std::sync::Mutex::new(None),
             timeout,
         })
