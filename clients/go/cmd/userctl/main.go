@@ -5,16 +5,15 @@
 //	userctl [-addr HOST:PORT] progress [-interval 1s] [-count N]
 //	userctl [-addr HOST:PORT] health [-service S]
 //
-// The address defaults to $USER_SERVICE_ADDR, else 127.0.0.1:50051. Calls that
-// fail with UNAVAILABLE are retried (see userclient.ServiceConfig). Exit
-// status: 0 on success, 1 when a call fails (or health is not SERVING), 2 on
-// bad usage.
+// The address defaults to $USER_SERVICE_ADDR, else 127.0.0.1:50051. Calls are
+// retried per userclient.ServiceConfig; create sends a fresh UUID as its
+// request id unless -request-id is given; progress reopens its stream when an
+// instance drains or the connection drops. Exit status: 0 on success, 1 when a
+// call fails (or health is not SERVING), 2 on bad usage.
 package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -25,7 +24,9 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -152,7 +153,7 @@ func cmdCreate(ctx context.Context, c *userclient.Client, args []string, stdout,
 	name := fs.String("name", "", "the user's name (required)")
 	email := fs.String("email", "", "the user's email (required)")
 	id := fs.Int64("id", 0, "a client-chosen id (default: the service assigns one)")
-	requestID := fs.String("request-id", "", "idempotency key (default: a random one, so that retries are safe)")
+	requestID := fs.String("request-id", "", "idempotency key (default: a fresh UUID, so that retries are safe)")
 	timeout := fs.Duration("timeout", 10*time.Second, "deadline of the call, retries included")
 	if err := parse(fs, args, stderr); err != nil {
 		return err
@@ -164,21 +165,22 @@ func cmdCreate(ctx context.Context, c *userclient.Client, args []string, stdout,
 			req.Id = id
 		}
 	})
-	if req.RequestId == "" {
-		// The retry policy may resend the call after UNAVAILABLE; with a
-		// request id the service answers a resent call without a second user.
-		req.RequestId = "userctl-" + randomHex(12)
-	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	resp, err := c.Users.CreateUser(ctx, req)
+	// Without -request-id the client sends a fresh UUID, the same on every
+	// retry; it is printed so that the create can be rerun with it.
+	var sent string
+	resp, err := c.Users.CreateUser(ctx, req, userclient.ReportRequestID(&sent))
 	if err != nil {
+		if sent != "" && outcomeUnknown(err) {
+			fmt.Fprintf(stderr, "userctl: the user may have been created; rerun with -request-id %s to retry safely\n", sent)
+		}
 		return err
 	}
 	printUser(stdout, resp.GetUser())
 	p := resp.GetPosition()
 	fmt.Fprintf(stdout, "position: partition=%d offset=%d\n", p.GetPartition(), p.GetOffset())
-	fmt.Fprintf(stdout, "request_id: %s\n", req.RequestId)
+	fmt.Fprintf(stdout, "request_id: %s\n", sent)
 	return nil
 }
 
@@ -225,33 +227,43 @@ func cmdProgress(ctx context.Context, c *userclient.Client, args []string, stdou
 	if *count < 0 {
 		return usageError(fs, stderr, "-count must not be negative")
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel() // ends the stream when -count is reached
-	stream, err := c.Projection.WatchProgress(ctx, &userv1.WatchProgressRequest{
-		Group:    *group,
-		Topic:    *topic,
-		Interval: durationpb.New(*interval),
-	})
-	if err != nil {
-		return err
-	}
+	req := &userv1.WatchProgressRequest{Group: *group, Topic: *topic, Interval: durationpb.New(*interval)}
 	fmt.Fprintf(stdout, "%-12s %9s %10s %10s %8s %-8s %s\n",
 		"TIME", "PARTITION", "COMMITTED", "LOG_END", "LAG", "STATUS", "OWNER")
-	for n := 0; *count == 0 || n < *count; n++ {
-		resp, err := stream.Recv()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil // the service ended the stream (it is shutting down)
+	// The stream outlives a drain, a restart or a dropped connection: it is
+	// reopened, and a snapshot already printed is not printed again.
+	w := userclient.ProgressWatcher{
+		Client:  c.Projection,
+		Request: req,
+		OnResume: func(cause error, wait time.Duration) {
+			why := "the service ended it"
+			if !errors.Is(cause, io.EOF) {
+				why = userclient.Describe(cause)
 			}
-			if ctx.Err() != nil {
-				return nil // interrupted
-			}
-			return err
-		}
-		printSnapshot(stdout, resp.GetSnapshot())
+			fmt.Fprintf(stderr, "userctl: progress stream ended (%s); reopening in %v\n", why, wait.Round(time.Millisecond))
+		},
 	}
-	return nil
+	n := 0
+	err := w.Run(ctx, func(s *userv1.ProgressSnapshot) error {
+		printSnapshot(stdout, s)
+		n++
+		if *count > 0 && n >= *count {
+			return errEnough
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, errEnough):
+		return nil
+	case ctx.Err() != nil:
+		return nil // interrupted
+	default:
+		return err
+	}
 }
+
+// errEnough stops the progress watch once -count snapshots are printed.
+var errEnough = errors.New("enough snapshots")
 
 func cmdHealth(ctx context.Context, c *userclient.Client, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("health", flag.ContinueOnError)
@@ -310,8 +322,12 @@ func formatTime(t *timestamppb.Timestamp, layout string) string {
 	return t.AsTime().Local().Format(layout)
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // never fails (crypto/rand panics instead)
-	return hex.EncodeToString(b)
+// outcomeUnknown: the create may have reached the log although the call
+// failed, so only a retry with the same request id is safe.
+func outcomeUnknown(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Aborted, codes.Canceled:
+		return true
+	}
+	return false
 }

@@ -31,6 +31,8 @@ func userctl(t *testing.T, args ...string) (code int, stdout, stderr string) {
 var (
 	idLine       = regexp.MustCompile(`(?m)^id: (\d+)$`)
 	positionLine = regexp.MustCompile(`(?m)^position: partition=(\d+) offset=(\d+)$`)
+	// Without -request-id the client sends a fresh UUID.
+	uuidRequestID = regexp.MustCompile(`(?m)^request_id: [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`)
 )
 
 func TestCreateThenGet(t *testing.T) {
@@ -40,7 +42,7 @@ func TestCreateThenGet(t *testing.T) {
 		t.Fatalf("create: exit %d\n%s%s", code, out, errOut)
 	}
 	id, pos := idLine.FindStringSubmatch(out), positionLine.FindStringSubmatch(out)
-	if id == nil || pos == nil || !strings.Contains(out, "request_id: userctl-") {
+	if id == nil || pos == nil || !uuidRequestID.MatchString(out) {
 		t.Fatalf("create printed:\n%s", out)
 	}
 	code, got, errOut := userctl(t, "get", "-id", id[1], "-partition", pos[1], "-offset", pos[2])
@@ -62,7 +64,7 @@ func TestCreateWithIDAndRequestID(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("create: exit %d\n%s", code, errOut)
 	}
-	if !strings.Contains(first, "id: "+itoa(id)+"\n") {
+	if !strings.Contains(first, "id: "+itoa(id)+"\n") || !strings.Contains(first, "request_id: ctl-"+u+"\n") {
 		t.Fatalf("create printed:\n%s", first)
 	}
 	// A retry with the request id prints the same answer.
@@ -139,6 +141,40 @@ func TestProgress(t *testing.T) {
 	code, _, errOut = userctl(t, "progress", "-interval", "50ms", "-count", "1")
 	if code != 1 || !strings.Contains(errOut, "InvalidArgument") || !strings.Contains(errOut, "\n  interval: ") {
 		t.Fatalf("bad interval: exit %d, stderr %q", code, errOut)
+	}
+}
+
+// TestProgressResumes: `progress` goes on when its connection is cut
+// (through a proxy), and prints no snapshot twice.
+func TestProgressResumes(t *testing.T) {
+	p := testenv.NewProxy(t, testenv.Addr(t))
+	go func() {
+		time.Sleep(700 * time.Millisecond) // a few snapshots in
+		p.Cut()
+	}()
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	code := run(ctx, []string{"-addr", p.Addr(), "progress", "-interval", "200ms", "-count", "8"}, &out, &errOut)
+	if code != 0 {
+		t.Fatalf("exit %d\n%s%s", code, out.String(), errOut.String())
+	}
+	if !strings.Contains(errOut.String(), "progress stream ended (Unavailable: ") || !strings.Contains(errOut.String(), "reopening in ") {
+		t.Fatalf("stderr %q does not say the stream was reopened", errOut.String())
+	}
+	n := testenv.Partitions(t)
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")[1:]
+	if len(lines) != 8*n {
+		t.Fatalf("want 8 snapshots of %d partitions, got:\n%s", n, out.String())
+	}
+	var times []string
+	for i := 0; i < len(lines); i += n {
+		times = append(times, strings.Fields(lines[i])[0])
+	}
+	for i := 1; i < len(times); i++ {
+		if times[i] == times[i-1] {
+			t.Fatalf("the snapshot of %s printed twice (snapshots at %v)", times[i], times)
+		}
 	}
 }
 

@@ -1,9 +1,9 @@
 //go:build sidecar
 
-// Package sidecartest drives the service through an nginx sidecar during a
-// rolling restart. It runs only under scripts/check-sidecar, which starts the
-// instances and the proxies and sets the environment; `go test ./...` leaves it
-// out (build tag `sidecar`).
+// Package sidecartest drives the service through a proxy (nginx or HAProxy)
+// during a rolling restart. It runs only under scripts/check-sidecar, which
+// starts the instances and the proxies and sets the environment; `go test
+// ./...` leaves it out (build tag `sidecar`).
 package sidecartest
 
 import (
@@ -36,10 +36,12 @@ func env(t *testing.T, name string) string {
 	return v
 }
 
-// attempts counts the attempts of calls (a call that the retry policy
-// retried makes several) and those that ended in an error: errors the caller
-// does not see when a later attempt succeeds.
-type attempts struct{ started, failed atomic.Int64 }
+// attempts counts what the caller does not see: the calls made (an
+// interceptor, once per call) and their attempts (the stats handler, once per
+// attempt), so attempts - calls is how many retries grpc-go made; transparent
+// ones (a refused stream, a GOAWAY) are counted apart from the retry policy's.
+// Attempts that ended in an error count as failed attempts.
+type attempts struct{ calls, started, transparent, failed atomic.Int64 }
 
 func (*attempts) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
 
@@ -47,6 +49,9 @@ func (a *attempts) HandleRPC(_ context.Context, s stats.RPCStats) {
 	switch s := s.(type) {
 	case *stats.Begin:
 		a.started.Add(1)
+		if s.IsTransparentRetryAttempt {
+			a.transparent.Add(1)
+		}
 	case *stats.End:
 		if s.Error != nil && status.Code(s.Error) != codes.Canceled {
 			a.failed.Add(1)
@@ -57,6 +62,23 @@ func (a *attempts) HandleRPC(_ context.Context, s stats.RPCStats) {
 func (*attempts) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
 
 func (*attempts) HandleConn(context.Context, stats.ConnStats) {}
+
+// options: the stats handler and the interceptors that count calls.
+func (a *attempts) options() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithStatsHandler(a),
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any,
+			cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			a.calls.Add(1)
+			return invoker(ctx, method, req, reply, cc, opts...)
+		}),
+		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+			method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+			a.calls.Add(1)
+			return streamer(ctx, desc, cc, method, opts...)
+		}),
+	}
+}
 
 // dial connects the way a caller of the Go client does: userclient.Dial, with
 // the client's retry policy (UNAVAILABLE is retried; CreateUser carries a
@@ -72,14 +94,20 @@ func dial(t *testing.T, addr string, opts ...grpc.DialOption) *userclient.Client
 }
 
 // TestRollingRestartBehindSidecar keeps creating and reading users and
-// watching progress through the sidecar while scripts/check-sidecar starts a
-// second instance and SIGTERMs the first. No call may fail as its caller sees
-// it (after the Go client's retry policy), whatever its code, and the drained
-// instance must have said NOT_SERVING on its health Watch before the stream
-// closed. A progress stream that the drained instance ends cleanly (EOF) is
-// reopened; that is not a failure.
+// watching progress through the sidecar (SIDECAR_PROXY names it: nginx or
+// haproxy) while scripts/check-sidecar starts another instance and SIGTERMs
+// the one it replaces. No call may fail as its caller sees it (after grpc-go's
+// transparent retries and the Go client's retry policy), whatever its code;
+// the retries are counted and reported, not failures. The drained instance
+// must have said NOT_SERVING on its health Watch before the stream closed. A
+// progress stream that the drained instance ends cleanly (EOF) is reopened;
+// that is not a failure.
 func TestRollingRestartBehindSidecar(t *testing.T) {
 	sidecar := env(t, "SIDECAR_ADDR")
+	proxy := os.Getenv("SIDECAR_PROXY")
+	if proxy == "" {
+		proxy = "sidecar"
+	}
 	drained := env(t, "DRAINED_ADDR")
 	rolledFile := env(t, "ROLLED_FILE")
 	readyFile := env(t, "READY_FILE")
@@ -109,7 +137,7 @@ func TestRollingRestartBehindSidecar(t *testing.T) {
 	}()
 
 	var tries attempts
-	client := dial(t, sidecar, grpc.WithStatsHandler(&tries))
+	client := dial(t, sidecar, tries.options()...)
 	users, progress := client.Users, client.Projection
 
 	// The topic's partition count, as the service reads it from Kafka's
@@ -221,9 +249,13 @@ func TestRollingRestartBehindSidecar(t *testing.T) {
 		t.Fatalf("the restart never finished")
 	}
 	seen := <-watchDone
-	t.Logf("%d calls, %d failed; %d attempts, %d of them failed and were retried by the client; "+
+	retries := tries.started.Load() - tries.calls.Load()
+	// One line scripts/check-sidecar picks up for its summary.
+	t.Logf("RESULT %s: %d calls, %d failed as the caller sees them; %d attempts: %d retries "+
+		"(%d transparent, %d by the retry policy), %d attempts failed; "+
 		"%d progress snapshots of %d partitions, %d stream reopenings; drained instance's health: %v",
-		calls.Load(), len(failed), tries.started.Load(), tries.failed.Load(),
+		proxy, calls.Load(), len(failed), tries.started.Load(), retries,
+		tries.transparent.Load(), retries-tries.transparent.Load(), tries.failed.Load(),
 		snapshots.Load(), partitions, reopened.Load(), seen)
 	for _, err := range failed {
 		t.Errorf("a call failed: %v", err)
@@ -246,7 +278,8 @@ func TestRollingRestartBehindSidecar(t *testing.T) {
 // no call fails.
 func TestGoawayIsRetried(t *testing.T) {
 	addr := env(t, "GOAWAY_SIDECAR_ADDR")
-	health := dial(t, addr).Health
+	var tries attempts
+	health := dial(t, addr, tries.options()...).Health
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -265,6 +298,10 @@ func TestGoawayIsRetried(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+	retries := tries.started.Load() - tries.calls.Load()
+	t.Logf("RESULT nginx GOAWAY every 1,000 calls: %d calls, %d failed as the caller sees them; "+
+		"%d retries (%d transparent, %d by the retry policy)", tries.calls.Load(), failed.Load(),
+		retries, tries.transparent.Load(), retries-tries.transparent.Load())
 	if failed.Load() > 0 {
 		t.Fatalf("%d of 2560 calls failed across nginx's GOAWAYs; first: %v", failed.Load(), firstErr.Load())
 	}
