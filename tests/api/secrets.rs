@@ -93,6 +93,16 @@ fn start(redis: &AclRedis, password_env: Option<&str>, password_file: Option<&Pa
     let log = std::env::temp_dir().join(format!("{name}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+    // Its own Redis, whatever mode the suite runs in (the cluster pass sets
+    // REDIS_CLUSTER_URLS, which would win).
+    for inherited in [
+        "REDIS_CLUSTER_URLS",
+        "REDIS_SENTINEL_URLS",
+        "REDIS_PASSWORD",
+        "REDIS_PASSWORD_FILE",
+    ] {
+        cmd.env_remove(inherited);
+    }
     cmd.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
         .env("KAFKA_BROKER_URL", kafka_brokers())
