@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+
 import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2
+from fakes import AioRecorder
 from support import TIMEOUT, unique_email
 
 import userservice_client as usc
@@ -62,3 +66,56 @@ async def test_aio_invalid_argument_with_details(aio_channel):
     err = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [field for field, _ in usc.field_violations(err)] == ["name", "email"]
+
+
+async def test_aio_create_without_request_id_gets_one_and_its_replay_is_the_same_user(addr):
+    rec = AioRecorder()
+    async with usc.connect_aio(addr, interceptors=[rec]) as ch:
+        users = usc.UserServiceStub(ch)
+        email = unique_email("mary-aio")
+        bare = user_pb2.CreateUserRequest(name="Mary Jackson", email=email)
+        first = await users.CreateUser(bare, timeout=TIMEOUT)
+        assert bare.request_id == ""
+        chosen = rec.requests[-1].request_id
+        assert uuid.UUID(chosen).version == 4
+
+        replay = await users.CreateUser(
+            user_pb2.CreateUserRequest(name="Mary Jackson", email=email, request_id=chosen), timeout=TIMEOUT
+        )
+        assert rec.requests[-1].request_id == chosen
+        assert replay.user == first.user
+        assert replay.position == first.position
+
+        other = await users.CreateUser(
+            user_pb2.CreateUserRequest(name="Mary Jackson", email=unique_email("mary-aio")), timeout=TIMEOUT
+        )
+        assert rec.requests[-1].request_id not in ("", chosen)
+        assert other.user.id != first.user.id
+
+
+async def test_aio_balanced_channel_on_the_live_service(addr):
+    async with usc.connect_aio(f"dns:///{addr}", balanced=True) as ch:
+        users = usc.UserServiceStub(ch)
+        created = await users.CreateUser(
+            user_pb2.CreateUserRequest(name="Dorothy Vaughan", email=unique_email(), request_id=usc.new_request_id()),
+            timeout=TIMEOUT,
+        )
+        got = await users.GetUser(
+            user_pb2.GetUserRequest(id=created.user.id, min_position=created.position), timeout=TIMEOUT
+        )
+        assert got.user == created.user
+
+
+async def test_aio_watch_progress_helper_on_the_live_service(aio_channel, partitions):
+    interval = duration_pb2.Duration()
+    interval.FromMilliseconds(200)
+    times = []
+    async with contextlib.aclosing(
+        usc.watch_progress_aio(aio_channel, projection_pb2.WatchProgressRequest(interval=interval))
+    ) as snapshots:
+        async for snapshot in snapshots:
+            assert len(snapshot.partitions) == partitions
+            times.append(snapshot.time.ToNanoseconds())
+            if len(times) == 4:
+                break
+    assert times == sorted(set(times)), times

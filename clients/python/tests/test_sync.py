@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
+from fakes import Recorder
 from support import TIMEOUT, random_id, unique_email
 
 import userservice_client as usc
@@ -121,6 +122,46 @@ def test_retry_with_request_id_is_idempotent(users):
     assert [f for f, _ in usc.field_violations(err)] == ["request_id"]
 
 
+def test_create_without_request_id_gets_one_and_its_replay_is_the_same_user(addr):
+    rec = Recorder()  # runs after the client's interceptor: sees the id it chose
+    with usc.connect(addr, interceptors=[rec]) as ch:
+        users = usc.UserServiceStub(ch)
+        email = unique_email("mary")
+        bare = user_pb2.CreateUserRequest(name="Mary Jackson", email=email)
+        first = users.CreateUser(bare, timeout=TIMEOUT)
+        assert bare.request_id == ""  # the caller's message is left alone
+        chosen = rec.requests[-1].request_id
+        assert uuid.UUID(chosen).version == 4
+
+        # What a retry of that call sends: the same fields, the same id.
+        replay = users.CreateUser(
+            user_pb2.CreateUserRequest(name="Mary Jackson", email=email, request_id=chosen), timeout=TIMEOUT
+        )
+        assert rec.requests[-1].request_id == chosen
+        assert replay.user == first.user
+        assert replay.position == first.position
+
+        # Another call without one gets another id: another user.
+        other = users.CreateUser(
+            user_pb2.CreateUserRequest(name="Mary Jackson", email=unique_email("mary")), timeout=TIMEOUT
+        )
+        assert rec.requests[-1].request_id not in ("", chosen)
+        assert other.user.id != first.user.id
+
+
+def test_balanced_channel_on_the_live_service(addr):
+    with usc.connect(f"dns:///{addr}", balanced=True) as ch:
+        users = usc.UserServiceStub(ch)
+        created = users.CreateUser(
+            user_pb2.CreateUserRequest(name="Dorothy Vaughan", email=unique_email(), request_id=usc.new_request_id()),
+            timeout=TIMEOUT,
+        )
+        got = users.GetUser(
+            user_pb2.GetUserRequest(id=created.user.id, min_position=created.position), timeout=TIMEOUT
+        )
+        assert got.user == created.user
+
+
 def test_get_at_a_position_past_the_log_end_is_out_of_range(users):
     created = users.CreateUser(
         user_pb2.CreateUserRequest(name="Waiter", email=unique_email()), timeout=TIMEOUT
@@ -188,6 +229,18 @@ def test_watch_progress_streams_snapshots_and_cancels(progress, partitions):
     with pytest.raises(grpc.RpcError) as info:
         next(stream)
     assert info.value.code() == grpc.StatusCode.CANCELLED
+
+
+def test_watch_progress_helper_on_the_live_service(progress, partitions):
+    snapshots = usc.watch_progress(progress, projection_pb2.WatchProgressRequest(interval=_ms(200)))
+    times = []
+    for snapshot in snapshots:
+        _check_snapshot(snapshot, partitions)
+        times.append(snapshot.time.ToNanoseconds())
+        if len(times) == 4:
+            break
+    snapshots.close()
+    assert times == sorted(set(times)), times
 
 
 def _snapshot_times(stream, n: int) -> list:
