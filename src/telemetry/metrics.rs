@@ -12,11 +12,7 @@
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 /// Latency buckets, in seconds: from a fast Redis call to a call that hit
 /// the service's longest wait.
@@ -220,9 +216,6 @@ pub struct Metrics(Arc<Inner>);
 struct Inner {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// Handles by name and labels, so a hot path does not rebuild its key.
-    counters: RwLock<HashMap<(&'static str, Vec<Label>), Counter>>,
-    histograms: RwLock<HashMap<(&'static str, Vec<Label>), Histogram>>,
 }
 
 impl Default for Metrics {
@@ -266,12 +259,7 @@ impl Metrics {
             }
         }
         let handle = recorder.handle();
-        Self(Arc::new(Inner {
-            recorder,
-            handle,
-            counters: RwLock::default(),
-            histograms: RwLock::default(),
-        }))
+        Self(Arc::new(Inner { recorder, handle }))
     }
 
     /// The exposition, in Prometheus' text format.
@@ -286,25 +274,12 @@ impl Metrics {
         self.0.handle.run_upkeep();
     }
 
+    // The recorder's own registry finds a series by its key: a handle is
+    // looked up there each time, no cache of ours on top.
     pub(crate) fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
-        let labels: Vec<Label> = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.to_string()))
-            .collect();
-        let key = (name, labels);
-        if let Some(c) = self.0.counters.read().expect("metrics lock").get(&key) {
-            return c.clone();
-        }
-        let c = self
-            .0
-            .recorder
-            .register_counter(&Key::from_parts(name, key.1.clone()), &METADATA);
         self.0
-            .counters
-            .write()
-            .expect("metrics lock")
-            .insert(key, c.clone());
-        c
+            .recorder
+            .register_counter(&key(name, labels), &METADATA)
     }
 
     pub(crate) fn histogram(
@@ -312,35 +287,15 @@ impl Metrics {
         name: &'static str,
         labels: &[(&'static str, &str)],
     ) -> Histogram {
-        let labels: Vec<Label> = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.to_string()))
-            .collect();
-        let key = (name, labels);
-        if let Some(h) = self.0.histograms.read().expect("metrics lock").get(&key) {
-            return h.clone();
-        }
-        let h = self
-            .0
-            .recorder
-            .register_histogram(&Key::from_parts(name, key.1.clone()), &METADATA);
         self.0
-            .histograms
-            .write()
-            .expect("metrics lock")
-            .insert(key, h.clone());
-        h
+            .recorder
+            .register_histogram(&key(name, labels), &METADATA)
     }
 
-    /// Gauges are set at scrape time or rarely: no cache.
     pub(crate) fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
-        let labels: Vec<Label> = labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.to_string()))
-            .collect();
         self.0
             .recorder
-            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+            .register_gauge(&key(name, labels), &METADATA)
     }
 
     // ---- what happens on a call's path
@@ -429,6 +384,14 @@ impl Metrics {
         self.gauge("user_service_dependency_up", &[("dependency", dependency)])
             .set(if up { 1.0 } else { 0.0 });
     }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.to_string()))
+        .collect();
+    Key::from_parts(name, labels)
 }
 
 /// The gRPC status code's name, as grpc-go and the Prometheus gRPC

@@ -646,8 +646,12 @@ pub fn free_port() -> u16 {
 
 /// The service's `/metrics`, as Prometheus would scrape it (plain HTTP/1.1).
 pub async fn scrape(app: &TestApp) -> String {
+    scrape_at(app.handle.metrics_addr.expect("the metrics endpoint is on")).await
+}
+
+/// `/metrics` at `addr` (a service of the test's own, or another process).
+pub async fn scrape_at(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = app.handle.metrics_addr.expect("the metrics endpoint is on");
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .await

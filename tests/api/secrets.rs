@@ -203,7 +203,7 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
     });
     read.set_timeout(Duration::from_secs(10));
     users.get_user(read).await.expect("read back");
-    let scrape = reqwest_like_get(good.metrics_port).await;
+    let scrape = crate::helpers::scrape_at(([127, 0, 0, 1], good.metrics_port).into()).await;
     assert!(
         scrape.contains("user_service_dependency_up"),
         "a real scrape"
@@ -248,20 +248,6 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
     }
     assert!(good_log.lines().count() > 10, "the service did log");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// GET /metrics over plain HTTP/1.1.
-async fn reqwest_like_get(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw).await.unwrap();
-    String::from_utf8_lossy(&raw).into_owned()
 }
 
 #[tokio::test]
