@@ -5,6 +5,7 @@
 //! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
 //! that `scripts/stack up` starts.
 
+use crate::kafka::{KafkaLink, SaslMechanism, SecurityProtocol};
 use crate::store::{RedisClientKind, RedisTarget};
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, time::Duration};
@@ -51,6 +52,34 @@ pub struct Config {
     /// Kafka bootstrap servers, a comma-separated list of host:port.
     #[arg(long, env = "KAFKA_BROKER_URL", default_value = "127.0.0.1:19092")]
     pub kafka_broker_url: String,
+
+    /// How the brokers are reached: `plaintext` (local development),
+    /// `ssl`, `sasl_plaintext` or `sasl_ssl` (credentials over TLS).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_enum, ignore_case = true, default_value_t = SecurityProtocol::Plaintext)]
+    pub kafka_security_protocol: SecurityProtocol,
+
+    /// The SASL mechanism for `sasl_*` protocols.
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_enum, ignore_case = true, default_value_t = SaslMechanism::ScramSha512)]
+    pub kafka_sasl_mechanism: SaslMechanism,
+
+    /// The SASL user for `sasl_*` protocols.
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+
+    /// The SASL password. Prefer `KAFKA_SASL_PASSWORD_FILE`. Never printed:
+    /// not in `--help`, logs, errors, health or metrics.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub kafka_sasl_password: Option<secrecy::SecretString>,
+
+    /// A file holding the SASL password (its first line); wins over
+    /// `KAFKA_SASL_PASSWORD`.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD_FILE")]
+    pub kafka_sasl_password_file: Option<std::path::PathBuf>,
+
+    /// The CA (PEM) that signs the brokers' certificates, for `ssl` and
+    /// `sasl_ssl`; unset, the system's trust store.
+    #[arg(long, env = "KAFKA_TLS_CA_FILE")]
+    pub kafka_tls_ca_file: Option<std::path::PathBuf>,
 
     /// Redis server: `redis://host:port[/db]` or a bare `host:port`.
     #[arg(
@@ -280,6 +309,16 @@ pub fn read_secret_file(
     Ok(secrecy::SecretString::from(line.to_owned()))
 }
 
+/// Kafka settings that cannot work together, or a secret file that cannot
+/// be read; names settings, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaLinkError {
+    #[error(transparent)]
+    Secret(#[from] SecretFileError),
+    #[error(transparent)]
+    Link(#[from] crate::kafka::LinkError),
+}
+
 /// Where the metrics endpoint listens, if anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricsAddr {
@@ -387,6 +426,23 @@ impl Config {
             password,
             tls_ca,
         })
+    }
+
+    /// How every Kafka client of the service reaches the brokers; the
+    /// settings are checked together here, before anything starts.
+    pub fn kafka_link(&self) -> Result<KafkaLink, KafkaLinkError> {
+        let password = match &self.kafka_sasl_password_file {
+            Some(path) => Some(read_secret_file("KAFKA_SASL_PASSWORD_FILE", path)?),
+            None => self.kafka_sasl_password.clone(),
+        };
+        Ok(KafkaLink::new(
+            &self.kafka_broker_url,
+            self.kafka_security_protocol,
+            self.kafka_sasl_mechanism,
+            self.kafka_sasl_username.clone(),
+            password,
+            self.kafka_tls_ca_file.clone(),
+        )?)
     }
 
     pub fn redis_url(&self) -> String {

@@ -77,6 +77,8 @@ pub enum StartupError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Secret(#[from] crate::config::SecretFileError),
+    #[error(transparent)]
+    KafkaSettings(#[from] crate::config::KafkaLinkError),
     #[error("a task panicked ({0}); the service stopped")]
     Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
@@ -167,6 +169,7 @@ impl Application {
         let dlq_topic = config.dlq_topic();
 
         let auth = config.redis_auth()?;
+        let kafka_link = config.kafka_link()?;
         let mut store = RedisStore::with_auth(
             &config.redis_target(),
             &auth,
@@ -181,7 +184,7 @@ impl Application {
         let store = store.with_metrics(metrics.clone());
         let store_handle = store.clone();
         let publisher = EventPublisher::new(
-            &config.kafka_broker_url,
+            &kafka_link,
             &config.topic,
             config.publish_timeout,
             config.producer_linger,
@@ -200,7 +203,7 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         if let Err(e) = kafka::ensure_topics(
-            &config.kafka_broker_url,
+            &kafka_link,
             &[&config.topic, &dlq_topic],
             config.topic_partitions,
             config.topic_replication,
@@ -241,7 +244,7 @@ impl Application {
             .then(|| Arc::new(ProjectorState::default()));
         if let Some(state) = &projector {
             let p = Projector {
-                brokers: config.kafka_broker_url.clone(),
+                link: kafka_link.clone(),
                 group: config.consumer_group.clone(),
                 topic: config.topic.clone(),
                 dlq_topic,
@@ -275,7 +278,7 @@ impl Application {
         );
 
         let progress_hub = Arc::new(ProgressHub::new(
-            &config.kafka_broker_url,
+            &kafka_link,
             OwnProjection {
                 group: config.consumer_group.clone(),
                 topic: config.topic.clone(),

@@ -96,8 +96,10 @@ impl From<ApiError> for Status {
                 tracing::warn!(%detail, "redis unavailable");
                 Status::unavailable("the read model (Redis) is unavailable; retry later")
             }
-            ApiError::Kafka(KafkaError::Unavailable(detail))
-            | ApiError::Command(CommandError::Kafka(KafkaError::Unavailable(detail))) => {
+            ApiError::Kafka(KafkaError::Unavailable(detail) | KafkaError::Refused(detail))
+            | ApiError::Command(CommandError::Kafka(
+                KafkaError::Unavailable(detail) | KafkaError::Refused(detail),
+            )) => {
                 tracing::warn!(%detail, "kafka unavailable");
                 Status::unavailable(
                     "the event log (Kafka) is unavailable; retry with the same request_id",

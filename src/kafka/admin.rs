@@ -2,7 +2,6 @@
 
 use super::KafkaError;
 use rdkafka::{
-    ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
     types::RDKafkaErrorCode,
@@ -30,15 +29,13 @@ const MIN_ISR_FROM_REPLICATION: i32 = 3;
 ///   broker's default stands (with 2 replicas, a minimum of 2 would stop every
 ///   write whenever one broker is down).
 pub async fn ensure_topics(
-    brokers: &str,
+    link: &super::KafkaLink,
     topics: &[&str],
     partitions: i32,
     replication: i32,
     timeout: Duration,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = link.client_config().create()?;
     let new_topics: Vec<_> = topics
         .iter()
         .map(|t| topic_spec(t, partitions, replication))

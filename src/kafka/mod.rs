@@ -7,12 +7,14 @@
 
 mod admin;
 mod error;
+pub mod link;
 pub mod log_end;
 mod producer;
 pub mod watchdog;
 
 pub use admin::ensure_topics;
 pub use error::KafkaError;
+pub use link::{KafkaLink, LinkError, SaslMechanism, SecurityProtocol};
 pub use log_end::Reach;
 pub use producer::{EventPublisher, Published};
 
@@ -34,10 +36,9 @@ pub fn user_partition(id: crate::domain::UserId, partitions: i32) -> i32 {
 /// Settings of the projector's consumer, following rdkafka's at-least-once
 /// example: offsets are stored by the code only once Redis holds an event's
 /// effect, and the auto-committer commits only what was stored.
-pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("group.id", group)
+pub fn consumer_config(link: &KafkaLink, group: &str) -> ClientConfig {
+    let mut c = link.client_config();
+    c.set("group.id", group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")

@@ -1,13 +1,12 @@
 //! The shared event producer of the command side.
 
 use super::{
-    KafkaError,
+    KafkaError, KafkaLink,
     log_end::{LogEnds, Reach},
-    watchdog::{ClientHealth, Confirmations, HealthContext, cluster_reachable},
+    watchdog::{ClientHealth, Confirmations, HealthContext, Refusal, cluster_reachable},
 };
 use crate::domain::UserCreated;
 use rdkafka::{
-    ClientConfig,
     producer::{FutureProducer, FutureRecord, Producer, PurgeConfig},
     types::RDKafkaErrorCode,
     util::Timeout,
@@ -41,7 +40,7 @@ pub struct EventPublisher {
     /// Replaced by [`EventPublisher::watch`] if librdkafka wedges.
     producer: Arc<RwLock<Client>>,
     health: Arc<ClientHealth>,
-    brokers: String,
+    link: KafkaLink,
     linger: Duration,
     /// Sends that timed out in a row, and when one last succeeded.
     timeouts_in_a_row: Arc<AtomicU32>,
@@ -58,17 +57,17 @@ pub struct EventPublisher {
 
 impl EventPublisher {
     pub fn new(
-        brokers: &str,
+        link: &KafkaLink,
         topic: &str,
         timeout: Duration,
         linger: Duration,
     ) -> Result<Self, KafkaError> {
         let health = Arc::new(ClientHealth::default());
-        let producer = Self::client(brokers, timeout, linger, &health)?;
+        let producer = Self::client(link, timeout, linger, &health)?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
             health,
-            brokers: brokers.to_owned(),
+            link: link.clone(),
             linger,
             timeouts_in_a_row: Arc::default(),
             last_ack: Arc::new(std::sync::Mutex::new(Instant::now())),
@@ -81,13 +80,13 @@ impl EventPublisher {
     }
 
     fn client(
-        brokers: &str,
+        link: &KafkaLink,
         timeout: Duration,
         linger: Duration,
         health: &Arc<ClientHealth>,
     ) -> Result<Client, KafkaError> {
-        Ok(ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        Ok(link
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // The Java client's partitioner, so Java and kafka-go's
@@ -132,7 +131,7 @@ impl EventPublisher {
             let timing_out = self.timeouts_in_a_row.load(Ordering::Relaxed) >= 8
                 && self.last_ack.lock().expect("ack lock poisoned").elapsed()
                     > Duration::from_secs(12);
-            let wedged = (cut_off || timing_out) && cluster_reachable(&self.brokers).await;
+            let wedged = (cut_off || timing_out) && cluster_reachable(&self.link).await;
             if confirmations.check(wedged) {
                 self.replace();
             }
@@ -142,7 +141,7 @@ impl EventPublisher {
     /// Replaces the librdkafka client now, purging the old one's messages:
     /// what the watchdog does to a wedged producer.
     pub fn replace(&self) {
-        let fresh = match Self::client(&self.brokers, self.timeout, self.linger, &self.health) {
+        let fresh = match Self::client(&self.link, self.timeout, self.linger, &self.health) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a new producer");
@@ -269,9 +268,26 @@ impl EventPublisher {
                 .map_err(|e| KafkaError::Unavailable(e.to_string()))
         })
         .await
-        .map_err(|e| KafkaError::Unavailable(format!("metadata probe panicked: {e}")))??;
+        .map_err(|e| KafkaError::Unavailable(format!("metadata probe panicked: {e}")))?
+        .map_err(|e| self.blame_refusal(e))?;
         self.partitions.store(count, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Turns a failed probe into the reason an operator can act on when the
+    /// brokers have been refusing this client (within the last 10 s).
+    fn blame_refusal(&self, e: KafkaError) -> KafkaError {
+        match self.health.refused_within(Duration::from_secs(10)) {
+            Some(Refusal::Credentials) => KafkaError::Refused(format!(
+                "the brokers refused the SASL credentials ({})",
+                self.link.refusal_hint()
+            )),
+            Some(Refusal::Tls) => KafkaError::Refused(
+                "the TLS handshake with the brokers failed (check KAFKA_SECURITY_PROTOCOL and KAFKA_TLS_CA_FILE)"
+                    .into(),
+            ),
+            None => e,
+        }
     }
 
     /// The topic's partition count, once a probe has seen the topic.

@@ -12,7 +12,7 @@
 //! throwaway client reaches the cluster.
 
 use rdkafka::{
-    ClientConfig, ClientContext, Statistics,
+    ClientContext, Statistics,
     error::KafkaError,
     producer::{BaseProducer, Producer},
 };
@@ -38,6 +38,20 @@ struct Inner {
     in_group: bool,
     /// The last report's figures worth exporting.
     figures: Option<Figures>,
+    /// When the brokers last refused the client's credentials or its TLS
+    /// handshake failed, and which of the two.
+    refused: Option<(Instant, Refusal)>,
+}
+
+/// Why the brokers would not talk to the client: not a network fault, so
+/// retrying alone will not help and the operator must change a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// SASL authentication failed (wrong user, password or mechanism).
+    Credentials,
+    /// The TLS handshake failed (the broker's certificate did not verify
+    /// against the CA, or the broker does not speak TLS).
+    Tls,
 }
 
 /// What the last statistics report says about the client's queue and its
@@ -115,6 +129,24 @@ impl ClientHealth {
             .clone()
     }
 
+    /// Records a refusal that librdkafka reported through its error callback.
+    pub fn record_refusal(&self, refusal: Refusal) {
+        self.inner
+            .lock()
+            .expect("client health lock poisoned")
+            .refused = Some((Instant::now(), refusal));
+    }
+
+    /// The refusal seen within `within`, if any: librdkafka retries the
+    /// handshake every few hundred ms, so a refusal that stopped recurring
+    /// means the client got in.
+    pub fn refused_within(&self, within: Duration) -> Option<Refusal> {
+        let h = self.inner.lock().expect("client health lock poisoned");
+        h.refused
+            .filter(|(at, _)| at.elapsed() <= within)
+            .map(|(_, r)| r)
+    }
+
     /// Forgets everything: the client it described was replaced.
     pub fn reset(&self) {
         *self.inner.lock().expect("client health lock poisoned") = Inner::default();
@@ -132,7 +164,20 @@ impl ClientContext for HealthContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(refusal) = refusal_of(&error) {
+            self.0.record_refusal(refusal);
+        }
         log_error(&error, reason, "producer");
+    }
+}
+
+/// Whether an error callback means the brokers refuse this client.
+pub fn refusal_of(error: &KafkaError) -> Option<Refusal> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code() {
+        Some(Code::Authentication | Code::SaslAuthenticationFailed) => Some(Refusal::Credentials),
+        Some(Code::SSL) => Some(Refusal::Tls),
+        _ => None,
     }
 }
 
@@ -154,16 +199,16 @@ pub fn log_error(error: &KafkaError, reason: &str, client: &str) {
 /// Whether a fresh client reaches the cluster (it learns at least one
 /// broker): proof that a client which cannot is wedged, not the cluster down.
 /// Takes up to a few seconds, on a blocking thread.
-pub async fn cluster_reachable(brokers: &str) -> bool {
-    let brokers = brokers.to_owned();
-    tokio::task::spawn_blocking(move || reachable_now(&brokers))
+pub async fn cluster_reachable(link: &super::KafkaLink) -> bool {
+    let link = link.clone();
+    tokio::task::spawn_blocking(move || reachable_now(&link))
         .await
         .unwrap_or(false)
 }
 
-fn reachable_now(brokers: &str) -> bool {
-    let Ok(client) = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+fn reachable_now(link: &super::KafkaLink) -> bool {
+    let Ok(client) = link
+        .client_config()
         .set("socket.connection.setup.timeout.ms", "2000")
         .create::<BaseProducer>()
     else {

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::tasks::Tasks;
 use crate::{
+    kafka::KafkaLink,
     projector::ProjectorState,
     store::{Checkpoints, PartitionState, RedisStore},
 };
@@ -50,7 +51,7 @@ pub struct OwnProjection {
 
 /// Hands out subscriptions to shared pollers.
 pub struct ProgressHub {
-    brokers: String,
+    link: KafkaLink,
     own: OwnProjection,
     max_watchers: usize,
     watchers: Arc<Semaphore>,
@@ -111,7 +112,7 @@ impl Poller {
 
 impl ProgressHub {
     pub fn new(
-        brokers: &str,
+        link: &KafkaLink,
         own: OwnProjection,
         max_watchers: usize,
         kafka_timeout: Duration,
@@ -119,7 +120,7 @@ impl ProgressHub {
         tasks: Tasks,
     ) -> Self {
         Self {
-            brokers: brokers.to_owned(),
+            link: link.clone(),
             own,
             max_watchers,
             watchers: Arc::new(Semaphore::new(max_watchers)),
@@ -202,7 +203,7 @@ impl ProgressHub {
         let task = PollerTask {
             poller: poller.clone(),
             key,
-            brokers: self.brokers.clone(),
+            link: self.link.clone(),
             own: self.own.clone(),
             timeout: self.kafka_timeout,
             token: self.token.clone(),
@@ -280,7 +281,7 @@ impl Subscription {
 struct PollerTask {
     poller: Arc<Poller>,
     key: (String, String),
-    brokers: String,
+    link: KafkaLink,
     own: OwnProjection,
     timeout: Duration,
     token: CancellationToken,
@@ -350,7 +351,7 @@ impl PollerTask {
     ) -> Result<super::model::Observation, ProgressError> {
         let r = match reader.take() {
             Some(r) => r,
-            None => GroupReader::new(&self.brokers, group, topic, self.timeout)?,
+            None => GroupReader::new(&self.link, group, topic, self.timeout)?,
         };
         // The reader's calls block: run them off the async workers.
         let (r, result) = tokio::task::spawn_blocking(move || {

@@ -6,7 +6,7 @@
 
 use super::model::{GroupState, Member, Observation, RawPartition};
 use rdkafka::{
-    ClientConfig, Offset, TopicPartitionList,
+    Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
 };
 use std::time::{Duration, SystemTime};
@@ -32,13 +32,13 @@ pub struct GroupReader {
 
 impl GroupReader {
     pub fn new(
-        brokers: &str,
+        link: &crate::kafka::KafkaLink,
         group: &str,
         topic: &str,
         timeout: Duration,
     ) -> Result<Self, ProgressError> {
-        let consumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let consumer = link
+            .client_config()
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set(

@@ -54,7 +54,7 @@ pub enum ProjectorError {
 
 /// What the projector needs; built by `startup`.
 pub struct Projector {
-    pub brokers: String,
+    pub link: crate::kafka::KafkaLink,
     pub group: String,
     pub topic: String,
     pub dlq_topic: String,
@@ -158,12 +158,10 @@ impl Projector {
         loop {
             let health = Arc::new(ClientHealth::default());
             let consumer: Arc<Consumer_> = Arc::new(
-                consumer_config(&self.brokers, &self.group).create_with_context(
-                    ProjectorContext {
-                        state: self.state.clone(),
-                        health: health.clone(),
-                    },
-                )?,
+                consumer_config(&self.link, &self.group).create_with_context(ProjectorContext {
+                    state: self.state.clone(),
+                    health: health.clone(),
+                })?,
             );
             consumer.subscribe(&[&self.topic])?;
             tracing::info!(topic = %self.topic, group = %self.group, "projector started");
@@ -282,7 +280,7 @@ impl Projector {
         if !cut_off {
             return false;
         }
-        cluster_reachable(&self.brokers).await
+        cluster_reachable(&self.link).await
     }
 
     /// Applies one batch and stores its offsets. Returns false if cancelled

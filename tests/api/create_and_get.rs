@@ -1,8 +1,8 @@
 //! The CQRS round trip: CreateUser publishes, the projector applies, GetUser reads.
 
-use crate::helpers::{kafka_brokers, raw_get, spawn_app};
+use crate::helpers::{kafka_link, raw_get, spawn_app};
 use rdkafka::{
-    ClientConfig, Message,
+    Message,
     consumer::{Consumer, StreamConsumer},
 };
 use std::time::Duration;
@@ -55,8 +55,8 @@ async fn created_user_is_readable_with_and_without_the_position() {
 
     // The event on the topic: keyed by the id, on Java's murmur2 partition,
     // JSON with a schema version.
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    let c: StreamConsumer = kafka_link()
+        .client_config()
         .set("group.id", crate::helpers::unique("reader"))
         .set("auto.offset.reset", "earliest")
         .create()

@@ -1,9 +1,9 @@
 //! A record that cannot be decoded goes to the dead-letter topic, is counted,
 //! and does not hold its partition back.
 
-use crate::helpers::{group_lag, kafka_brokers, producer, spawn_app, unique, wait_until};
+use crate::helpers::{group_lag, kafka_link, producer, spawn_app, unique, wait_until};
 use rdkafka::{
-    ClientConfig, Message,
+    Message,
     consumer::{Consumer, StreamConsumer},
     message::Headers,
     producer::FutureRecord,
@@ -55,8 +55,8 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_partitions_move_on()
     .unwrap_or_else(|_| panic!("3 dead letters, got {:?}", app.stats()));
 
     // The dead-letter topic has the records, with why and where from.
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    let c: StreamConsumer = kafka_link()
+        .client_config()
         .set("group.id", unique("dlq-reader"))
         .set("auto.offset.reset", "earliest")
         .create()

@@ -1,7 +1,7 @@
 //! `grpc.health.v1` follows the dependencies, and the spec for unknown names.
 
 use crate::helpers::{
-    BrokerGate, OwnRedis, kafka_brokers, log_end_offsets, producer, publish_user_created, read_log,
+    BrokerGate, OwnRedis, kafka_link, log_end_offsets, producer, publish_user_created, read_log,
     spawn_app, spawn_app_with, test_config,
 };
 use futures::StreamExt;
@@ -125,7 +125,7 @@ async fn an_absent_broker_is_unavailable_within_the_publish_timeout_and_a_retry_
     // The topic exists (created through the real broker); the service
     // cannot reach it until the gate opens.
     ensure_topics(
-        &kafka_brokers(),
+        &kafka_link(),
         &[&config.topic],
         config.topic_partitions,
         1,

@@ -5,7 +5,6 @@
 
 use clap::Parser;
 use rdkafka::{
-    ClientConfig,
     consumer::{BaseConsumer, Consumer},
     producer::{FutureProducer, FutureRecord},
 };
@@ -30,6 +29,15 @@ use user_service::{
 /// The broker `scripts/stack up` starts, unless the environment names another.
 pub fn kafka_brokers() -> String {
     std::env::var("KAFKA_BROKER_URL").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// How the suite's own Kafka clients reach the brokers: the same settings
+/// as the service's (`KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, ...), so
+/// the suite runs against a secured broker as it does against a plain one.
+pub fn kafka_link() -> user_service::kafka::KafkaLink {
+    test_config()
+        .kafka_link()
+        .expect("the Kafka settings of the environment fit together")
 }
 
 /// The Redis `scripts/stack up` starts, unless the environment names another.
@@ -369,8 +377,8 @@ where
 }
 
 pub fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    kafka_link()
+        .client_config()
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "0")
         .create()
@@ -411,8 +419,8 @@ pub async fn publish_user_created(
 
 /// A consumer in `group` that does not subscribe: reads offsets and watermarks.
 pub fn inspector(group: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    kafka_link()
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()

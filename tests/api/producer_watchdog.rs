@@ -2,7 +2,7 @@
 //! acknowledged write: the replacement publishes at once, and a call whose
 //! message the old client held gets an error its caller retries.
 
-use crate::helpers::{kafka_brokers, unique};
+use crate::helpers::{kafka_link, unique};
 use std::time::Duration;
 use user_service::{
     domain::{Email, User, UserCreated, UserId, UserName},
@@ -24,11 +24,11 @@ fn event(id: i64) -> UserCreated {
 #[tokio::test]
 async fn a_replaced_producer_publishes_at_once() {
     let topic = unique("watchdog");
-    ensure_topics(&kafka_brokers(), &[&topic], 3, 1, Duration::from_secs(10))
+    ensure_topics(&kafka_link(), &[&topic], 3, 1, Duration::from_secs(10))
         .await
         .unwrap();
     let publisher = EventPublisher::new(
-        &kafka_brokers(),
+        &kafka_link(),
         &topic,
         Duration::from_secs(5),
         Duration::from_millis(2),

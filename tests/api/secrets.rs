@@ -1,9 +1,10 @@
-//! Credentials to Redis (an ACL user) from a mounted file, and secrets that
-//! never show: the real binary, on a Redis of its own that refuses the
-//! default user, with the right password and with a wrong one.
+//! Credentials to Redis (an ACL user) and to Kafka (SASL/SCRAM over TLS)
+//! from mounted files, and secrets that never show: the real binary, on
+//! servers that refuse the default user, with the right password, a wrong
+//! one and, for Kafka, a CA that did not sign the broker's certificate.
 
 use crate::helpers::{free_port, kafka_brokers, unique, wait_until};
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{path::PathBuf, process::Stdio, sync::OnceLock, time::Duration};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -88,29 +89,41 @@ struct Service {
 }
 
 fn start(redis: &AclRedis, password_env: Option<&str>, password_file: Option<&PathBuf>) -> Service {
+    let mut env = vec![
+        (
+            "REDIS_SERVER_URL".to_owned(),
+            format!("redis://127.0.0.1:{}", redis.port),
+        ),
+        ("REDIS_USERNAME".to_owned(), "svc".to_owned()),
+        ("KAFKA_BROKER_URL".to_owned(), kafka_brokers()),
+    ];
+    // The suite's own broker, as secured as the pass runs it.
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("KAFKA_")));
+    if let Some(p) = password_env {
+        env.push(("REDIS_PASSWORD".into(), p.into()));
+    }
+    if let Some(f) = password_file {
+        env.push(("REDIS_PASSWORD_FILE".into(), f.display().to_string()));
+    }
+    start_binary(&env)
+}
+
+/// The real binary with `env` on top of settings of its own (ports, topic,
+/// group, key prefix) and nothing inherited that names a backend or a
+/// secret: each test says which Redis and Kafka it talks to, and how.
+fn start_binary(env: &[(String, String)]) -> Service {
     let name = unique("secrets");
     let (port, metrics_port) = (free_port(), free_port());
     let log = std::env::temp_dir().join(format!("{name}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
-    // Its own Redis, whatever mode the suite runs in (the cluster pass sets
-    // REDIS_CLUSTER_URLS, which would win).
-    for inherited in [
-        "REDIS_CLUSTER_URLS",
-        "REDIS_SENTINEL_URLS",
-        "REDIS_PASSWORD",
-        "REDIS_PASSWORD_FILE",
-    ] {
-        cmd.env_remove(inherited);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("REDIS_") || key.starts_with("KAFKA_") {
+            cmd.env_remove(key);
+        }
     }
     cmd.env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("KAFKA_BROKER_URL", kafka_brokers())
-        .env(
-            "REDIS_SERVER_URL",
-            format!("redis://127.0.0.1:{}", redis.port),
-        )
-        .env("REDIS_USERNAME", "svc")
         .env("KAFKA_TOPIC", format!("{name}-users"))
         .env("KAFKA_CONSUMER_GROUP", format!("{name}-projector"))
         .env("REDIS_KEY_PREFIX", format!("{name}:"))
@@ -122,15 +135,10 @@ fn start(redis: &AclRedis, password_env: Option<&str>, password_file: Option<&Pa
             "RUST_LOG",
             "debug,rdkafka=info,h2=info,hyper=info,tower=info",
         )
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(out.try_clone().unwrap())
         .stderr(out)
         .kill_on_drop(true);
-    if let Some(p) = password_env {
-        cmd.env("REDIS_PASSWORD", p);
-    }
-    if let Some(f) = password_file {
-        cmd.env("REDIS_PASSWORD_FILE", f);
-    }
     Service {
         child: cmd.spawn().expect("the binary starts"),
         port,
@@ -140,13 +148,20 @@ fn start(redis: &AclRedis, password_env: Option<&str>, password_file: Option<&Pa
 }
 
 async fn status(port: u16) -> Option<ServingStatus> {
+    status_of(port, "").await
+}
+
+/// The status the service reports for one health name.
+async fn status_of(port: u16, service: &str) -> Option<ServingStatus> {
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
         .await
         .ok()?;
     HealthClient::new(channel)
-        .check(HealthCheckRequest::default())
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
         .await
         .ok()
         .map(|r| r.into_inner().status())
@@ -308,4 +323,173 @@ async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
         "an untrusted Redis certificate is refused"
     );
     app.stop().await.expect("clean stop");
+}
+
+/// The secured stack (`scripts/stack up --secure`: a broker whose clients
+/// speak SASL_SSL with SCRAM-SHA-512, a TLS-only Redis with an ACL user),
+/// started once per test process; its settings as the script prints them.
+async fn secure_stack() -> Vec<(String, String)> {
+    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
+    if let Some(env) = ENV.get() {
+        return env.clone();
+    }
+    let out = tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
+        .args(["up", "--secure"])
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .expect("scripts/stack runs");
+    assert!(out.status.success(), "scripts/stack up --secure failed");
+    let env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    ENV.get_or_init(|| env).clone()
+}
+
+fn setting<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("scripts/stack up --secure prints {key}"))
+}
+
+fn with(env: &[(String, String)], key: &str, value: Option<&str>) -> Vec<(String, String)> {
+    let mut env: Vec<_> = env.iter().filter(|(k, _)| k != key).cloned().collect();
+    if let Some(v) = value {
+        env.push((key.to_owned(), v.to_owned()));
+    }
+    env
+}
+
+async fn log_says(s: &Service, what: &str) -> bool {
+    std::fs::read_to_string(&s.log).is_ok_and(|l| l.contains(what))
+}
+
+#[tokio::test]
+async fn kafka_over_sasl_ssl_needs_the_right_credentials_and_ca_and_no_secret_is_ever_shown() {
+    let stack = secure_stack().await;
+    let kafka_secret = std::fs::read_to_string(setting(&stack, "KAFKA_SASL_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let redis_secret = std::fs::read_to_string(setting(&stack, "REDIS_PASSWORD_FILE"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let wrong = format!("wr0ng-{}", unique("pw"));
+
+    // Every link secured, every secret from a file: serving, in its group,
+    // and a create and its read go through the broker and Redis over TLS.
+    let good = start_binary(&stack);
+    wait_until(Duration::from_secs(60), || async {
+        status_of(good.port, "projector").await == Some(ServingStatus::Serving)
+    })
+    .await
+    .expect("the projector SERVING over SASL_SSL");
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", good.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut users = UserServiceClient::new(channel);
+    let created = users
+        .create_user(CreateUserRequest {
+            name: "Scram Writer".into(),
+            email: "scram@example.com".into(),
+            request_id: unique("req"),
+            ..Default::default()
+        })
+        .await
+        .expect("created over SASL_SSL")
+        .into_inner();
+    let user = created.user.clone().unwrap();
+    let mut read = tonic::Request::new(GetUserRequest {
+        id: user.id,
+        min_position: created.position,
+    });
+    read.set_timeout(Duration::from_secs(10));
+    let got = users.get_user(read).await.expect("read back").into_inner();
+    assert_eq!(got.user, Some(user));
+    let scrape = crate::helpers::scrape_at(([127, 0, 0, 1], good.metrics_port).into()).await;
+
+    // A wrong password (from the environment, no file): the brokers refuse
+    // it, Kafka's health names stay NOT_SERVING, a create is UNAVAILABLE,
+    // and the log names the settings to check.
+    let bad_password = with(
+        &with(&stack, "KAFKA_SASL_PASSWORD_FILE", None),
+        "KAFKA_SASL_PASSWORD",
+        Some(&wrong),
+    );
+    let bad = start_binary(&with(&bad_password, "KAFKA_PUBLISH_TIMEOUT", Some("1s")));
+    wait_until(Duration::from_secs(30), || {
+        log_says(&bad, "the brokers refused the SASL credentials")
+    })
+    .await
+    .expect("the refusal is logged");
+    for name in ["kafka", "projector", "user.v1.ProjectionService"] {
+        assert_eq!(
+            status_of(bad.port, name).await,
+            Some(ServingStatus::NotServing),
+            "{name} with a wrong Kafka password"
+        );
+    }
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", bad.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = UserServiceClient::new(channel)
+        .create_user(CreateUserRequest {
+            name: "Never Written".into(),
+            email: "never@example.com".into(),
+            request_id: unique("req"),
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing is acknowledged without the broker");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    // A CA that did not sign the broker's certificate: the handshake fails,
+    // and the log says to check the CA setting.
+    let files = crate::tls::Files::new();
+    files.write("other-ca.pem", &crate::tls::Ca::new("another CA").pem());
+    let other_ca = files.path("other-ca.pem").display().to_string();
+    let untrusted = start_binary(&with(&stack, "KAFKA_TLS_CA_FILE", Some(&other_ca)));
+    wait_until(Duration::from_secs(30), || {
+        log_says(
+            &untrusted,
+            "check KAFKA_SECURITY_PROTOCOL and KAFKA_TLS_CA_FILE",
+        )
+    })
+    .await
+    .expect("the failed handshake is logged");
+    assert_eq!(
+        status_of(untrusted.port, "kafka").await,
+        Some(ServingStatus::NotServing)
+    );
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .arg("--help")
+        .env("KAFKA_SASL_PASSWORD", &kafka_secret)
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    assert!(
+        help.contains("KAFKA_SASL_PASSWORD"),
+        "the setting is documented"
+    );
+
+    let logs = [stop(good).await, stop(bad).await, stop(untrusted).await];
+    for text in logs.iter().chain([&help, &scrape]) {
+        for secret in [&kafka_secret, &redis_secret, &wrong] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a secret shown: {}",
+                &text[..text.len().min(300)]
+            );
+        }
+    }
+    assert!(logs[0].lines().count() > 10, "the service did log");
 }

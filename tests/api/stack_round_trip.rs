@@ -2,17 +2,17 @@
 //! topic, keyed records, a consumer group that commits and resumes at its
 //! committed offsets, and a key through the bb8 Redis pool.
 
-use crate::helpers::{kafka_brokers, producer, redis_url, unique};
+use crate::helpers::{kafka_link, producer, redis_url, unique};
 use rdkafka::{
-    ClientConfig, Message, TopicPartitionList,
+    Message, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
     producer::FutureRecord,
 };
 use std::{collections::HashMap, time::Duration};
 
 fn group_consumer(group: &str) -> StreamConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    kafka_link()
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -58,7 +58,7 @@ async fn consume(c: &StreamConsumer, n: usize) -> Vec<(String, i32, i64)> {
 async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     let topic = unique("roundtrip");
     let group = unique("roundtrip-group");
-    user_service::kafka::ensure_topics(&kafka_brokers(), &[&topic], 3, 1, Duration::from_secs(10))
+    user_service::kafka::ensure_topics(&kafka_link(), &[&topic], 3, 1, Duration::from_secs(10))
         .await
         .expect("topic created");
 

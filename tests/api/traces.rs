@@ -2,10 +2,10 @@
 //! starts the server span, CreateUser's publish span travels in the Kafka
 //! record's headers, and the projector's span continues it.
 
-use crate::helpers::{finished_spans, kafka_brokers, spawn_app, unique, wait_until};
+use crate::helpers::{finished_spans, kafka_link, spawn_app, unique, wait_until};
 use opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use rdkafka::{
-    ClientConfig, Message,
+    Message,
     consumer::{Consumer, StreamConsumer},
     message::Headers,
 };
@@ -42,8 +42,8 @@ async fn a_trace_follows_a_create_from_the_call_through_kafka_to_the_read_model(
     let position = created.position.unwrap();
 
     // The record on the topic carries the trace.
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+    let c: StreamConsumer = kafka_link()
+        .client_config()
         .set("group.id", unique("trace-reader"))
         .set("auto.offset.reset", "earliest")
         .create()
