@@ -38,6 +38,16 @@ ensure_cmd() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' still missing after installing $2"
 }
 
+# What the crates need to build beyond Rust itself: rdkafka compiles librdkafka
+# with TLS and SASL/SCRAM against the system's OpenSSL (found by pkg-config).
+ensure_build_deps() {
+  local missing=() p
+  for p in libssl-dev pkg-config; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+}
+
 ensure_java() {
   ensure_cmd java openjdk-17-jre-headless
 }

@@ -115,17 +115,56 @@ impl SentinelSource {
         timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
         let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
-        // The credentials are for the Redis nodes Sentinel names (a sentinel
-        // of its own ACL takes them in its URL).
-        let node = auth.is_set().then(|| {
-            redis::sentinel::SentinelNodeConnectionInfo::default()
-                .set_redis_connection_info(auth.apply(Default::default()))
-        });
+        let client = if urls.iter().any(|u| u.starts_with("rediss://")) {
+            Self::tls_client(&urls, master, kind, auth)?
+        } else {
+            // The credentials are for the Redis nodes Sentinel names (a
+            // sentinel of its own ACL takes them in its URL).
+            let node = auth.is_set().then(|| {
+                redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(auth.apply(Default::default()))
+            });
+            SentinelClient::build(urls, master, node, kind)?
+        };
         Ok(Self {
-            client: tokio::sync::Mutex::new(SentinelClient::build(urls, master, node, kind)?),
+            client: tokio::sync::Mutex::new(client),
             current: std::sync::Mutex::new(None),
             timeout,
         })
+    }
+}
+
+impl SentinelSource {
+    /// `rediss://` sentinels: TLS to the sentinels and to the nodes they
+    /// name (a Sentinel that speaks TLS announces its nodes' TLS ports), each
+    /// certificate checked against `REDIS_TLS_CA_FILE` (else the system's
+    /// roots); the ACL credentials go to the nodes.
+    fn tls_client(
+        urls: &[String],
+        master: &str,
+        kind: SentinelServerType,
+        auth: &RedisAuth,
+    ) -> Result<SentinelClient, redis::RedisError> {
+        use secrecy::ExposeSecret;
+        let addrs = urls
+            .iter()
+            .map(|u| {
+                redis::IntoConnectionInfo::into_connection_info(u.as_str())
+                    .map(|i| i.addr().clone())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut builder = redis::sentinel::SentinelClientBuilder::new(addrs, master, kind)?
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_certificates(auth.certificates())
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(auth.certificates());
+        if let Some(u) = &auth.username {
+            builder = builder.set_client_to_redis_username(u);
+        }
+        if let Some(p) = &auth.password {
+            builder = builder.set_client_to_redis_password(p.expose_secret());
+        }
+        builder.build()
     }
 }
 

@@ -29,8 +29,7 @@ async fn redis_outage(kind: RedisClientKind) {
     let mut redis = OwnRedis::start();
     let mut config = test_config();
     config.redis_client = kind;
-    config.redis_server_url = redis.url();
-    config.redis_cluster_nodes.clear(); // its own server, in every mode
+    redis.use_in(&mut config);
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;
     app.wait_health(ServingStatus::Serving).await;

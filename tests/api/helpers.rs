@@ -40,6 +40,48 @@ pub fn kafka_link() -> user_service::kafka::KafkaLink {
         .expect("the Kafka settings of the environment fit together")
 }
 
+/// For Kafka's own tools (`--command-config`): the suite's security
+/// settings as a Java client's properties, written to a file of the test's
+/// own; `None` on a plaintext broker.
+pub fn kafka_tool_properties() -> Option<std::path::PathBuf> {
+    use secrecy::ExposeSecret;
+    use user_service::kafka::SecurityProtocol;
+    let c = test_config();
+    if c.kafka_security_protocol == SecurityProtocol::Plaintext {
+        return None;
+    }
+    let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+        v().expect("a named value").get_name().to_owned()
+    };
+    let protocol = name(&|| clap::ValueEnum::to_possible_value(&c.kafka_security_protocol));
+    let mechanism = name(&|| clap::ValueEnum::to_possible_value(&c.kafka_sasl_mechanism));
+    let mut props = format!("security.protocol={}\n", protocol.to_uppercase());
+    if let (Some(user), Some(password)) = (
+        &c.kafka_sasl_username,
+        c.kafka_sasl_password_file
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f).unwrap().trim().to_owned())
+            .or_else(|| {
+                c.kafka_sasl_password
+                    .as_ref()
+                    .map(|p| p.expose_secret().to_owned())
+            }),
+    ) {
+        props += &format!(
+            "sasl.mechanism={mechanism}\nsasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"{user}\" password=\"{password}\";\n"
+        );
+    }
+    if let Some(ca) = &c.kafka_tls_ca_file {
+        props += &format!(
+            "ssl.truststore.type=PEM\nssl.truststore.location={}\n",
+            ca.display()
+        );
+    }
+    let path = std::env::temp_dir().join(format!("{}.properties", unique("kafka-tool")));
+    std::fs::write(&path, props).unwrap();
+    Some(path)
+}
+
 /// The Redis `scripts/stack up` starts, unless the environment names another.
 pub fn redis_url() -> String {
     std::env::var("REDIS_SERVER_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
@@ -99,8 +141,10 @@ pub fn redis_cluster_nodes() -> Vec<String> {
 /// GET of one key of the read model, in whichever mode the suite runs.
 pub async fn raw_get(config: &Config, key: &str) -> Option<String> {
     if config.redis_cluster_nodes.is_empty() {
-        let client = redis::Client::open(config.redis_url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut conn = redis_client(config)
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
         redis::cmd("GET")
             .arg(key)
             .query_async(&mut conn)
@@ -139,11 +183,44 @@ pub fn test_config() -> Config {
     c
 }
 
+/// A client of the suite's one Redis server, with the suite's credentials
+/// and CA (the secure pass runs on a TLS Redis with an ACL user).
+pub fn redis_client(config: &Config) -> redis::Client {
+    use secrecy::ExposeSecret;
+    let auth = config
+        .redis_auth()
+        .expect("the Redis settings are readable");
+    let info = redis::IntoConnectionInfo::into_connection_info(config.redis_url()).unwrap();
+    let mut settings = info.redis_settings().clone();
+    if let Some(u) = &auth.username {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = &auth.password {
+        settings = settings.set_password(p.expose_secret());
+    }
+    let info = info.set_redis_settings(settings);
+    if config.redis_url().starts_with("rediss://") {
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: auth.tls_ca,
+            },
+        )
+        .unwrap()
+    } else {
+        redis::Client::open(info).unwrap()
+    }
+}
+
 /// A Redis adapter of the test's own (its key prefix), without the service.
 pub fn test_store(config: &Config) -> user_service::store::RedisStore {
     use user_service::store::{Keys, RedisClientKind, RedisStore};
-    RedisStore::new(
+    RedisStore::with_auth(
         &config.redis_target(),
+        &config
+            .redis_auth()
+            .expect("the Redis settings are readable"),
         Keys::new(&config.redis_key_prefix, &config.topic),
         RedisClientKind::Shared,
         2,
@@ -184,8 +261,10 @@ pub async fn delete_keys(config: &Config) {
         }
         return;
     }
-    let client = redis::Client::open(config.redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_client(config)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}*", config.redis_key_prefix))
         .query_async(&mut conn)
@@ -597,6 +676,18 @@ impl OwnRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Points `config` at this server alone: its URL, in every mode of the
+    /// suite, and none of the suite's Redis credentials.
+    pub fn use_in(&self, config: &mut Config) {
+        config.redis_server_url = self.url();
+        config.redis_cluster_nodes.clear();
+        config.redis_sentinels.clear();
+        config.redis_username = None;
+        config.redis_password = None;
+        config.redis_password_file = None;
+        config.redis_tls_ca_file = None;
     }
 
     pub fn restart(&mut self) {

@@ -74,8 +74,7 @@ async fn snapshot(app: &TestApp) -> ProgressSnapshot {
 async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
     let mut redis = OwnRedis::start();
     let mut config = test_config();
-    config.redis_server_url = redis.url();
-    config.redis_cluster_nodes.clear(); // its own server, in every mode
+    redis.use_in(&mut config);
     config.redis_timeout = Duration::from_millis(500);
     let app = spawn_app_with(config).await;
     app.wait_assigned().await;
@@ -164,17 +163,25 @@ async fn lag_reads_n_and_stalled_while_redis_is_down_then_zero_and_ok() {
 /// partition → (current offset, log end, lag, consumer id).
 fn official_describe(group: &str) -> BTreeMap<i32, (Option<i64>, i64, Option<i64>, String)> {
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-tool");
+    let mut args = vec![
+        "consumer-groups".to_owned(),
+        "--bootstrap-server".to_owned(),
+        crate::helpers::kafka_brokers(),
+        "--describe".to_owned(),
+        "--group".to_owned(),
+        group.to_owned(),
+    ];
+    let props = crate::helpers::kafka_tool_properties();
+    if let Some(p) = &props {
+        args.extend(["--command-config".to_owned(), p.display().to_string()]);
+    }
     let out = std::process::Command::new(tool)
-        .args([
-            "consumer-groups",
-            "--bootstrap-server",
-            &crate::helpers::kafka_brokers(),
-            "--describe",
-            "--group",
-            group,
-        ])
+        .args(&args)
         .output()
         .expect("scripts/kafka-tool runs");
+    if let Some(p) = &props {
+        let _ = std::fs::remove_file(p); // it holds a password
+    }
     assert!(
         out.status.success(),
         "{}",

@@ -291,6 +291,7 @@ async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
         c.redis_server_url = format!("rediss://127.0.0.1:{}", redis.port);
         c.redis_username = Some("svc".into());
         c.redis_password = Some(secrecy::SecretString::from(secret.clone()));
+        c.redis_password_file = None;
         c.redis_tls_ca_file = Some(files.path(ca_file));
         c
     };

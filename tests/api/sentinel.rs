@@ -30,7 +30,21 @@ fn redis_server(args: &[&str]) -> Proc {
 }
 
 pub fn cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    cmd_at(port, None, args)
+}
+
+/// [`cmd`], over TLS when given the CA (PEM) that signed the server.
+fn cmd_at(port: u16, ca: Option<&str>, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = match ca {
+        None => redis::Client::open(format!("redis://127.0.0.1:{port}"))?,
+        Some(ca) => redis::Client::build_with_tls(
+            format!("rediss://127.0.0.1:{port}"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.as_bytes().to_vec()),
+            },
+        )?,
+    };
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
     let mut c = redis::cmd(args[0]);
     for a in &args[1..] {
@@ -40,9 +54,14 @@ pub fn cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
 }
 
 fn master_port(sentinel: u16) -> Option<u16> {
+    master_port_at(sentinel, None)
+}
+
+fn master_port_at(sentinel: u16, ca: Option<&str>) -> Option<u16> {
     let addr: Vec<String> = redis::from_redis_value(
-        cmd(
+        cmd_at(
             sentinel,
+            ca,
             &["SENTINEL", "get-master-addr-by-name", "mymaster"],
         )
         .ok()?,
@@ -51,11 +70,18 @@ fn master_port(sentinel: u16) -> Option<u16> {
     addr.get(1)?.parse().ok()
 }
 
-fn replicas_known(sentinel: u16) -> usize {
-    cmd(sentinel, &["SENTINEL", "replicas", "mymaster"])
+fn replicas_known(sentinel: u16, ca: Option<&str>) -> usize {
+    cmd_at(sentinel, ca, &["SENTINEL", "replicas", "mymaster"])
         .ok()
         .and_then(|v| redis::from_redis_value::<Vec<redis::Value>>(v).ok())
         .map_or(0, |r| r.len())
+}
+
+/// The server certificate, its key and the CA (PEM files) of a TLS-only set.
+pub struct SetTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 /// A master, its replica and one Sentinel, of a test's own (in every mode of
@@ -70,6 +96,12 @@ pub struct SentinelSet {
 
 impl SentinelSet {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// With `tls`, every server (and replication, and Sentinel's links to the
+    /// nodes) speaks TLS only, and Sentinel announces the TLS ports.
+    pub async fn start_with(tls: Option<&SetTls>) -> Self {
         let (m, r, s) = (free_port(), free_port(), free_port());
         // Files (the replica's copy of the master's data, Sentinel's config) go
         // to a directory of the test's own, not the working directory.
@@ -86,25 +118,54 @@ impl SentinelSet {
             "--dir",
             &dir_arg,
         ];
-        let master = redis_server(&[&["--port", &m.to_string()][..], &common].concat());
+        let listen = |port: u16| -> Vec<String> {
+            match tls {
+                None => vec!["--port".into(), port.to_string()],
+                Some(t) => vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    t.cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    t.key.display().to_string(),
+                    "--tls-ca-cert-file".into(),
+                    t.ca.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                ],
+            }
+        };
+        let (lm, lr) = (listen(m), listen(r));
+        let lm: Vec<&str> = lm.iter().map(String::as_str).collect();
+        let lr: Vec<&str> = lr.iter().map(String::as_str).collect();
+        let master = redis_server(&[&lm[..], &common].concat());
         let replica = redis_server(
             &[
-                &[
-                    "--port",
-                    &r.to_string(),
-                    "--replicaof",
-                    "127.0.0.1",
-                    &m.to_string(),
-                ][..],
+                &lr[..],
+                &["--replicaof", "127.0.0.1", &m.to_string()][..],
                 &common,
             ]
             .concat(),
         );
         let conf = dir.join("sentinel.conf");
+        let listen = match tls {
+            None => format!("port {s}\n"),
+            Some(t) => format!(
+                "port 0\ntls-port {s}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n",
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display()
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {s}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                "{listen}bind 127.0.0.1\nprotected-mode no\ndir {}\n\
                  sentinel monitor mymaster 127.0.0.1 {m} 1\n\
                  sentinel down-after-milliseconds mymaster 1000\n\
                  sentinel failover-timeout mymaster 5000\n",
@@ -113,8 +174,9 @@ impl SentinelSet {
         )
         .unwrap();
         let sentinel = redis_server(&[conf.to_str().unwrap(), "--sentinel"]);
+        let ca = tls.map(|t| std::fs::read_to_string(&t.ca).unwrap());
         wait_until(Duration::from_secs(60), || async {
-            master_port(s) == Some(m) && replicas_known(s) > 0
+            master_port_at(s, ca.as_deref()) == Some(m) && replicas_known(s, ca.as_deref()) > 0
         })
         .await
         .expect("Sentinel watches the master and knows its replica");
@@ -132,6 +194,11 @@ impl SentinelSet {
         let mut config = test_config();
         config.redis_server_url = "redis://127.0.0.1:1".into(); // not used with Sentinel
         config.redis_sentinels = vec![format!("127.0.0.1:{}", self.sentinel)];
+        // Its own Redis: none of the suite's credentials.
+        config.redis_username = None;
+        config.redis_password = None;
+        config.redis_password_file = None;
+        config.redis_tls_ca_file = None;
         config.redis_cluster_nodes.clear(); // its own Sentinel, in every mode
         config.redis_timeout = Duration::from_millis(500);
         config
@@ -241,5 +308,55 @@ async fn the_service_follows_a_sentinel_failover() {
         user
     );
     app.wait_health(ServingStatus::Serving).await;
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn sentinel_over_tls_with_the_right_ca_only() {
+    use crate::tls::{Ca, Files};
+    let (ca, other) = (Ca::new("sentinel CA"), Ca::new("another CA"));
+    let files = Files::new();
+    let (cert, key) = ca.leaf("redis", true);
+    files.write("redis.pem", &cert);
+    files.write("redis.key", &key);
+    files.write("ca.pem", &ca.pem());
+    files.write("other-ca.pem", &other.pem());
+    let tls = SetTls {
+        cert: files.path("redis.pem"),
+        key: files.path("redis.key"),
+        ca: files.path("ca.pem"),
+    };
+    let set = SentinelSet::start_with(Some(&tls)).await;
+    let config_with = |ca_file: &str| {
+        let mut c = set.config();
+        c.redis_sentinels = vec![format!("rediss://127.0.0.1:{}", set.sentinel)];
+        c.redis_tls_ca_file = Some(files.path(ca_file));
+        c
+    };
+
+    // The right CA: Sentinel and the master it names, both over TLS.
+    let app = spawn_app_with(config_with("ca.pem")).await;
+    app.wait_health(ServingStatus::Serving).await;
+    let created = app
+        .create("Sentinel Tls", "sentinel-tls@example.com")
+        .await
+        .expect("created on the master Sentinel named, over TLS");
+    let user = created.user.unwrap();
+    assert_eq!(
+        app.get_at(user.id, created.position, Duration::from_secs(10))
+            .await
+            .expect("read over TLS"),
+        user
+    );
+    app.stop().await.expect("clean stop");
+
+    // A CA that signed neither: the read model stays NOT_SERVING through
+    // several probes (one every 200 ms).
+    let app = spawn_app_with(config_with("other-ca.pem")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        app.health_status("redis").await.unwrap(),
+        ServingStatus::NotServing
+    );
     app.stop().await.expect("clean stop");
 }

@@ -2,7 +2,7 @@
 //! topic, keyed records, a consumer group that commits and resumes at its
 //! committed offsets, and a key through the bb8 Redis pool.
 
-use crate::helpers::{kafka_link, producer, redis_url, unique};
+use crate::helpers::{kafka_link, producer, unique};
 use rdkafka::{
     Message, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -130,7 +130,12 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     }
 
     // Redis through the bb8 pool.
-    let manager = bb8_redis::RedisConnectionManager::new(redis_url()).unwrap();
+    let manager = bb8_redis::RedisConnectionManager::new(
+        crate::helpers::redis_client(&crate::helpers::test_config())
+            .get_connection_info()
+            .clone(),
+    )
+    .unwrap();
     let pool = bb8::Pool::builder()
         .max_size(4)
         .build(manager)
