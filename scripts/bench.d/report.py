@@ -7,19 +7,29 @@
 Reads DIR/metrics.jsonl (one line per step, written by measure.py, and per
 memory snapshot), each step's raw output (ghz JSON, loadgen JSON,
 redis-benchmark, kafka producer-perf and e2e-latency text) and DIR/env.json.
-Writes FILE (markdown), SVG charts in FILE's directory under bench/, and
-DIR/results.json. The report holds only what this run measured: the
-hand-written analysis of earlier, named runs lives in docs/benchmarks-notes.md,
-which the report links to and never copies. Exits 2 if a step's output shows it failed (no
-answer, unparseable output, more than 1% errors); missed targets do not fail.
-Standard library only.
+Writes FILE (markdown), SVG charts (matplotlib) in FILE's directory under
+bench/, and DIR/results.json. The report holds only what this run measured and
+how: the hand-written analysis of earlier, named runs lives in
+docs/benchmarks-notes.md, which the report links to and never copies. Exits 2
+if a step's output shows it failed (no answer, unparseable output, more than
+1% errors); missed targets do not fail.
+
+Needs matplotlib and numpy at the versions pinned in requirements.txt beside
+it: scripts/bench runs it with the Python of its venv
+(${USER_SERVICE_HOME:-~/.cache/user-service}/venv-bench).
 """
 import argparse
-import html
 import json
 import os
 import re
 import sys
+
+import matplotlib
+
+matplotlib.use("svg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1024.0
@@ -27,11 +37,11 @@ MIB = 1024.0
 # ------------------------------------------------------------------ parsing
 
 
-def pct(sorted_vals, q):
-    if not sorted_vals:
+def pct(vals, q):
+    """Nearest-rank percentile (numpy's inverted CDF), None without values."""
+    if len(vals) == 0:
         return None
-    rank = min(len(sorted_vals), max(1, int(-(-q * len(sorted_vals) // 1))))
-    return sorted_vals[rank - 1]
+    return float(np.percentile(vals, q * 100, method="inverted_cdf"))
 
 
 def read(run_dir, name):
@@ -58,7 +68,7 @@ def parse_ghz(text):
     kept = [x for x in details if not any(c in (x.get("error") or "") for c in GHZ_CUT)]
     cut = len(details) - len(kept)
     total_s = (d.get("total") or 0) / 1e9
-    lat = sorted(x["latency"] / 1e6 for x in kept)
+    lat = np.array([x["latency"] / 1e6 for x in kept], dtype=float)
     if details:
         errors = {}
         for x in kept:
@@ -72,8 +82,8 @@ def parse_ghz(text):
             "p90": pct(lat, 0.9),
             "p99": pct(lat, 0.99),
             "p999": pct(lat, 0.999),
-            "max": lat[-1] if lat else None,
-            "mean": sum(lat) / len(lat) if lat else None,
+            "max": float(lat.max()) if len(lat) else None,
+            "mean": float(lat.mean()) if len(lat) else None,
         }
     else:
         codes = d.get("statusCodeDistribution") or {}
@@ -218,7 +228,7 @@ OPTIONAL = {"lg-get-pool", "lg-create-pool", "lg-create-single-pool"}
 # the budget); loadgen checks the codes they answer (--expect-codes).
 EXPECTED_ERRORS = {"lg-waiters-one", "lg-waiters-many", "lg-flood"}
 
-# ------------------------------------------------------------------ charts (SVG, no dependencies)
+# ------------------------------------------------------------------ charts (matplotlib)
 
 PALETTE = {
     "raw": "#8c8c8c",
@@ -232,6 +242,19 @@ PALETTE = {
     "idle": "#6fa0dc",
     "peak": "#2f6db5",
 }
+REF_COLOR = "#c0392b"
+
+# The same bytes for the same figures: no date, fixed ids, text kept as text.
+matplotlib.rcParams.update(
+    {
+        "svg.hashsalt": "user-service-bench",
+        "svg.fonttype": "none",
+        "font.family": "sans-serif",
+        "font.size": 9,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+    }
+)
 
 
 def fmt_num(v):
@@ -246,94 +269,49 @@ def fmt_num(v):
     return f"{v:.2f}"
 
 
-def svg_bars(title, unit, rows, series, refs=()):
+def bars(title, unit, rows, series, refs=()):
     """Horizontal grouped bars. rows: [(label, [value per series])];
     series: [(name, color)]; refs: [(value, label)] vertical reference lines."""
-    label_w, plot_w, right = 250, 430, 70
-    bar_h, gap = 14, 10
-    n_series = len(series)
-    group_h = n_series * bar_h + gap
-    top = 48 if n_series > 1 else 34
-    height = top + len(rows) * group_h + 28
-    width = label_w + plot_w + right
-    vmax = max(
-        [v for _, vals in rows for v in vals if v is not None] + [r[0] for r in refs] + [1e-9]
-    )
-    scale = plot_w / (vmax * 1.05)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="10" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>',
-    ]
-    if n_series > 1:
-        x = label_w
-        for name, color in series:
-            out.append(f'<rect x="{x}" y="30" width="10" height="10" fill="{color}"/>')
-            out.append(f'<text x="{x + 14}" y="39">{html.escape(name)}</text>')
-            x += 14 + 8 * len(name) + 16
-    y = top
-    for label, vals in rows:
-        mid = y + n_series * bar_h / 2
-        out.append(
-            f'<text x="{label_w - 8}" y="{mid + 4}" text-anchor="end">{html.escape(label)}</text>'
-        )
-        for i, v in enumerate(vals):
-            by = y + i * bar_h
-            if v is None:
-                out.append(f'<text x="{label_w + 4}" y="{by + bar_h - 3}" fill="#999">n/a</text>')
-                continue
-            w = max(1.0, v * scale)
-            out.append(
-                f'<rect x="{label_w}" y="{by + 1}" width="{w:.1f}" height="{bar_h - 2}" '
-                f'fill="{series[i][1]}"/>'
-            )
-            out.append(f'<text x="{label_w + w + 4:.1f}" y="{by + bar_h - 3}">{fmt_num(v)}</text>')
-        y += group_h
-    axis_y = y
-    out.append(
-        f'<line x1="{label_w}" y1="{top - 4}" x2="{label_w}" y2="{axis_y}" stroke="#333"/>'
-    )
-    # The unit is in the title; the bottom line is left to the reference lines' labels.
-    del unit
-    for value, label in refs:
-        x = label_w + value * scale
-        out.append(
-            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{axis_y}" stroke="#c0392b" '
-            f'stroke-dasharray="4,3"/>'
-        )
-        out.append(
-            f'<text x="{x + 3:.1f}" y="{axis_y + 18}" fill="#c0392b">{html.escape(label)}</text>'
-        )
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    n_series = max(1, len(series))
+    bar_h = 0.8 / n_series
+    height = 0.9 + len(rows) * (0.22 * n_series + 0.12) + (0.3 if n_series > 1 or refs else 0)
+    fig, ax = plt.subplots(figsize=(7.5, height))
+    y = np.arange(len(rows))
+    vmax = max([v for _, vals in rows for v in vals if v is not None] + [r[0] for r in refs] + [1e-9])
+    for i, (name, color) in enumerate(series):
+        offs = y - 0.4 + bar_h * (i + 0.5)
+        vals = [vals[i] if i < len(vals) else None for _, vals in rows]
+        drawn = ax.barh(offs, [0 if v is None else v for v in vals], height=bar_h * 0.9, color=color, label=name)
+        ax.bar_label(drawn, labels=["n/a" if v is None else fmt_num(v) for v in vals], padding=3, fontsize=8)
+    for (value, label), style in zip(refs, ("--", ":", "-.")):
+        ax.axvline(value, color=REF_COLOR, linestyle=style, linewidth=1.2, label=label)
+    ax.set_yticks(y, [label for label, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, vmax * 1.18)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if vmax >= 100 else f"{v:g}"))
+    ax.set_xlabel(unit)
+    ax.set_title(title, loc="left", fontweight="bold")
+    if n_series > 1 or refs:
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    return fig
 
 
-def svg_line(title, xlabel, ylabel, points):
+def line(title, xlabel, ylabel, points):
     """One line: points [(x, y)]."""
-    width, height = 720, 260
-    left, right, top, bottom = 70, 20, 34, 40
-    pw, ph = width - left - right, height - top - bottom
-    xmax = max([p[0] for p in points] + [1e-9])
-    ymax = max([p[1] for p in points] + [1e-9])
-    sx, sy = pw / xmax, ph / (ymax * 1.05)
-    pts = " ".join(f"{left + x * sx:.1f},{top + ph - y * sy:.1f}" for x, y in points)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">\n'
-        f'<rect width="{width}" height="{height}" fill="white"/>\n'
-        f'<text x="10" y="20" font-size="14" font-weight="bold">{html.escape(title)}</text>\n'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#333"/>\n'
-        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#333"/>\n'
-        f'<polyline fill="none" stroke="{PALETTE["service"]}" stroke-width="2" points="{pts}"/>\n'
-        f'<text x="{left - 6}" y="{top + 10}" text-anchor="end">{fmt_num(ymax)}</text>\n'
-        f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>\n'
-        f'<text x="{left + pw}" y="{top + ph + 16}" text-anchor="end">{fmt_num(xmax)}</text>\n'
-        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" fill="#555">{html.escape(xlabel)}</text>\n'
-        f'<text x="14" y="{top + ph / 2}" fill="#555" transform="rotate(-90 14 {top + ph / 2})" '
-        f'text-anchor="middle">{html.escape(ylabel)}</text>\n'
-        "</svg>\n"
-    )
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    ax.plot([p[0] for p in points], [p[1] for p in points], color=PALETTE["service"], linewidth=2)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left", fontweight="bold")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    return fig
+
+
+def save_svg(fig, path):
+    fig.savefig(path, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------ report
@@ -644,15 +622,17 @@ class Report:
                 v = " ".join(v)
             L.append(f"| {label} | {v} |")
         L.append(
-            "\nOne shared, noisy 2-core VM: the service, Redis, the Kafka broker (JVM) and the load "
-            "generator all run on it at once, so every figure includes the others' CPU. Runs vary by "
-            "±20% or more between repetitions.\n"
+            f"\nThe service, Redis, the Kafka broker (JVM) and the load generators all ran on this "
+            f"machine ({e.get('nproc', '?')} CPUs) at once, so every figure includes the others' CPU. "
+            "How much figures vary between runs is not measured by a run: see the notes linked at "
+            "the end.\n"
         )
 
         # ---- how
         L.append("## How it was measured\n")
         L.append(
-            "```sh\nscripts/bench            # full run; writes this file and docs/bench/*.svg\n"
+            "```sh\nscripts/bench            # full run; writes this file and docs/bench/*.svg, and copies\n"
+            "                         # its figures into README.md's \"In short\"\n"
             "scripts/bench --smoke    # a few seconds per step; writes the report under "
             "~/.cache/user-service/bench/<run>/\n```\n"
         )
@@ -661,9 +641,9 @@ class Report:
             "release `user-service` with its own topic, consumer group and key prefix (Redis db "
             f"14, `DRAIN_GRACE=0s`, "
             + (
-                f"**and `{self.a.service_env}`**, otherwise defaults: one shared Redis connection, linger 2 ms). "
+                f"**and `{self.a.service_env}`**, everything else default). "
                 if self.a.service_env
-                else "everything else default: one shared Redis connection, linger 2 ms, `RUST_LOG=info`). "
+                else "everything else default). "
             )
             + f"gRPC clients use {self.a.connections} HTTP/2 connections each. Every step is bounded in "
             "time. The service's CPU is utime+stime from `/proc/PID/stat` over the step, divided by "
@@ -671,29 +651,28 @@ class Report:
             "`/proc/PID/clear_refs`).\n"
         )
         L.append(
-            "- **loadgen** is `src/bin/loadgen.rs`: tonic's client, closed loop (each caller waits for "
-            "its answer), many calls in flight over a few connections, bounded retries with a fresh "
-            "connection on UNAVAILABLE, an h2/GOAWAY INTERNAL or a transport CANCELLED (tried behind "
-            "`scripts/sidecar` with nginx sending GOAWAY every 1,000 calls: no failed call). **ghz** "
-            "is v0.120.0 by reflection; "
-            "its p99.9 comes from its per-call details.\n"
+            "- **loadgen** is the workspace's tool `tools/loadgen` (`cargo build -p loadgen --release`): "
+            "tonic's client, closed loop (each caller waits for its answer), many calls in flight over a "
+            "few connections, bounded retries with a fresh connection on UNAVAILABLE, an h2/GOAWAY "
+            "INTERNAL or a transport CANCELLED; its percentiles come from an HdrHistogram of "
+            "microseconds (`hdrhistogram` crate, 3 significant digits). "
+            f"**ghz** ({e.get('ghz', '?')}) calls by reflection; its percentiles, p99.9 included, are "
+            "taken from its per-call details (numpy, nearest rank).\n"
             "- Reads: GetUser on ids seeded through the projector (events produced straight to the "
             "topic); redis-benchmark GETs as many keys of 100 bytes in Redis db 15, 50 clients, no "
             "pipelining.\n"
-            "- Writes: CreateUser with service-assigned ids (derived from the request id), so each "
-            "call is a read of the read model (the request id, the id and its partition's state), "
-            "a produce with acks=all, a wait until the projector has applied the event (one shared "
-            "checkpoint poller per instance) and a read of the verdict. "
-            "producer-perf sends records of the size of our event JSON to a 3-partition topic, acks=all.\n"
+            "- Writes: CreateUser with service-assigned ids and a request id per call, 100 callers and "
+            "1 caller. producer-perf sends records of the size of our event JSON (as the seeding "
+            "measured it) to a 3-partition topic, acks=all.\n"
             "- Freshness: loadgen issues CreateUser on schedule (open loop) and measures from the "
             "answer until GetUser returns the user: *position* passes the returned position (the "
-            "service waits on its checkpoint poller), *poll* calls GetUser "
+            "service waits until it is applied), *poll* calls GetUser "
             "without it every 1 ms. Kafka's `EndToEndLatency` sends one record at a time and "
             "times its consumption (acks=all), on a 1-partition topic of the same broker.\n"
             "- Catch-up: N events produced straight to a fresh topic, then a service on a fresh "
             "group starts; loadgen reads the applied positions from Redis every 5 ms (\"applying\": "
             "from the first applied batch to the last; \"from start\": from process start) and then "
-            "waits for GetProgress' total lag 0 (committed offsets: auto-commit runs every second).\n"
+            "waits for GetProgress' total lag 0 (the group's committed offsets).\n"
         )
 
         # ---- 1 reads
@@ -709,7 +688,7 @@ class Report:
         self.chart(
             L,
             "reads-throughput",
-            svg_bars(
+            bars(
                 "Reads: requests/s (50 callers)",
                 "requests/s",
                 [(lbl, [self.rps(n)]) for lbl, n, _ in reads_rows],
@@ -719,7 +698,7 @@ class Report:
         self.chart(
             L,
             "reads-latency",
-            svg_bars(
+            bars(
                 "Reads: latency (ms)",
                 "ms",
                 [(lbl, [self.lat(n, "p50"), self.lat(n, "p99"), self.lat(n, "p999")]) for lbl, n, _ in reads_rows],
@@ -748,7 +727,7 @@ class Report:
         self.chart(
             L,
             "redis-client",
-            svg_bars(
+            bars(
                 "Redis GET through the service's client library: requests/s",
                 "requests/s",
                 [(lbl, [self.rps(n)]) for lbl, n, _ in client_rows]
@@ -770,7 +749,7 @@ class Report:
         self.chart(
             L,
             "writes-throughput",
-            svg_bars(
+            bars(
                 "Writes: records/s",
                 "records/s",
                 [(lbl, [self.rps(n)]) for lbl, n, _ in write_rows],
@@ -780,7 +759,7 @@ class Report:
         self.chart(
             L,
             "writes-latency",
-            svg_bars(
+            bars(
                 "Writes: latency (ms)",
                 "ms",
                 [(lbl, [self.lat(n, "p50"), self.lat(n, "p99"), self.lat(n, "p999")]) for lbl, n, _ in write_rows],
@@ -811,7 +790,7 @@ class Report:
             self.chart(
                 L,
                 "redis-client-service",
-                svg_bars(
+                bars(
                     "GetUser and CreateUser (loadgen): shared (default) vs pool Redis client",
                     "requests/s",
                     [
@@ -863,7 +842,7 @@ class Report:
         self.chart(
             L,
             "freshness",
-            svg_bars(
+            bars(
                 "Freshness: create answered → readable (ms)",
                 "ms",
                 rows,
@@ -897,7 +876,7 @@ class Report:
             self.chart(
                 L,
                 "catchup",
-                svg_bars(
+                bars(
                     "Catch-up: events (or SETs) per second",
                     "per second",
                     [
@@ -913,7 +892,7 @@ class Report:
                 self.chart(
                     L,
                     "catchup-progress",
-                    svg_line(
+                    line(
                         "Catch-up: events applied to Redis",
                         "seconds since the service started",
                         "events",
@@ -929,13 +908,14 @@ class Report:
                 f"| {m['svc_tag']} | {m['phase']} | {m['rss_kb'] / MIB:.1f} | {m['hwm_kb'] / MIB:.1f} |"
             )
         L.append(
-            "\nService A served steps 1–3 (plus the seeding), S the `REDIS_CLIENT=shared` runs, B the "
-            "catch-up; A's \"idle\" is two seconds after it became SERVING. Peaks are per phase.\n"
+            "\nService A served steps 1–3 (plus the seeding), S the `REDIS_CLIENT=pool` runs, B the "
+            "catch-up and D the flood; \"idle\" is after the instance became "
+            "SERVING (A's two seconds after). Peaks are per phase.\n"
         )
         self.chart(
             L,
             "memory",
-            svg_bars(
+            bars(
                 "Service memory (MiB)",
                 "MiB",
                 [(f"{m['svc_tag']}: {m['phase']}", [m["rss_kb"] / MIB, m["hwm_kb"] / MIB]) for m in self.mem],
@@ -979,16 +959,16 @@ class Report:
             "\nRedis commands per call come from `INFO commandstats` before and after the step (any other "
             "client of that Redis would count too). "
             "The freshness rows count one call per create (each also makes one or more GetUser calls). "
-            "A client whose CPU seconds approach the wall time × 2 cores is saturating the machine "
-            "itself, not the service.\n"
+            f"A client whose CPU seconds approach the wall time × {e.get('nproc', '?')} CPUs is saturating "
+            "the machine itself, not the service.\n"
         )
 
         # ---- 7 untrusted callers
         L.append("## 7. Untrusted callers: waiting calls and a flood\n")
         L.append(
             "Instances C and D run without a projector, so a position in their topics is never applied: "
-            "every GetUser waiting on it waits out the service's bound (`MAX_POSITION_WAIT`, 5 s) and gets "
-            "`DEADLINE_EXCEEDED`, though the caller's deadline is an hour. Redis' command rate comes from "
+            "every GetUser waiting on it waits out the service's bound (`MAX_POSITION_WAIT`) and the codes "
+            "it answers are counted below, though the caller's deadline is an hour. Redis' command rate comes from "
             "`INFO commandstats` around each step (the whole server: any other client counts too).\n"
         )
         L.append("| step | waiting calls | Redis commands/s | calls answered | codes |\n|---|---|---|---|---|")
@@ -1010,9 +990,9 @@ class Report:
                 f"\n**Flood**: {fm.get('callers', '?')} callers in a closed loop against instance D, whose "
                 f"budget is {fm.get('limit', '?')} concurrent calls (`MAX_CONCURRENT_CALLS`), every call "
                 f"waiting on the position above: {fl.get('count', 0):,} answers in {fl.get('elapsed_s', 0):.1f} s "
-                f"({', '.join(f'{k} {v:,}' for k, v in errs.items())}); refused calls are answered at once "
-                f"(p50 {fmt_num(self.lat('lg-flood', 'p50'))} ms, p99 {fmt_num(self.lat('lg-flood', 'p99'))} ms over "
-                f"all answers). Service CPU {fm.get('svc_cpu_s', '—')} s; its memory is in section 5 "
+                f"({', '.join(f'{k} {v:,}' for k, v in errs.items())}); latency over all answers, the "
+                f"refused included: p50 {fmt_num(self.lat('lg-flood', 'p50'))} ms, p99 "
+                f"{fmt_num(self.lat('lg-flood', 'p99'))} ms. Service CPU {fm.get('svc_cpu_s', '—')} s; its memory is in section 5 "
                 "(D: idle, flood, after-flood).\n"
             )
 
@@ -1028,9 +1008,8 @@ class Report:
 
         with open(out_path, "w") as f:
             f.write("\n".join(L).rstrip() + "\n")
-        for name, svg in self.charts.items():
-            with open(os.path.join(chart_dir, name + ".svg"), "w") as f:
-                f.write(svg)
+        for name, fig in self.charts.items():
+            save_svg(fig, os.path.join(chart_dir, name + ".svg"))
         with open(os.path.join(self.run_dir, "results.json"), "w") as f:
             json.dump(
                 {
@@ -1047,8 +1026,8 @@ class Report:
             )
         return T
 
-    def chart(self, L, name, svg):
-        self.charts[name] = svg
+    def chart(self, L, name, fig):
+        self.charts[name] = fig
         L.append(f"![{name}](bench/{name}.svg)\n")
 
     def table(self, rows, show_c=False):
