@@ -121,6 +121,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_TLS_CA_FILE")]
     pub redis_tls_ca_file: Option<std::path::PathBuf>,
 
+    /// Bytes of users kept in process memory in front of Redis (repeat
+    /// GetUser calls need no round trip; users never change, so a cached
+    /// one is never stale); `0` turns the cache off.
+    #[arg(long, env = "USER_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub user_cache_bytes: u64,
+
     /// Let GetUser read from replicas (Sentinel's or the cluster's): a
     /// replica answers only what its own checkpoint covers, so a read with a
     /// position still sees its write; off by default (see the README's

@@ -22,7 +22,7 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
-    store::{CheckpointWatch, Keys, RedisStore, StoreError},
+    store::{CheckpointWatch, Keys, RedisStore, StoreError, UserCache},
     tasks::Tasks,
 };
 use crate::{
@@ -295,6 +295,7 @@ impl Application {
             allowed: config.progress_allowed(),
             shutdown: token.clone(),
         };
+        let users = UserCache::new(config.user_cache_bytes);
         let api = UserApi {
             create: CreateUser {
                 store: store.clone(),
@@ -303,6 +304,7 @@ impl Application {
             },
             max_position_wait: config.max_position_wait,
             tasks: tasks.clone(),
+            users: users.clone(),
         };
 
         // The user and progress services share one budget of concurrent
@@ -396,6 +398,7 @@ impl Application {
             tasks,
             server,
             health,
+                users: users.clone(),
             publisher,
             projector,
             progress: progress_hub,

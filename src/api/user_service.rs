@@ -10,7 +10,7 @@ use crate::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
     },
-    store::{PartitionState, StoredUser, WaitError},
+    store::{PartitionState, StoredUser, UserCache, WaitError},
     tasks::Tasks,
 };
 use std::time::Duration;
@@ -26,6 +26,9 @@ pub struct UserApi {
     pub max_position_wait: Duration,
     /// Tracks the task each CreateUser runs in, so shutdown waits for it.
     pub tasks: Tasks,
+    /// Users the log has decided, answered without Redis (see
+    /// [`crate::store::UserCache`] for why that is never stale).
+    pub users: UserCache,
 }
 
 #[tonic::async_trait]
@@ -56,6 +59,7 @@ impl UserService for UserApi {
             .ok_or_else(|| ApiError::Task("the create task panicked".into()))?
             .map_err(ApiError::from)?;
         let Created { user, position } = created;
+        self.users.insert(user.clone(), position);
         tracing::info!(id = %user.id, partition = position.partition, offset = position.offset, "user created");
         Ok(Response::new(CreateUserResponse {
             user: Some(to_proto(&user)),
@@ -76,6 +80,20 @@ impl UserService for UserApi {
             .min_position
             .map(|pos| validate_position(pos, publisher.known_partitions()))
             .transpose()?;
+        // A cached user answers when the call asks for no position, or for
+        // one its creating event already covers (a create's own position):
+        // any other position is waited for or refused exactly as without it.
+        if let Some(cached) = self.users.get(id) {
+            let covered = wanted.is_none_or(|(p, offset)| {
+                p == cached.position.partition && offset <= cached.position.offset
+            });
+            if covered {
+                return Ok(Response::new(GetUserResponse {
+                    user: Some(to_proto(&cached.user)),
+                    position: Some(to_position(cached.position)),
+                }));
+            }
+        }
         // The partition count as a broker told this instance, or any
         // instance before (Redis keeps it): reads need no broker.
         let partitions = match publisher.known_partitions() {
@@ -118,6 +136,9 @@ impl UserService for UserApi {
             None if state.is_complete() => return Err(ApiError::NotFound(id).into()),
             None => return Err(ApiError::Rebuilding(partition).into()),
         };
+        if let Some(position) = stored.position() {
+            self.users.insert(stored.user.clone(), position);
+        }
         Ok(Response::new(to_response(&stored)))
     }
 }

@@ -13,6 +13,8 @@
 //!   written with the data; `projection:<topic>:partitions`.
 //! - [`checkpoint_watch`]: one poller per instance that tells waiting calls
 //!   when the checkpoint passes their position.
+//! - [`user_cache`]: users in process memory, in front of the read model
+//!   (users never change, so a decided user is cached for good).
 
 mod checkpoint;
 mod checkpoint_watch;
@@ -20,6 +22,7 @@ mod connection;
 mod error;
 mod keys;
 mod read_model;
+mod user_cache;
 
 pub use checkpoint::{Checkpoints, Opened, PartitionState};
 pub use checkpoint_watch::{CheckpointWatch, WaitError};
@@ -27,3 +30,4 @@ pub use connection::{RedisAuth, RedisClientKind, RedisStore, RedisTarget};
 pub use error::StoreError;
 pub use keys::Keys;
 pub use read_model::{ApplyOp, ApplyOutcome, ApplyResult, StoredUser};
+pub use user_cache::{CachedUser, UserCache};

@@ -9,7 +9,7 @@ use crate::{
     api::{health::HealthRegistry, limit::CallBudget},
     progress::{PartitionStatus, ProgressHub},
     projector::ProjectorState,
-    store::{CheckpointWatch, RedisStore},
+    store::{CheckpointWatch, RedisStore, UserCache},
 };
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use std::{sync::Arc, time::Duration};
@@ -26,6 +26,7 @@ pub struct Sources {
     pub store: RedisStore,
     pub watch: Arc<CheckpointWatch>,
     pub producer: Arc<ClientHealth>,
+    pub users: UserCache,
 }
 
 impl Sources {
@@ -55,6 +56,19 @@ impl Sources {
         }
         m.counter("user_service_checkpoint_polls_total", &[])
             .absolute(self.watch.polls());
+        if let Some((entries, bytes)) = self.users.size() {
+            let (hits, misses) = self.users.counts();
+            m.counter("user_service_user_cache_lookups_total", &[("outcome", "hit")])
+                .absolute(hits);
+            m.counter(
+                "user_service_user_cache_lookups_total",
+                &[("outcome", "miss")],
+            )
+            .absolute(misses);
+            m.gauge("user_service_user_cache_entries", &[])
+                .set(entries as f64);
+            m.gauge("user_service_user_cache_bytes", &[]).set(bytes as f64);
+        }
         if let Some(figures) = self.producer.figures() {
             m.gauge("kafka_producer_queue_messages", &[])
                 .set(figures.queue_messages as f64);

@@ -195,6 +195,21 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "GetUser lookups sent to a replica, by outcome (served, or taken over by the master)",
     ),
     (
+        "user_service_user_cache_lookups_total",
+        Kind::Counter,
+        "GetUser lookups of the in-process user cache, by outcome (hit: no Redis round trip)",
+    ),
+    (
+        "user_service_user_cache_entries",
+        Kind::Gauge,
+        "users held in the in-process cache",
+    ),
+    (
+        "user_service_user_cache_bytes",
+        Kind::Gauge,
+        "bytes the in-process cache counts for its users (bounded by USER_CACHE_BYTES)",
+    ),
+    (
         "user_service_checkpoint_polls_total",
         Kind::Counter,
         "polls of the read model's checkpoints for calls waiting on a position",

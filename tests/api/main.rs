@@ -24,3 +24,4 @@ mod tls;
 mod traces;
 mod untrusted;
 mod validation;
+mod user_cache;

@@ -97,6 +97,7 @@ async fn a_sentinel_replica_that_lags_never_hides_a_callers_own_write() {
     let set = SentinelSet::start().await;
     let mut config = set.config();
     config.redis_read_from_replicas = true;
+    config.user_cache_bytes = 0; // the replica's path, not the process's cache
     let app = spawn_app_with(config).await;
     app.wait_health(ServingStatus::Serving).await;
     own_write_survives_a_lagging_replica(&app, &[set.replica]).await;
@@ -135,6 +136,7 @@ async fn a_cluster_replica_that_lags_never_hides_a_callers_own_write() {
     assert!(!replicas.is_empty(), "the stack's cluster has replicas");
     let mut config = test_config();
     config.redis_read_from_replicas = true;
+    config.user_cache_bytes = 0; // the replica's path, not the process's cache
     let app = spawn_app_with(config).await;
     app.wait_health(ServingStatus::Serving).await;
     own_write_survives_a_lagging_replica(&app, &replicas).await;
