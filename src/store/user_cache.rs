@@ -142,10 +142,11 @@ mod tests {
 
     #[test]
     fn the_weight_bounds_the_bytes_held() {
-        let budget = 100 * u64::from(weight(&CachedUser {
-            user: user(1),
-            position: at(0),
-        }));
+        let budget = 100
+            * u64::from(weight(&CachedUser {
+                user: user(1),
+                position: at(0),
+            }));
         let c = UserCache::new(budget);
         for id in 1..=1_000 {
             c.insert(user(id), at(id));

@@ -58,8 +58,11 @@ impl Sources {
             .absolute(self.watch.polls());
         if let Some((entries, bytes)) = self.users.size() {
             let (hits, misses) = self.users.counts();
-            m.counter("user_service_user_cache_lookups_total", &[("outcome", "hit")])
-                .absolute(hits);
+            m.counter(
+                "user_service_user_cache_lookups_total",
+                &[("outcome", "hit")],
+            )
+            .absolute(hits);
             m.counter(
                 "user_service_user_cache_lookups_total",
                 &[("outcome", "miss")],
@@ -67,7 +70,8 @@ impl Sources {
             .absolute(misses);
             m.gauge("user_service_user_cache_entries", &[])
                 .set(entries as f64);
-            m.gauge("user_service_user_cache_bytes", &[]).set(bytes as f64);
+            m.gauge("user_service_user_cache_bytes", &[])
+                .set(bytes as f64);
         }
         if let Some(figures) = self.producer.figures() {
             m.gauge("kafka_producer_queue_messages", &[])

@@ -147,6 +147,34 @@ fn start_binary(env: &[(String, String)]) -> Service {
     }
 }
 
+/// A CreateUser on `s`, then a GetUser with its position that finds it.
+async fn create_and_read(s: &Service, name: &str, email: &str) {
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", s.port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut users = UserServiceClient::new(channel);
+    let created = users
+        .create_user(CreateUserRequest {
+            name: name.into(),
+            email: email.into(),
+            request_id: unique("req"),
+            ..Default::default()
+        })
+        .await
+        .expect("created")
+        .into_inner();
+    let user = created.user.clone().unwrap();
+    let mut read = tonic::Request::new(GetUserRequest {
+        id: user.id,
+        min_position: created.position,
+    });
+    read.set_timeout(Duration::from_secs(10));
+    let got = users.get_user(read).await.expect("read back").into_inner();
+    assert_eq!(got.user, Some(user));
+}
+
 async fn status(port: u16) -> Option<ServingStatus> {
     status_of(port, "").await
 }
@@ -195,29 +223,7 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
     })
     .await
     .expect("SERVING with the right credentials");
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", good.port))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut users = UserServiceClient::new(channel);
-    let created = users
-        .create_user(CreateUserRequest {
-            name: "Secret Keeper".into(),
-            email: "keeper@example.com".into(),
-            request_id: unique("req"),
-            ..Default::default()
-        })
-        .await
-        .expect("created through the ACL user")
-        .into_inner();
-    let id = created.user.unwrap().id;
-    let mut read = tonic::Request::new(GetUserRequest {
-        id,
-        min_position: created.position,
-    });
-    read.set_timeout(Duration::from_secs(10));
-    users.get_user(read).await.expect("read back");
+    create_and_read(&good, "Secret Keeper", "keeper@example.com").await;
     let scrape = crate::helpers::scrape_at(([127, 0, 0, 1], good.metrics_port).into()).await;
     assert!(
         scrape.contains("user_service_dependency_up"),
@@ -267,14 +273,7 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
 
 #[tokio::test]
 async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
-    use crate::tls::{Ca, Files};
-    let (ca, other) = (Ca::new("redis CA"), Ca::new("another CA"));
-    let files = Files::new();
-    let (cert, key) = ca.leaf("redis", true);
-    files.write("redis.pem", &cert);
-    files.write("redis.key", &key);
-    files.write("ca.pem", &ca.pem());
-    files.write("other-ca.pem", &other.pem());
+    let files = crate::tls::Files::redis_server();
     let secret = format!("tls-{}", unique("pw"));
     let redis = AclRedis::start_with(
         &secret,
@@ -389,30 +388,7 @@ async fn kafka_over_sasl_ssl_needs_the_right_credentials_and_ca_and_no_secret_is
     })
     .await
     .expect("the projector SERVING over SASL_SSL");
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", good.port))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut users = UserServiceClient::new(channel);
-    let created = users
-        .create_user(CreateUserRequest {
-            name: "Scram Writer".into(),
-            email: "scram@example.com".into(),
-            request_id: unique("req"),
-            ..Default::default()
-        })
-        .await
-        .expect("created over SASL_SSL")
-        .into_inner();
-    let user = created.user.clone().unwrap();
-    let mut read = tonic::Request::new(GetUserRequest {
-        id: user.id,
-        min_position: created.position,
-    });
-    read.set_timeout(Duration::from_secs(10));
-    let got = users.get_user(read).await.expect("read back").into_inner();
-    assert_eq!(got.user, Some(user));
+    create_and_read(&good, "Scram Writer", "scram@example.com").await;
     let scrape = crate::helpers::scrape_at(([127, 0, 0, 1], good.metrics_port).into()).await;
 
     // A wrong password (from the environment, no file): the brokers refuse

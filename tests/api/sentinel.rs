@@ -313,14 +313,7 @@ async fn the_service_follows_a_sentinel_failover() {
 
 #[tokio::test]
 async fn sentinel_over_tls_with_the_right_ca_only() {
-    use crate::tls::{Ca, Files};
-    let (ca, other) = (Ca::new("sentinel CA"), Ca::new("another CA"));
-    let files = Files::new();
-    let (cert, key) = ca.leaf("redis", true);
-    files.write("redis.pem", &cert);
-    files.write("redis.key", &key);
-    files.write("ca.pem", &ca.pem());
-    files.write("other-ca.pem", &other.pem());
+    let files = crate::tls::Files::redis_server();
     let tls = SetTls {
         cert: files.path("redis.pem"),
         key: files.path("redis.key"),

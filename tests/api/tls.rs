@@ -77,6 +77,21 @@ impl Files {
     }
 }
 
+impl Files {
+    /// A Redis server's files: `redis.pem` and `redis.key` signed by one CA
+    /// (`ca.pem`), and `other-ca.pem`, a CA that signed nothing here.
+    pub fn redis_server() -> Self {
+        let (ca, other) = (Ca::new("redis CA"), Ca::new("another CA"));
+        let files = Self::new();
+        let (cert, key) = ca.leaf("redis", true);
+        files.write("redis.pem", &cert);
+        files.write("redis.key", &key);
+        files.write("ca.pem", &ca.pem());
+        files.write("other-ca.pem", &other.pem());
+        files
+    }
+}
+
 impl Drop for Files {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

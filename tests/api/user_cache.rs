@@ -67,7 +67,11 @@ async fn a_decided_user_is_served_from_memory_while_redis_is_away() {
 
     let s = samples(&scrape(&app).await);
     assert!(
-        sum_of(&s, "user_service_user_cache_lookups_total", &["outcome=\"hit\""]) >= 1.0,
+        sum_of(
+            &s,
+            "user_service_user_cache_lookups_total",
+            &["outcome=\"hit\""]
+        ) >= 1.0,
         "the hit is counted"
     );
     assert_eq!(
