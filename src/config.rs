@@ -238,6 +238,24 @@ pub struct Config {
     #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub http2_keepalive_timeout: Duration,
 
+    /// A client PING sooner than this after its previous one is a strike;
+    /// past HTTP2_MAX_PING_STRIKES the connection gets GOAWAY
+    /// ENHANCE_YOUR_CALM "too_many_pings" and is closed (grpc-go's keepalive
+    /// enforcement, its `MinTime`; see api::ping_policy). A call in either
+    /// direction resets the strikes. Well under the clients' keepalive
+    /// (30 s, as HTTP2_KEEPALIVE_INTERVAL), so they are never struck, and
+    /// not above grpc-go's floor for a client's keepalive (10 s); the
+    /// server's own pings and their ACKs are not counted. `0s`: off.
+    #[arg(long, env = "HTTP2_MIN_PING_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_min_ping_interval: Duration,
+
+    /// Strikes (client pings under HTTP2_MIN_PING_INTERVAL apart, no call
+    /// between) a connection may have before its GOAWAY; grpc-go's server
+    /// allows 2 as well, so an early ping or two (a timer's jitter) are
+    /// forgiven.
+    #[arg(long, env = "HTTP2_MAX_PING_STRIKES", default_value_t = 2)]
+    pub http2_max_ping_strikes: u32,
+
     /// Largest request message accepted by the user and progress services,
     /// in bytes; larger ones get OUT_OF_RANGE (tonic's code). A user is a few
     /// hundred bytes.

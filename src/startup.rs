@@ -348,11 +348,26 @@ impl Application {
                 ),
             );
         let stop = token.clone().cancelled_owned();
+        // A client that pings too often is sent GOAWAY (see api::ping_policy);
+        // each accepted connection is wrapped, plaintext or decrypted TLS.
+        let pings = crate::api::ping_policy::PingPolicy::new(
+            config.http2_min_ping_interval,
+            config.http2_max_ping_strikes,
+        )
+        .with_metrics(metrics.clone());
         let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
             match &tls {
                 None => {
                     tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
-                    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                    let incoming = futures::StreamExt::map(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        move |tcp| {
+                            tcp.map(|tcp| {
+                                let peer = tcp.peer_addr().ok();
+                                pings.police(tcp, peer)
+                            })
+                        },
+                    );
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
                 }
                 Some(tls) => {
@@ -365,6 +380,7 @@ impl Application {
                         listener,
                         tls.clone(),
                         config.tls_handshake_timeout,
+                        pings,
                         token.clone(),
                         &tasks,
                     );

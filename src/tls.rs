@@ -6,6 +6,7 @@
 //! began with. A handshake that does not finish in time is dropped, so
 //! half-open connections cannot pile up.
 
+use crate::api::ping_policy::{PingPolicy, Policed};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -212,14 +213,16 @@ impl ReloadingTls {
 
 /// The TLS connections accepted on `listener`, as tonic's incoming stream.
 /// Handshakes run side by side (a slow one holds up no other), each bounded
-/// by `handshake_timeout`; failed ones are logged at debug and dropped.
+/// by `handshake_timeout`; failed ones are logged at debug and dropped. Each
+/// decrypted stream is under `pings` (see [`crate::api::ping_policy`]).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,
     handshake_timeout: Duration,
+    pings: PingPolicy,
     token: CancellationToken,
     tasks: &crate::tasks::Tasks,
-) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<Policed<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = tasks.clone();
     tasks.spawn("TLS accept loop", async move {
@@ -238,10 +241,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
+            let pings = pings.clone();
             handshakes.spawn("TLS handshake", async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(pings.police(stream, Some(peer)))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -438,6 +438,24 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 mod tests {
     use super::*;
 
+    /// The README's metrics table lists every metric the service describes,
+    /// with its type (the table is written from DESCRIPTIONS).
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../../README.md");
+        for (name, kind, _) in DESCRIPTIONS {
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            assert!(
+                readme.contains(&format!("| `{name}` | {kind} |")),
+                "README.md's metrics table lacks {name} ({kind})"
+            );
+        }
+    }
+
     #[test]
     fn renders_prometheus_text_with_help_and_types() {
         let m = Metrics::new();
