@@ -398,6 +398,7 @@ impl Application {
                 store: store.clone(),
                 watch: watch.clone(),
                 producer: publisher.client_health(),
+                users: users.clone(),
             };
             tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
             tasks.spawn(
@@ -414,7 +415,6 @@ impl Application {
             tasks,
             server,
             health,
-                users: users.clone(),
             publisher,
             projector,
             progress: progress_hub,

@@ -24,5 +24,5 @@ mod stack_round_trip;
 mod tls;
 mod traces;
 mod untrusted;
-mod validation;
 mod user_cache;
+mod validation;
