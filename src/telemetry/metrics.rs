@@ -195,6 +195,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "GetUser lookups sent to a replica, by outcome (served, or taken over by the master)",
     ),
     (
+        "user_service_http2_too_many_pings_total",
+        Kind::Counter,
+        "connections sent GOAWAY ENHANCE_YOUR_CALM for pinging more often than HTTP2_MIN_PING_INTERVAL allows",
+    ),
+    (
         "user_service_user_cache_lookups_total",
         Kind::Counter,
         "GetUser lookups of the in-process user cache, by outcome (hit: no Redis round trip)",
