@@ -594,7 +594,7 @@ fn latency_json(h: &Histogram<u64>) -> Value {
     let q = |q: f64| us_ms(h.value_at_quantile(q));
     json!({
         "n": h.len(),
-        "mean": (h.mean()).round() / 1e3,
+        "mean": h.mean().round() / 1e3,
         "min": us_ms(h.min()),
         "p50": q(0.50),
         "p90": q(0.90),
