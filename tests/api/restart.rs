@@ -57,6 +57,10 @@ async fn restart_resumes_from_the_read_models_checkpoint() {
     // retry that came before the first attempt was applied published the
     // same id again: a second event that creates nothing).
     let second = spawn_app_with(config.clone()).await;
+    // Once it has joined the group and opened its partitions at the read
+    // model's checkpoint (a loaded machine can take longer to rebalance
+    // than a create waits for its verdict).
+    second.wait_opened().await;
     for req in &during {
         let created = writer.create_req(req.clone()).await.unwrap();
         let user = created.user.clone().unwrap();

@@ -50,13 +50,19 @@ async fn a_decided_user_is_served_from_memory_while_redis_is_away() {
         .unwrap_err();
     assert_eq!(unknown.code(), Code::Unavailable, "{unknown:?}");
     // A position the cached user's event does not cover still goes through
-    // the log: one past the log end is refused at once, cache or not.
+    // the log: one past the log end of another partition than the user's
+    // (whose own would be read first, from the absent Redis) is refused at
+    // once, cache or not.
     let partitions = app.config.topic_partitions;
+    let own = user_service::kafka::user_partition(
+        user_service::domain::UserId::parse(id).unwrap(),
+        partitions,
+    );
     let far = app
         .get_at(
             id,
             Some(Position {
-                partition: partitions - 1,
+                partition: (own + 1) % partitions,
                 offset: 1_000_000,
             }),
             Duration::from_secs(5),
