@@ -165,6 +165,9 @@ func all(t *testing.T) map[string]*rendered {
 // deployment: the one Deployment of a render, and its service container.
 func deployment(t *testing.T, r *rendered) (*appsv1.Deployment, *corev1.Container) {
 	t.Helper()
+	if r == nil {
+		t.Fatalf("the kustomization did not render (see the first test's errors)")
+	}
 	if len(r.deployments) != 1 {
 		t.Fatalf("%s: %d Deployments, want 1", r.dir, len(r.deployments))
 	}
