@@ -2,14 +2,18 @@
 //! rebuilt by itself, no acknowledged user is ever reported missing, no id is
 //! handed out twice, and a retried request still gets its first answer.
 
-use crate::helpers::{delete_keys, spawn_app};
+use crate::helpers::{delete_keys, spawn_app_with, test_config};
 use std::{collections::HashSet, time::Duration};
 use tonic::Code;
 use user_service::proto::user::v1::{CreateUserRequest, CreateUserResponse, GetUserRequest};
 
 #[tokio::test]
 async fn a_redis_that_lost_its_data_is_rebuilt_and_never_reports_a_user_missing() {
-    let app = spawn_app().await;
+    // The projection itself is under test: the instance's user cache would
+    // answer the acknowledged users from memory and hide the rebuild.
+    let mut config = test_config();
+    config.user_cache_bytes = 0;
+    let app = spawn_app_with(config).await;
     app.wait_opened().await;
     let requests: Vec<CreateUserRequest> = (0..60)
         .map(|i| CreateUserRequest {
