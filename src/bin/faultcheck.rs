@@ -583,6 +583,10 @@ struct Cycle {
     /// The heal command started (or, without one, was due).
     heal_start: Option<Instant>,
     healed: Option<Instant>,
+    /// Each partition's log end once the fault command returned (with
+    /// --no-acks-during-fault): an event below it was in the log before the
+    /// window, so its answer coming late is not a write in the window.
+    ends_at_fault: Option<BTreeMap<i32, i64>>,
     problems: Vec<String>,
     rejoin: Option<Duration>,
     reads: Option<FaultReads>,
@@ -696,6 +700,9 @@ struct FaultPlan {
     reads_during_fault: bool,
     /// Start a fresh request this often from each fault's end to its heal.
     probe_every: Option<Duration>,
+    /// Where to read each partition's log end when the fault command
+    /// returns (brokers, topic): with --no-acks-during-fault.
+    log_ends: Option<(String, String)>,
 }
 
 async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cycle> {
@@ -723,6 +730,18 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
             Err(e) => c.problems.push(format!("fault command: {e}")),
         }
         c.fault_done = Some(Instant::now());
+        if let Some((brokers, topic)) = plan.log_ends.clone() {
+            c.ends_at_fault = tokio::task::spawn_blocking(move || {
+                log_ends(&brokers, &topic, Duration::from_secs(5))
+            })
+            .await
+            .ok()
+            .flatten();
+            if c.ends_at_fault.is_none() {
+                c.problems
+                    .push("the log ends at the fault's end could not be read".into());
+            }
+        }
         let heal_at = c.started.expect("set above") + plan.heal_after;
         let probes = plan
             .probe_every
@@ -825,6 +844,9 @@ struct Window {
     from_s: f64,
     to_s: f64,
     acks: u64,
+    /// Answers in the window for events appended before it (not counted in
+    /// `acks`).
+    late_answers: u64,
     acks_by_partition: BTreeMap<i32, u64>,
     errors: BTreeMap<&'static str, u64>,
     /// For every partition that took writes before the fault: seconds from
@@ -873,6 +895,7 @@ fn fault_window(
     fault_done: Instant,
     grace: Duration,
     heal_start: Instant,
+    ends_at_fault: Option<&BTreeMap<i32, i64>>,
 ) -> Window {
     let from = fault_done + grace;
     let secs = |t: Instant| {
@@ -900,6 +923,15 @@ fn fault_window(
         .collect();
     in_window.sort_by_key(|a| a.at);
     for a in in_window {
+        // An event the log held before the window (below the partition's
+        // end when the fault command returned) answered late, e.g. a retry
+        // of a request whose first attempt was appended then: not a write.
+        if let (Some(ends), Some((p, o))) = (ends_at_fault, a.position)
+            && ends.get(&p).is_some_and(|end| o < *end)
+        {
+            w.late_answers += 1;
+            continue;
+        }
         w.acks += 1;
         if let Some((p, o)) = a.position {
             *w.acks_by_partition.entry(p).or_default() += 1;
@@ -1209,6 +1241,27 @@ fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<Log
     Ok(out)
 }
 
+/// Each partition's high watermark (the offset the next event would get).
+fn log_ends(brokers: &str, topic: &str, timeout: Duration) -> Option<BTreeMap<i32, i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("faultcheck-ends-{}", rand::random::<u32>()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .ok()?;
+    let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    let mut ends = BTreeMap::new();
+    for p in t.partitions() {
+        let (_, hi) = consumer.fetch_watermarks(topic, p.id(), timeout).ok()?;
+        ends.insert(p.id(), hi);
+    }
+    Some(ends)
+}
+
 /// Records in a topic (high minus low watermarks); None if it does not exist.
 fn count_records(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Option<i64> {
     let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
@@ -1468,6 +1521,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 reads_during_fault: cli.reads_during_fault,
                 probe_every: (cli.no_acks_during_fault || cli.writes_during_fault)
                     .then_some(cli.probe_every),
+                log_ends: cli
+                    .no_acks_during_fault
+                    .then(|| cli.brokers.clone().zip(cli.topic.clone()))
+                    .flatten(),
             },
             load.clone(),
             start,
@@ -1576,6 +1633,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 c.fault_done.expect("set"),
                 cli.window_grace,
                 c.heal_start.expect("set"),
+                c.ends_at_fault.as_ref(),
             )
         });
         if let Some(w) = &window {
@@ -1586,12 +1644,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 _ => None,
             };
             say!(
-                "cycle {}: from {:.1}s to {:.1}s after the fault's end: {} acknowledged {:?}, errors {:?}; partitions writing again after {}",
+                "cycle {}: from {:.1}s to {:.1}s after the fault's end: {} acknowledged {:?} (and {} late answers for events logged before), errors {:?}; partitions writing again after {}",
                 i + 1,
                 w.from_s,
                 w.to_s,
                 w.acks,
                 w.acks_by_partition,
+                w.late_answers,
                 w.errors,
                 w.writes_again_s
                     .iter()
@@ -2016,6 +2075,7 @@ mod tests {
             s(11.0),
             Duration::from_secs(2),
             s(20.0),
+            None,
         );
         assert_eq!((w.from_s, w.to_s), (2.0, 9.0));
         assert_eq!(w.acks, 3);
@@ -2037,6 +2097,47 @@ mod tests {
     }
 
     #[test]
+    fn an_event_the_log_held_before_the_window_is_a_late_answer_not_a_write() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        // Window 13 s to 20 s; offsets are the sequence numbers.
+        let acks = [
+            timed_ack(5, 1, s(14.0)), // 1:5, below the end 6 at the fault
+            timed_ack(6, 1, s(15.0)), // 1:6, appended in the window
+        ];
+        let errors = [(s(14.5), "UNAVAILABLE")];
+        let ends = BTreeMap::from([(1, 6)]);
+        let w = fault_window(
+            &acks,
+            &errors,
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(20.0),
+            Some(&ends),
+        );
+        assert_eq!((w.acks, w.late_answers), (1, 1));
+        let p = window_problems(&w, false, true);
+        assert!(
+            p.len() == 1 && p[0].starts_with("1 CreateUser acknowledged"),
+            "{p:?}"
+        );
+        // Both below the end: nothing was written in the window.
+        let ends = BTreeMap::from([(1, 7)]);
+        let w = fault_window(
+            &acks,
+            &errors,
+            s(10.0),
+            s(11.0),
+            Duration::from_secs(2),
+            s(20.0),
+            Some(&ends),
+        );
+        assert_eq!((w.acks, w.late_answers), (0, 2));
+        assert!(window_problems(&w, false, true).is_empty());
+    }
+
+    #[test]
     fn a_quiet_window_with_unavailable_passes_no_acks_and_fails_writes() {
         let t0 = Instant::now();
         let s = |x: f64| t0 + Duration::from_secs_f64(x);
@@ -2049,6 +2150,7 @@ mod tests {
             s(11.0),
             Duration::from_secs(2),
             s(20.0),
+            None,
         );
         assert!(window_problems(&w, false, true).is_empty());
         assert_eq!(window_problems(&w, true, false).len(), 1);
@@ -2060,6 +2162,7 @@ mod tests {
             s(11.0),
             Duration::from_secs(2),
             s(20.0),
+            None,
         );
         assert_eq!(window_problems(&w, false, true).len(), 1);
         // A heal within the grace leaves no window to judge.
@@ -2070,6 +2173,7 @@ mod tests {
             s(11.0),
             Duration::from_secs(2),
             s(12.0),
+            None,
         );
         assert!(w.is_empty());
         assert!(window_problems(&w, true, true)[0].contains("empty"));
