@@ -234,6 +234,23 @@ impl Enforcer {
         self.outbound.to_boundary() == 0
     }
 
+    /// What a flush or a shutdown of h2's does first: `None` to pass it on
+    /// (the connection is open, or h2 is mid-frame: its flush pushes out the
+    /// rest of the frame, and a shutdown mid-frame leaves no boundary for a
+    /// GOAWAY), else the answer: done once closed, or the GOAWAY driven on.
+    fn before_flush_or_shutdown<IO: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut IO,
+        cx: &mut Context<'_>,
+    ) -> Option<Poll<io::Result<()>>> {
+        match self.stage {
+            Stage::Open => None,
+            Stage::Closed => Some(Poll::Ready(Ok(()))),
+            Stage::Condemned if !self.at_boundary() => None,
+            _ => Some(self.drive(io, cx)),
+        }
+    }
+
     /// Takes a condemned connection to `Closed`: waits for the outgoing
     /// boundary, writes the GOAWAY, flushes, shuts the write side.
     fn drive<IO: AsyncWrite + Unpin>(
@@ -410,28 +427,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Policed<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(e) = this.enforcer.as_deref_mut() {
-            match e.stage {
-                Stage::Open => {}
-                Stage::Closed => return Poll::Ready(Ok(())),
-                // Lets h2 push out the rest of its frame.
-                Stage::Condemned if !e.at_boundary() => {}
-                _ => return e.drive(&mut this.io, cx),
-            }
+        if let Some(done) = this
+            .enforcer
+            .as_deref_mut()
+            .and_then(|e| e.before_flush_or_shutdown(&mut this.io, cx))
+        {
+            return done;
         }
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(e) = this.enforcer.as_deref_mut() {
-            match e.stage {
-                Stage::Open => {}
-                Stage::Closed => return Poll::Ready(Ok(())),
-                // h2 ends mid-frame: no boundary will come for a GOAWAY.
-                Stage::Condemned if !e.at_boundary() => {}
-                _ => return e.drive(&mut this.io, cx),
-            }
+        if let Some(done) = this
+            .enforcer
+            .as_deref_mut()
+            .and_then(|e| e.before_flush_or_shutdown(&mut this.io, cx))
+        {
+            return done;
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
     }

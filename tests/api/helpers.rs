@@ -50,11 +50,12 @@ pub fn kafka_tool_properties() -> Option<std::path::PathBuf> {
     if c.kafka_security_protocol == SecurityProtocol::Plaintext {
         return None;
     }
-    let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
-        v().expect("a named value").get_name().to_owned()
-    };
-    let protocol = name(&|| clap::ValueEnum::to_possible_value(&c.kafka_security_protocol));
-    let mechanism = name(&|| clap::ValueEnum::to_possible_value(&c.kafka_sasl_mechanism));
+    let name =
+        |v: Option<clap::builder::PossibleValue>| v.expect("a named value").get_name().to_owned();
+    let protocol = name(clap::ValueEnum::to_possible_value(
+        &c.kafka_security_protocol,
+    ));
+    let mechanism = name(clap::ValueEnum::to_possible_value(&c.kafka_sasl_mechanism));
     let mut props = format!("security.protocol={}\n", protocol.to_uppercase());
     if let (Some(user), Some(password)) = (
         &c.kafka_sasl_username,
