@@ -531,7 +531,10 @@ async fn probe_dependencies(
 ) {
     let mut last: Option<(bool, bool)> = None;
     let mut last_in_group = false;
-    let probe_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
+    // At least a second whatever the interval: a metadata round trip on a
+    // busy host can take a few hundred milliseconds, and a probe cut short
+    // would report a reachable broker as down.
+    let probe_timeout = interval.clamp(Duration::from_secs(1), Duration::from_secs(2));
     loop {
         let began = std::time::Instant::now();
         let ((redis, redis_took), (kafka, kafka_took)) =
