@@ -10,6 +10,11 @@ KAFKA_SCRIPTS_DIR="$SCRIPTS_DIR/kafka"
 
 USER_SERVICE_HOME="${USER_SERVICE_HOME:-$HOME/.cache/user-service}"
 STACK_DIR="$USER_SERVICE_HOME/stack"
+# Redis settings the read model's layout wants (src/store/keys.rs): a bucket
+# of users stays a compact listpack only while each value fits
+# hash-max-listpack-value, whose default (64 bytes) is less than most users.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+REDIS_LAYOUT_ARGS="--hash-max-listpack-value 1024"
 KAFKA_LIBS="$USER_SERVICE_HOME/kafka/libs"
 
 # Default Kafka version is the one in scripts/kafka/pom.xml; $KAFKA_VERSION overrides it.

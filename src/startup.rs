@@ -22,7 +22,7 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
-    store::{CheckpointWatch, Keys, RedisStore, StoreError, UserCache},
+    store::{ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache},
     tasks::Tasks,
 };
 use crate::{
@@ -531,6 +531,7 @@ async fn probe_dependencies(
 ) {
     let mut last: Option<(bool, bool)> = None;
     let mut last_in_group = false;
+    let mut layout_checked = false;
     // At least a second whatever the interval: a metadata round trip on a
     // busy host can take a few hundred milliseconds, and a probe cut short
     // would report a reachable broker as down.
@@ -556,6 +557,19 @@ async fn probe_dependencies(
             last = Some(now);
         }
         health.set_dependencies(now.0, now.1);
+        if now.0 && !layout_checked {
+            layout_checked = true;
+            match store.listpack_value_limit().await {
+                Ok(Some(limit)) if limit < ADVISED_LISTPACK_VALUE => tracing::warn!(
+                    limit,
+                    advised = ADVISED_LISTPACK_VALUE,
+                    "Redis' hash-max-listpack-value is below what the read model's buckets want: \
+                     users take about twice the memory (set it in redis.conf)"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
+            }
+        }
         if let Some(n) = publisher.known_partitions()
             && let Err(e) = store.record_partition_count(n).await
         {

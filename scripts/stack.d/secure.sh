@@ -96,6 +96,7 @@ tls-ca-cert-file $SECURE_PKI/ca.pem
 tls-auth-clients no
 save ""
 appendonly no
+hash-max-listpack-value 1024
 daemonize yes
 pidfile $RS_PID_FILE
 logfile $RS_LOG

@@ -89,7 +89,7 @@ impl RedisStore {
             let (checkpoint, target): (String, String) = self
                 .scripts
                 .open
-                .key(self.keys.projection(partition))
+                .key(self.keys.checkpoint(partition))
                 .arg(log_end)
                 .arg(floor)
                 .invoke_async(&mut conn)
@@ -114,7 +114,7 @@ impl RedisStore {
             let reads = partitions.into_iter().map(|p| async move {
                 let mut conn = self.conn().await?;
                 let (applied, rebuild): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
-                    .arg(self.keys.projection(p))
+                    .arg(self.keys.checkpoint(p))
                     .arg("applied")
                     .arg("rebuild")
                     .query_async(&mut conn)
@@ -197,14 +197,16 @@ impl RedisStore {
     }
 
     fn lookup_pipe(&self, id: UserId, partition: i32) -> (String, redis::Pipeline) {
-        let key = self.keys.user(id, partition);
+        let slot = self.keys.user(id, partition);
         let mut pipe = redis::pipe();
         pipe.cmd("HMGET")
-            .arg(self.keys.projection(partition))
+            .arg(self.keys.checkpoint(partition))
             .arg("applied")
             .arg("rebuild")
-            .get(&key);
-        (key, pipe)
+            .cmd("HGET")
+            .arg(&slot.key)
+            .arg(&slot.field);
+        (slot.key, pipe)
     }
 
     /// The topic's partition count: as a broker told this instance, else as

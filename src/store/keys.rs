@@ -29,6 +29,28 @@ const SLOTS: u32 = 16384;
 /// of cells (found by search; `spread_is_even` checks it).
 const SPREAD: [u32; 12] = [0, 11, 5, 7, 9, 2, 3, 6, 10, 1, 4, 8];
 
+/// How many bucket hashes a partition's users are spread over. A bucket
+/// stays a compact listpack while it holds at most `hash-max-listpack-entries`
+/// users (512 by default) whose values fit `hash-max-listpack-value` (the
+/// stack sets 1024; Redis' default, 64, is less than most users take), so the
+/// default 12 partitions keep about 6 million users compact. It is part of
+/// the layout: changing it moves every user, so the checkpoint's name must
+/// change with it and the read model be rebuilt from the log.
+pub const USER_BUCKETS: u64 = 1024;
+
+/// A user's bucket: Fibonacci hashing of the id, so that ids in any pattern
+/// (sequential, multiples of a power of two) spread evenly.
+fn bucket_of(id: UserId) -> u64 {
+    (id.get() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - USER_BUCKETS.trailing_zeros())
+}
+
+/// A user's place in the read model: a field of a bucket hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSlot {
+    pub key: String,
+    pub field: String,
+}
+
 /// The read model's keys.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -80,21 +102,27 @@ impl Keys {
         tags[index].clone()
     }
 
-    /// `{<topic>:<partition>:<salt>}user_<id>`: the user, the position of the event
-    /// that created it and that event's request id (the Go service's
-    /// `user_<id>`, behind its partition's tag).
-    pub fn user(&self, id: UserId, partition: i32) -> String {
-        format!("{}user_{id}", self.tag(partition))
+    /// Where a user lives: field `<id>` of the bucket hash
+    /// `{<topic>:<partition>:<salt>}users:<bucket>`, the value the user, the
+    /// position of the event that created it and that event's request id.
+    /// Buckets of small hashes rather than a key per user: Redis packs a
+    /// small hash into one listpack, a few bytes per field, where a key costs
+    /// its own entry, object and name (see [`USER_BUCKETS`]).
+    pub fn user(&self, id: UserId, partition: i32) -> UserSlot {
+        UserSlot {
+            key: format!("{}users:{}", self.tag(partition), bucket_of(id)),
+            field: id.to_string(),
+        }
     }
 
-    /// `{<topic>:<partition>:<salt>}projection`: the partition's checkpoint, a hash
+    /// `{<topic>:<partition>:<salt>}checkpoint`: the partition's checkpoint, a hash
     /// of `applied` (offset of the last event applied to the read model,
     /// written in the same script as the users it covers) and, while the
     /// partition is replayed from the start (Redis lost its data, or never
     /// had it), `rebuild` (the log end it must reach before it answers for
     /// every user of the partition again).
-    pub fn projection(&self, partition: i32) -> String {
-        format!("{}projection", self.tag(partition))
+    pub fn checkpoint(&self, partition: i32) -> String {
+        format!("{}checkpoint", self.tag(partition))
     }
 
     /// `user-request:{<request id>}`: the id of the user a request created,
@@ -126,10 +154,35 @@ mod tests {
         let k = Keys::new("t1:", "users");
         let id = UserId::parse(42).unwrap();
         let user = k.user(id, 3);
-        assert!(user.starts_with("t1:{users:3:"), "{user}");
-        assert!(user.ends_with("}user_42"), "{user}");
-        assert_eq!(tag_of(&user), tag_of(&k.projection(3)));
-        assert_ne!(tag_of(&k.projection(3)), tag_of(&k.projection(4)));
+        assert!(user.key.starts_with("t1:{users:3:"), "{user:?}");
+        assert!(user.key.contains("}users:"), "{user:?}");
+        assert_eq!(user.field, "42");
+        assert_eq!(tag_of(&user.key), tag_of(&k.checkpoint(3)));
+        assert_ne!(tag_of(&k.checkpoint(3)), tag_of(&k.checkpoint(4)));
+    }
+
+    #[test]
+    fn ids_in_any_pattern_spread_evenly_over_the_buckets() {
+        let n = USER_BUCKETS as usize;
+        for (pattern, ids) in [
+            ("sequential", (1..=200 * n as i64).collect::<Vec<_>>()),
+            (
+                "multiples of 1024",
+                (1..=200 * n as i64).map(|i| i * 1024).collect(),
+            ),
+            (
+                "multiples of 1000",
+                (1..=200 * n as i64).map(|i| i * 1000).collect(),
+            ),
+        ] {
+            let mut per = vec![0usize; n];
+            for id in ids {
+                per[bucket_of(UserId::parse(id).unwrap()) as usize] += 1;
+            }
+            let (min, max) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+            // 200 a bucket on average; a listpack holds 512.
+            assert!(*min >= 150 && *max <= 250, "{pattern}: {min}..{max}");
+        }
     }
 
     #[test]
@@ -169,7 +222,7 @@ mod tests {
                 for partitions in 1..=48i32 {
                     let mut per = vec![0; masters as usize];
                     for p in 0..partitions {
-                        per[master_of(slot_of(tag_of(&k.projection(p))), masters)] += 1;
+                        per[master_of(slot_of(tag_of(&k.checkpoint(p))), masters)] += 1;
                     }
                     let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
                     // Even when the count allows it; never more than one apart.

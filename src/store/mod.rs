@@ -5,10 +5,11 @@
 //! - [`connection`]: one server, a bb8 pool, Sentinel's master, or a Redis
 //!   Cluster; timeouts.
 //! - [`keys`]: every key name; a partition's keys share one hash tag.
-//! - [`read_model`]: `{<topic>:<p>}user_<id>` (the user, the position of the
-//!   event that created it and its request id), written by the projector's
-//!   apply script; `user-request:{<request id>}`, a guard index.
-//! - [`checkpoint`]: `{<topic>:<p>}projection` (partition p's last applied
+//! - [`read_model`]: field `<id>` of the bucket hash `{<topic>:<p>}users:<b>`
+//!   (the user, the position of the event that created it and its request
+//!   id), written by the projector's apply script; `user-request:{<request
+//!   id>}`, a guard index.
+//! - [`checkpoint`]: `{<topic>:<p>}checkpoint` (partition p's last applied
 //!   offset and, while it is replayed from the start, its rebuild target),
 //!   written with the data; `projection:<topic>:partitions`.
 //! - [`checkpoint_watch`]: one poller per instance that tells waiting calls
@@ -28,6 +29,6 @@ pub use checkpoint::{Checkpoints, Opened, PartitionState};
 pub use checkpoint_watch::{CheckpointWatch, WaitError};
 pub use connection::{RedisAuth, RedisClientKind, RedisStore, RedisTarget};
 pub use error::StoreError;
-pub use keys::Keys;
-pub use read_model::{ApplyOp, ApplyOutcome, ApplyResult, StoredUser};
+pub use keys::{Keys, USER_BUCKETS, UserSlot};
+pub use read_model::{ADVISED_LISTPACK_VALUE, ApplyOp, ApplyOutcome, ApplyResult, StoredUser};
 pub use user_cache::{CachedUser, UserCache};

@@ -6,7 +6,7 @@ use super::{RedisStore, StoreError};
 use crate::domain::{EventPosition, RequestId, User, UserId};
 use serde::{Deserialize, Serialize};
 
-/// A user as the read model holds it (`user_<id>`): the Go service's JSON,
+/// A user as the read model holds it (field `<id>` of its bucket): the Go service's JSON,
 /// plus the position of the event that created it and that event's request
 /// id, which make the log's verdict visible: a CreateUser whose event sits
 /// elsewhere did not create it, unless an earlier attempt of the same
@@ -86,11 +86,15 @@ impl RedisStore {
         id: UserId,
         partition: i32,
     ) -> Result<Option<StoredUser>, StoreError> {
-        let key = self.keys.user(id, partition);
+        let slot = self.keys.user(id, partition);
         self.timed(async {
             let mut conn = self.conn().await?;
-            let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-            raw.map(|r| decode(&key, &r)).transpose()
+            let raw: Option<String> = redis::cmd("HGET")
+                .arg(&slot.key)
+                .arg(&slot.field)
+                .query_async(&mut conn)
+                .await?;
+            raw.map(|r| decode(&slot.key, &r)).transpose()
         })
         .await
     }
@@ -107,7 +111,7 @@ impl RedisStore {
         if ops.is_empty() {
             return Ok(ApplyResult::Applied(ApplyOutcome::default()));
         }
-        let projection = self.keys.projection(partition);
+        let projection = self.keys.checkpoint(partition);
         let mut invocation = self.scripts.apply.key(&projection);
         invocation.arg(expected);
         for op in ops {
@@ -120,13 +124,19 @@ impl RedisStore {
                         op.request_id.clone(),
                     ))
                     .expect("a user serialises");
+                    let slot = self.keys.user(user.id, partition);
                     invocation
-                        .key(self.keys.user(user.id, partition))
+                        .key(slot.key)
                         .arg(op.position.offset)
+                        .arg(slot.field)
                         .arg(value);
                 }
                 None => {
-                    invocation.key(&projection).arg(op.position.offset).arg("");
+                    invocation
+                        .key(&projection)
+                        .arg(op.position.offset)
+                        .arg("")
+                        .arg("");
                 }
             }
         }
@@ -134,6 +144,28 @@ impl RedisStore {
             let mut conn = self.conn().await?;
             let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await?;
             parse_apply(partition, &reply)
+        })
+        .await
+    }
+}
+
+/// The `hash-max-listpack-value` the read model's buckets want: a user's
+/// value (a few hundred bytes at most) then keeps its bucket a compact
+/// listpack. Redis' default is 64.
+pub const ADVISED_LISTPACK_VALUE: i64 = 512;
+
+impl RedisStore {
+    /// Redis' `hash-max-listpack-value`; `None` if Redis does not say (a
+    /// managed Redis may refuse `CONFIG`).
+    pub async fn listpack_value_limit(&self) -> Result<Option<i64>, StoreError> {
+        self.timed(async {
+            let mut conn = self.conn().await?;
+            let reply: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("hash-max-listpack-value")
+                .query_async(&mut conn)
+                .await?;
+            Ok(reply.get(1).and_then(|v| v.parse().ok()))
         })
         .await
     }

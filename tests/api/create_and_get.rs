@@ -1,6 +1,6 @@
 //! The CQRS round trip: CreateUser publishes, the projector applies, GetUser reads.
 
-use crate::helpers::{kafka_link, raw_get, spawn_app};
+use crate::helpers::{kafka_link, raw_hget, spawn_app};
 use rdkafka::{
     Message,
     consumer::{Consumer, StreamConsumer},
@@ -35,20 +35,24 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .expect("found");
     assert_eq!(got, user);
 
-    // The read model holds the Go service's `user_<id>`, behind its
-    // partition's hash tag, and a JSON value.
+    // The read model holds the Go service's user JSON as field `<id>` of a
+    // bucket hash behind its partition's hash tag.
     let partition = created.position.unwrap().partition;
-    let key = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic).user(
-        user_service::domain::UserId::parse(user.id).unwrap(),
-        partition,
-    );
+    let slot = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic)
+        .user(
+            user_service::domain::UserId::parse(user.id).unwrap(),
+            partition,
+        );
     let tagged = format!(
         "{}{{{}:{partition}:",
         app.config.redis_key_prefix, app.config.topic
     );
-    assert!(key.starts_with(&tagged), "{key}");
-    assert!(key.ends_with(&format!("}}user_{}", user.id)), "{key}");
-    let raw = raw_get(&app.config, &key).await.expect("the user's key");
+    assert!(slot.key.starts_with(&tagged), "{slot:?}");
+    assert!(slot.key.contains("}users:"), "{slot:?}");
+    assert_eq!(slot.field, user.id.to_string());
+    let raw = raw_hget(&app.config, &slot.key, &slot.field)
+        .await
+        .expect("the user's field");
     let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(json["id"], user.id);
     assert_eq!(json["email"], "ada@example.com");

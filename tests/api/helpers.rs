@@ -139,27 +139,21 @@ pub fn redis_cluster_nodes() -> Vec<String> {
         .collect()
 }
 
-/// GET of one key of the read model, in whichever mode the suite runs.
-pub async fn raw_get(config: &Config, key: &str) -> Option<String> {
+/// HGET of one field of the read model, in whichever mode the suite runs.
+pub async fn raw_hget(config: &Config, key: &str, field: &str) -> Option<String> {
+    let mut hget = redis::cmd("HGET");
+    hget.arg(key).arg(field);
     if config.redis_cluster_nodes.is_empty() {
         let mut conn = redis_client(config)
             .get_multiplexed_async_connection()
             .await
             .unwrap();
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
+        hget.query_async(&mut conn).await.unwrap()
     } else {
         let client =
             redis::cluster::ClusterClient::new(config.redis_cluster_nodes.clone()).unwrap();
         let mut conn = client.get_async_connection().await.unwrap();
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
+        hget.query_async(&mut conn).await.unwrap()
     }
 }
 

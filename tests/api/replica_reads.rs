@@ -172,7 +172,7 @@ async fn the_default_partition_count_spreads_evenly_over_the_masters() {
     for p in 0..partitions {
         // The node that serves the partition's checkpoint key, as the
         // cluster itself says (MOVED names it; the node itself answers).
-        let key = keys.projection(p);
+        let key = keys.checkpoint(p);
         let owner = masters
             .iter()
             .find(|m| cmd(**m, &["EXISTS", &key]).is_ok())

@@ -294,11 +294,13 @@ async fn the_service_follows_a_sentinel_failover() {
         new_user
     );
     // The new user was written to the new master, not to the demoted one.
-    let key = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic).user(
-        user_service::domain::UserId::parse(new_user.id).unwrap(),
-        after.position.unwrap().partition,
-    );
-    let on_new_master: i64 = redis::from_redis_value(cmd(r, &["EXISTS", &key]).unwrap()).unwrap();
+    let slot = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic)
+        .user(
+            user_service::domain::UserId::parse(new_user.id).unwrap(),
+            after.position.unwrap().partition,
+        );
+    let on_new_master: i64 =
+        redis::from_redis_value(cmd(r, &["HEXISTS", &slot.key, &slot.field]).unwrap()).unwrap();
     assert_eq!(on_new_master, 1);
     // What was applied before the failover is still there.
     assert_eq!(

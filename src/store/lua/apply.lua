@@ -13,12 +13,12 @@
 -- during a rebalance), nothing is written and the script answers
 -- {'moved', checkpoint or ''}: the projector then resumes from what Redis holds.
 --
--- KEYS[1]   the partition's projection hash (fields `applied`, `rebuild`)
--- KEYS[2..] one key per event: the user's key (KEYS[1] stands in for "none":
---           a record that only moves the checkpoint, one sent to the
+-- KEYS[1]   the partition's checkpoint hash (fields `applied`, `rebuild`)
+-- KEYS[2..] one key per event: the user's bucket hash (KEYS[1] stands in for
+--           "none": a record that only moves the checkpoint, one sent to the
 --           dead-letter topic)
 -- ARGV[1]   the expected checkpoint, then per event in log order: offset,
---           user value ('' for none)
+--           the user's field in its bucket (its id), user value ('' for none)
 --
 -- Returns {'ok', applied, duplicates, skipped, created...} | {'moved', checkpoint}
 -- where `created` lists the (0-based) indexes of the events that created a user.
@@ -33,10 +33,10 @@ local created = {}
 local raw -- the offset as sent: Lua would print large numbers as 1e+15
 for e = 0, #KEYS - 2 do
   local ukey = KEYS[2 + e]
-  local offset, value = tonumber(ARGV[2 + e * 2]), ARGV[3 + e * 2]
+  local offset, field, value = tonumber(ARGV[2 + e * 3]), ARGV[3 + e * 3], ARGV[4 + e * 3]
   if offset > current then
     if value ~= '' then
-      if redis.call('SET', ukey, value, 'NX') then
+      if redis.call('HSETNX', ukey, field, value) == 1 then
         applied = applied + 1
         created[#created + 1] = e
       else
@@ -44,7 +44,7 @@ for e = 0, #KEYS - 2 do
       end
     end
     current = offset
-    raw = ARGV[2 + e * 2]
+    raw = ARGV[2 + e * 3]
   else
     skipped = skipped + 1
   end

@@ -959,12 +959,20 @@ fn produce_events(a: ProduceArgs) -> anyhow::Result<Value> {
     let deadline = start + a.timeout;
     let created_at = now_ms();
     let mut bytes = 0u64;
+    // The users as the Go service's JSON (`id`, `name`, `email`,
+    // `created_at_ms`): what the report weighs Redis' memory per user against.
+    let mut user_json_bytes = 0u64;
     let mut sent = 0u64;
     for i in 0..a.count {
         let id = a.id_start + i as i64;
         let key = id.to_string();
+        let user = format!(
+            r#"{{"id":{id},"name":"Bench User {id}","email":"bench.{id}@example.com","created_at_ms":{created_at}}}"#
+        );
+        user_json_bytes += user.len() as u64;
         let value = format!(
-            r#"{{"schema_version":1,"type":"UserCreated","id":{id},"name":"Bench User {id}","email":"bench.{id}@example.com","created_at_ms":{created_at}}}"#
+            r#"{{"schema_version":1,"type":"UserCreated",{}"#,
+            &user[1..]
         );
         bytes += value.len() as u64;
         let mut record = BaseRecord::to(&a.topic).key(&key).payload(&value);
@@ -1005,6 +1013,7 @@ fn produce_events(a: ProduceArgs) -> anyhow::Result<Value> {
         "first_error": first_error,
         "id_start": a.id_start,
         "avg_value_bytes": bytes as f64 / sent.max(1) as f64,
+        "avg_user_json_bytes": user_json_bytes as f64 / sent.max(1) as f64,
         "elapsed_s": elapsed.as_secs_f64(),
         "rps": ok as f64 / elapsed.as_secs_f64().max(1e-9),
         "client_cpu_s": self_cpu_seconds(),
@@ -1104,7 +1113,7 @@ async fn catchup(a: CatchupArgs) -> anyhow::Result<Value> {
     let t_applied = loop {
         let mut pipe = redis::pipe();
         for p in ends.keys() {
-            pipe.hget(keys.projection(*p), "applied");
+            pipe.hget(keys.checkpoint(*p), "applied");
         }
         let offsets: Vec<Option<i64>> = pipe.query_async(&mut conn).await?;
         let applied: HashMap<i32, i64> = ends
