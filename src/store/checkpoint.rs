@@ -156,7 +156,7 @@ impl RedisStore {
         self.timed(async {
             let mut conn = self.conn().await?;
             let reply = pipe.query_async(&mut conn).await?;
-            parse_lookup(&key, reply)
+            parse_lookup(&key, id, partition, reply)
         })
         .await
     }
@@ -175,7 +175,7 @@ impl RedisStore {
         use std::sync::atomic::Ordering::Relaxed;
         let (key, pipe) = self.lookup_pipe(id, partition);
         let answer = match self.query_replica(&key, &pipe, 2).await? {
-            Ok(reply) => parse_lookup(&key, reply),
+            Ok(reply) => parse_lookup(&key, id, partition, reply),
             Err(e) => Err(e),
         };
         let good = match answer {
@@ -256,9 +256,11 @@ type LookupReply = ((Option<i64>, Option<i64>), Option<String>);
 
 fn parse_lookup(
     key: &str,
+    id: UserId,
+    partition: i32,
     ((checkpoint, target), raw): LookupReply,
 ) -> Result<(PartitionState, Option<super::StoredUser>), StoreError> {
-    let user = raw.map(|r| decode(key, &r)).transpose()?;
+    let user = raw.map(|r| decode(key, id, partition, &r)).transpose()?;
     Ok((PartitionState::from_parts(checkpoint, target), user))
 }
 

@@ -3,7 +3,7 @@
 //! the command side (which learns from it whether its event won).
 
 use super::{RedisStore, StoreError};
-use crate::domain::{EventPosition, RequestId, User, UserId};
+use crate::domain::{Email, EventPosition, RequestId, User, UserId, UserName};
 use serde::{Deserialize, Serialize};
 
 /// A user as the read model holds it (field `<id>` of its bucket): the Go service's JSON,
@@ -41,6 +41,33 @@ impl StoredUser {
             partition: self.partition?,
             offset: self.offset?,
         })
+    }
+}
+
+/// A user's value in its bucket: what the field (the id) and the bucket's
+/// tag (the partition) do not already say, so that a user costs Redis
+/// little more than its own bytes (docs/benchmarks-notes.md).
+#[derive(Serialize, Deserialize)]
+struct Packed {
+    name: UserName,
+    email: Email,
+    created_at_ms: i64,
+    offset: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<RequestId>,
+}
+
+impl StoredUser {
+    /// The value the apply script writes for this user.
+    pub(super) fn pack(&self) -> String {
+        serde_json::to_string(&Packed {
+            name: self.user.name.clone(),
+            email: self.user.email.clone(),
+            created_at_ms: self.user.created_at_ms,
+            offset: self.offset.unwrap_or(-1),
+            request_id: self.request_id.clone(),
+        })
+        .expect("a user serialises")
     }
 }
 
@@ -94,7 +121,8 @@ impl RedisStore {
                 .arg(&slot.field)
                 .query_async(&mut conn)
                 .await?;
-            raw.map(|r| decode(&slot.key, &r)).transpose()
+            raw.map(|r| decode(&slot.key, id, partition, &r))
+                .transpose()
         })
         .await
     }
@@ -118,12 +146,8 @@ impl RedisStore {
             debug_assert_eq!(op.position.partition, partition);
             match &op.user {
                 Some(user) => {
-                    let value = serde_json::to_string(&StoredUser::new(
-                        user.clone(),
-                        op.position,
-                        op.request_id.clone(),
-                    ))
-                    .expect("a user serialises");
+                    let value =
+                        StoredUser::new(user.clone(), op.position, op.request_id.clone()).pack();
                     let slot = self.keys.user(user.id, partition);
                     invocation
                         .key(slot.key)
@@ -240,9 +264,57 @@ fn parse_apply(partition: i32, reply: &[redis::Value]) -> Result<ApplyResult, St
     }
 }
 
-pub(super) fn decode(key: &str, raw: &str) -> Result<StoredUser, StoreError> {
-    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        reason: e.to_string(),
+/// A user's value as [`StoredUser::pack`] wrote it, at field `id` of a
+/// bucket of `partition`.
+pub(super) fn decode(
+    key: &str,
+    id: UserId,
+    partition: i32,
+    raw: &str,
+) -> Result<StoredUser, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: format!("{key} {id}"),
+        reason,
+    };
+    let p: Packed = serde_json::from_str(raw).map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredUser {
+        user: User {
+            id,
+            name: p.name,
+            email: p.email,
+            created_at_ms: p.created_at_ms,
+        },
+        partition: Some(partition),
+        offset: Some(p.offset).filter(|o| *o >= 0),
+        request_id: p.request_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packed_user_reads_back_whole() {
+        let user = User {
+            id: UserId::parse(1453).unwrap(),
+            name: UserName::parse("Ada \"Countess\" Lovelace").unwrap(),
+            email: Email::parse("ada@example.com").unwrap(),
+            created_at_ms: 1_796_305_527_071,
+        };
+        let position = EventPosition {
+            partition: 7,
+            offset: 42,
+        };
+        for request_id in [None, RequestId::parse("req-1").unwrap()] {
+            let stored = StoredUser::new(user.clone(), position, request_id);
+            let packed = stored.pack();
+            assert!(!packed.contains("1453"), "the id is the field: {packed}");
+            assert_eq!(decode("k", user.id, 7, &packed).unwrap(), stored);
+        }
+        assert!(matches!(
+            decode("k", user.id, 7, "{not json"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
 }

@@ -35,8 +35,9 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .expect("found");
     assert_eq!(got, user);
 
-    // The read model holds the Go service's user JSON as field `<id>` of a
-    // bucket hash behind its partition's hash tag.
+    // The read model holds the user as field `<id>` of a bucket hash behind
+    // its partition's hash tag, a JSON value without what the field and the
+    // tag say (the id, the partition).
     let partition = created.position.unwrap().partition;
     let slot = user_service::store::Keys::new(&app.config.redis_key_prefix, &app.config.topic)
         .user(
@@ -54,8 +55,13 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .await
         .expect("the user's field");
     let json: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    assert_eq!(json["id"], user.id);
+    assert_eq!(json["name"], "Ada Lovelace");
     assert_eq!(json["email"], "ada@example.com");
+    assert_eq!(json["offset"], pos.offset);
+    assert!(
+        json.get("id").is_none() && json.get("partition").is_none(),
+        "{json}"
+    );
 
     // The event on the topic: keyed by the id, on Java's murmur2 partition,
     // JSON with a schema version.
