@@ -752,6 +752,9 @@ class Report:
                 if self.a.service_env
                 else "everything else default). "
             )
+            + "Before any measured step, CreateUser runs unmeasured for "
+            + (lambda w: f"{w['wall_s']:.0f} s" if w and w.get("wall_s") else "a while")(self.steps.get("warm-up"))
+            + " to warm the freshly started broker's JVM. "
             + f"gRPC clients use {self.a.connections} HTTP/2 connections each. Every step is bounded in "
             "time. The service's CPU is utime+stime from `/proc/PID/stat` over the step, divided by "
             "the calls the step made; memory is `VmRSS`, and the peak `VmHWM` per phase (reset with "
