@@ -566,7 +566,7 @@ async fn probe_dependencies(
                     "Redis' hash-max-listpack-value is below what the read model's buckets want: \
                      users take about twice the memory (set it in redis.conf)"
                 ),
-                Ok(_) => {}
+                Ok(limit) => tracing::debug!(?limit, "hash-max-listpack-value checked"),
                 Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
             }
         }

@@ -470,3 +470,39 @@ async fn kafka_over_sasl_ssl_needs_the_right_credentials_and_ca_and_no_secret_is
     }
     assert!(logs[0].lines().count() > 10, "the service did log");
 }
+
+/// Not a secret, but read from the same place: the binary's log. A Redis
+/// whose `hash-max-listpack-value` is below what the read model's buckets
+/// want gets a warning at start that names the setting; one set as the stack
+/// sets it gets none.
+#[tokio::test]
+async fn a_redis_that_would_store_users_loosely_is_named_at_start() {
+    for (limit, warned) in [("64", true), ("1024", false)] {
+        let redis = crate::helpers::OwnRedis::start();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("hash-max-listpack-value")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let s = start_binary(&[
+            ("REDIS_SERVER_URL".into(), redis.url()),
+            ("KAFKA_BROKER_URL".into(), kafka_brokers()),
+        ]);
+        wait_until(Duration::from_secs(30), || async {
+            log_says(&s, "hash-max-listpack-value checked").await
+                || log_says(&s, "hash-max-listpack-value is below").await
+        })
+        .await
+        .expect("the start checks Redis' hash-max-listpack-value");
+        let log = stop(s).await;
+        assert_eq!(
+            log.contains("hash-max-listpack-value is below"),
+            warned,
+            "limit {limit}: {log}"
+        );
+    }
+}
