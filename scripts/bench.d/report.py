@@ -457,46 +457,29 @@ class Report:
         # the health Check ceiling of the same tool in the same run.
         P = []
         check, check_cpu = self.rps("lg-health"), self.cpu_per_req("lg-health")
-        g, g_cpu = self.rps("lg-get"), self.cpu_per_req("lg-get")
-        c, c_cpu = self.rps("lg-create"), self.cpu_per_req("lg-create")
-        q = self.ratio(g, check)
-        P.append(
-            (
-                "GetUser ≥ 0.85× Check in calls/s",
-                f"{fmt_num(g)} vs {fmt_num(check)} calls/s = {fmt_num(q)}×",
-                verdict(None if q is None else q >= 0.85),
+        for call, step, rate_min, cpu_max, lat_key, lat_max, lat_label in (
+            ("GetUser", "lg-get", 0.85, 1.25, "p99", 5, "p99 ≤ 5 ms"),
+            ("CreateUser", "lg-create", 0.5, 2, "p99", 10, "p99 ≤ 10 ms (100 callers)"),
+        ):
+            rate, cpu = self.rps(step), self.cpu_per_req(step)
+            q = self.ratio(rate, check)
+            P.append(
+                (
+                    f"{call} ≥ {rate_min}× Check in calls/s" + (" at 100 callers" if call == "CreateUser" else ""),
+                    f"{fmt_num(rate)} vs {fmt_num(check)} calls/s = {fmt_num(q)}×",
+                    verdict(None if q is None else q >= rate_min),
+                )
             )
-        )
-        q = self.ratio(g_cpu, check_cpu)
-        P.append(
-            (
-                "GetUser ≤ 1.25× Check's service CPU per call",
-                f"{fmt_num(g_cpu)} vs {fmt_num(check_cpu)} µs = {fmt_num(q)}×",
-                verdict(None if q is None else q <= 1.25),
+            q = self.ratio(cpu, check_cpu)
+            P.append(
+                (
+                    f"{call} ≤ {cpu_max}× Check's service CPU per call",
+                    f"{fmt_num(cpu)} vs {fmt_num(check_cpu)} µs = {fmt_num(q)}×",
+                    verdict(None if q is None else q <= cpu_max),
+                )
             )
-        )
-        v = self.lat("lg-get", "p99")
-        P.append(("GetUser p99 ≤ 5 ms", f"{fmt_num(v)} ms", verdict(None if v is None else v <= 5)))
-        q = self.ratio(c, check)
-        P.append(
-            (
-                "CreateUser ≥ 0.5× Check in calls/s at 100 callers",
-                f"{fmt_num(c)} vs {fmt_num(check)} calls/s = {fmt_num(q)}×",
-                verdict(None if q is None else q >= 0.5),
-            )
-        )
-        q = self.ratio(c_cpu, check_cpu)
-        P.append(
-            (
-                "CreateUser ≤ 2× Check's service CPU per call",
-                f"{fmt_num(c_cpu)} vs {fmt_num(check_cpu)} µs = {fmt_num(q)}×",
-                verdict(None if q is None else q <= 2),
-            )
-        )
-        v = self.lat("lg-create", "p99")
-        P.append(
-            ("CreateUser p99 ≤ 10 ms (100 callers)", f"{fmt_num(v)} ms", verdict(None if v is None else v <= 10))
-        )
+            v = self.lat(step, lat_key)
+            P.append((f"{call} {lat_label}", f"{fmt_num(v)} ms", verdict(None if v is None else v <= lat_max)))
         v = self.lat("lg-create-single", "p50")
         P.append(
             ("CreateUser p50 ≤ 3 ms (a lone caller)", f"{fmt_num(v)} ms", verdict(None if v is None else v <= 3))

@@ -2106,16 +2106,18 @@ mod tests {
             timed_ack(6, 1, s(15.0)), // 1:6, appended in the window
         ];
         let errors = [(s(14.5), "UNAVAILABLE")];
-        let ends = BTreeMap::from([(1, 6)]);
-        let w = fault_window(
-            &acks,
-            &errors,
-            s(10.0),
-            s(11.0),
-            Duration::from_secs(2),
-            s(20.0),
-            Some(&ends),
-        );
+        let window = |ends: BTreeMap<i32, i64>| {
+            fault_window(
+                &acks,
+                &errors,
+                s(10.0),
+                s(11.0),
+                Duration::from_secs(2),
+                s(20.0),
+                Some(&ends),
+            )
+        };
+        let w = window(BTreeMap::from([(1, 6)]));
         assert_eq!((w.acks, w.late_answers), (1, 1));
         let p = window_problems(&w, false, true);
         assert!(
@@ -2123,16 +2125,7 @@ mod tests {
             "{p:?}"
         );
         // Both below the end: nothing was written in the window.
-        let ends = BTreeMap::from([(1, 7)]);
-        let w = fault_window(
-            &acks,
-            &errors,
-            s(10.0),
-            s(11.0),
-            Duration::from_secs(2),
-            s(20.0),
-            Some(&ends),
-        );
+        let w = window(BTreeMap::from([(1, 7)]));
         assert_eq!((w.acks, w.late_answers), (0, 2));
         assert!(window_problems(&w, false, true).is_empty());
     }

@@ -29,6 +29,6 @@ pub use checkpoint::{Checkpoints, Opened, PartitionState};
 pub use checkpoint_watch::{CheckpointWatch, WaitError};
 pub use connection::{RedisAuth, RedisClientKind, RedisStore, RedisTarget};
 pub use error::StoreError;
-pub use keys::{Keys, USER_BUCKETS, UserSlot};
+pub use keys::{Keys, UserSlot};
 pub use read_model::{ADVISED_LISTPACK_VALUE, ApplyOp, ApplyOutcome, ApplyResult, StoredUser};
 pub use user_cache::{CachedUser, UserCache};
