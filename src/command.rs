@@ -14,8 +14,8 @@
 //! second event creates nothing.
 
 use crate::{
-    domain::{EventPosition, NewUser, User, UserCreated, UserId, ids},
-    kafka::{EventPublisher, KafkaError, user_partition},
+    domain::{EventPosition, NewUser, PartitionMap, User, UserCreated, UserId, ids},
+    kafka::{EventPublisher, KafkaError, Routing},
     store::{CheckpointWatch, RedisStore, StoreError, StoredUser, WaitError},
 };
 use std::{
@@ -41,6 +41,9 @@ pub enum CommandError {
     Undecided(String),
     #[error("no free id after {MAX_ID_ATTEMPTS} attempts")]
     NoFreeId,
+    /// The topic's partition map cannot be honoured (the reason names the fix).
+    #[error("{0}")]
+    Unroutable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -82,6 +85,8 @@ pub struct CreateUser {
     pub store: RedisStore,
     pub publisher: EventPublisher,
     pub watch: Arc<CheckpointWatch>,
+    /// The topic's partition map: which partition an id's event goes to.
+    pub routing: Arc<Routing>,
 }
 
 impl CreateUser {
@@ -89,15 +94,12 @@ impl CreateUser {
     /// before gets its first answer: its ids are the same on every retry, and
     /// the user its event created names it.
     pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
-        let partitions = self.partitions().await?;
+        let map = self.partition_map(deadline).await?;
         // A request id seen with another client-chosen id: the index says
         // which user it created (retries need no index, see try_id).
         if let Some(r) = &new.request_id
             && let Some(id) = self.store.request_owner(r).await?
-            && let Some(existing) = self
-                .store
-                .get_user(id, user_partition(id, partitions))
-                .await?
+            && let Some(existing) = self.store.get_user(id, map.home(id)).await?
         {
             match verdict(new, &existing)? {
                 Verdict::Ours(created) => return Ok(created),
@@ -112,7 +114,7 @@ impl CreateUser {
                 (None, Some(r)) => ids::assigned_id(r, attempt),
                 (None, None) => ids::id_from_seed(rand::random()),
             };
-            match self.try_id(new, id, partitions, deadline).await? {
+            match self.try_id(new, id, map, deadline).await? {
                 Verdict::Ours(created) => return Ok(created),
                 Verdict::Reused => return Err(CommandError::RequestIdReused),
                 Verdict::Taken if new.id.is_some() => return Err(CommandError::AlreadyExists(id)),
@@ -127,18 +129,20 @@ impl CreateUser {
         }
     }
 
-    /// The topic's partition count (a user's key depends on its partition):
-    /// as the health probe last saw it, or asked of a broker now.
-    async fn partitions(&self) -> Result<i32, CommandError> {
-        if let Some(n) = self.publisher.known_partitions() {
-            return Ok(n);
-        }
-        self.publisher.ping(Duration::from_secs(2)).await?;
-        self.publisher.known_partitions().ok_or_else(|| {
-            CommandError::Kafka(crate::kafka::KafkaError::Unavailable(
-                "the topic has no partitions yet".into(),
+    /// The topic's partition map (an id's event goes to the partition it
+    /// names): learned at start-up or by the health probe, waited for a
+    /// little when no broker has answered yet.
+    async fn partition_map(&self, deadline: Instant) -> Result<PartitionMap, CommandError> {
+        let wait = deadline.min(Instant::now() + Duration::from_secs(2));
+        let map = self.routing.wait_map(wait).await.ok_or_else(|| {
+            CommandError::Kafka(KafkaError::Unavailable(
+                "the topic's partition map is not known yet (no broker has answered)".into(),
             ))
-        })
+        })?;
+        match self.routing.refusal() {
+            Some(reason) => Err(CommandError::Unroutable(reason)),
+            None => Ok(map),
+        }
     }
 
     /// One id: look in the read model, publish if it is free, learn the verdict.
@@ -146,10 +150,10 @@ impl CreateUser {
         &self,
         new: &NewUser,
         id: UserId,
-        partitions: i32,
+        map: PartitionMap,
         deadline: Instant,
     ) -> Result<Verdict, CommandError> {
-        let p = user_partition(id, partitions);
+        let p = map.home(id);
         // The fast check: a user the read model has is the log's winner.
         let (state, existing) = self.store.lookup(id, p).await?;
         let existing = if existing.is_none() && !state.is_complete() {
@@ -185,7 +189,7 @@ impl CreateUser {
             created_at_ms: now_ms(),
         };
         let event = UserCreated::new(user, new.request_id.clone());
-        let published = self.publisher.publish(&event).await?;
+        let published = self.publisher.publish(&event, p).await?;
         let position = EventPosition {
             partition: published.partition,
             offset: published.offset,

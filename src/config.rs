@@ -295,6 +295,28 @@ pub struct Config {
     /// The `service.name` of the traces.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "user-service")]
     pub otel_service_name: String,
+
+    /// A one-off operation instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operations run by the binary instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Moves the users of KAFKA_TOPIC to a new topic with more partitions
+    /// (a topic's partition map is fixed for its life): copies the log,
+    /// seals the old topic, records the new map. Reads go on; creates answer
+    /// UNAVAILABLE (retryable) from the seal until the instances run on the
+    /// new topic. See docs/design.md, "Moving to a new topic".
+    MoveTopic {
+        /// The new topic (must not exist yet, or be empty).
+        #[arg(long)]
+        to: String,
+        /// Its partition count (a multiple of 12 keeps a Redis Cluster even).
+        #[arg(long)]
+        partitions: i32,
+    },
 }
 
 /// Log output format.

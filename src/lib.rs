@@ -14,8 +14,10 @@
 //! - [`command`]: CreateUser's command: choose the id, publish, and answer
 //!   with the log's verdict as the read model shows it.
 //! - [`kafka`]: the Kafka adapter: the shared idempotent producer, topic
-//!   creation, the consumer configuration the projector uses, and the
+//!   creation, the topic's partition map read from the log, the consumer configuration the projector uses, and the
 //!   watchdog that replaces a librdkafka client cut off from its cluster.
+//! - [`move_topic`]: `user-service move-topic`, the move of a topic's users
+//!   to a new topic with more partitions (a topic's partition map is fixed).
 //! - [`store`]: the Redis adapter, a projection of the log and nothing else:
 //!   the read model (users, request ids) and its checkpoint (the last applied
 //!   offset per partition, rebuilds), written in one atomic step; one server,
@@ -43,6 +45,7 @@ pub mod command;
 pub mod config;
 pub mod domain;
 pub mod kafka;
+pub mod move_topic;
 pub mod progress;
 pub mod projector;
 pub mod proto;

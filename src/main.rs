@@ -3,7 +3,12 @@
 
 use anyhow::Context;
 use clap::Parser;
-use user_service::{config::Config, startup::Application, telemetry};
+use user_service::{
+    config::{Command, Config},
+    move_topic::Move,
+    startup::Application,
+    telemetry,
+};
 
 /// mimalloc instead of glibc's malloc: the profile in docs/benchmarks.md
 /// shows allocation and copying at 15–20% of the service's CPU per call, and
@@ -27,6 +32,32 @@ async fn main() -> anyhow::Result<()> {
         "info,rdkafka=warn",
         tracer.as_ref(),
     );
+    if let Some(Command::MoveTopic { to, partitions }) = &config.command {
+        let report = Move {
+            link: config.kafka_link().context("Kafka settings")?,
+            from: config.topic.clone(),
+            to: to.clone(),
+            partitions: *partitions,
+            replication: config.topic_replication,
+            timeout: config
+                .publish_timeout
+                .max(std::time::Duration::from_secs(10)),
+        }
+        .run()
+        .await
+        .with_context(|| format!("moving {} to {to}", config.topic))?;
+        println!(
+            "moved {} ({} partitions) to {to} ({} partitions): {} events copied, {} records left \
+             behind (created nothing), seals at {:?}; run the instances with KAFKA_TOPIC={to}",
+            config.topic,
+            report.from_map.partitions,
+            report.to_map.partitions,
+            report.copied,
+            report.skipped,
+            report.seals
+        );
+        return Ok(());
+    }
     // Fail points from FAILPOINTS (only with the `failpoints` feature; tests).
     let _failpoints = fail::FailScenario::setup();
     let app = Application::build(config)

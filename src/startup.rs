@@ -12,7 +12,7 @@ use crate::{
     },
     command::CreateUser,
     config::Config,
-    kafka::{self, EventPublisher, KafkaError},
+    kafka::{self, EventPublisher, KafkaError, KafkaLink, Routing},
     progress::{OwnProjection, ProgressHub},
     projector::{Projector, ProjectorState},
     proto::{
@@ -214,6 +214,30 @@ impl Application {
             // The broker may come later; the projector's subscription waits for it.
             tracing::warn!(error = %e, "could not ensure topics at start-up");
         }
+        // The topic's partition map, from the log (recorded now if the topic
+        // has none yet). Without a broker, a task keeps trying; until then
+        // creates wait and reads use the copy beside the read model.
+        let routing = Arc::new(Routing::default());
+        let map_hint = store.partition_map().await.ok().flatten().map(|m| m.offset);
+        match kafka::partition_map::learn(
+            &kafka_link,
+            &publisher,
+            &config.topic,
+            map_hint,
+            config.publish_timeout.max(Duration::from_secs(10)),
+        )
+        .await
+        {
+            Ok(map) => {
+                tracing::info!(
+                    partitions = map.partitions,
+                    offset = map.offset,
+                    "the topic's partition map"
+                );
+                routing.set_map(map);
+            }
+            Err(e) => tracing::warn!(error = %e, "the topic's partition map is not known yet"),
+        }
 
         let mut names = vec![
             ("", Needs::REDIS),
@@ -255,6 +279,7 @@ impl Application {
                 publisher: publisher.clone(),
                 state: state.clone(),
                 metrics: metrics.clone(),
+                routing: routing.clone(),
             };
             let t = token.clone();
             tasks.spawn("projector", async move {
@@ -264,13 +289,30 @@ impl Application {
             });
         }
 
+        if routing.map().is_none() {
+            tasks.spawn(
+                "partition map",
+                learn_partition_map(
+                    kafka_link.clone(),
+                    publisher.clone(),
+                    config.topic.clone(),
+                    routing.clone(),
+                    token.clone(),
+                ),
+            );
+        }
         tasks.spawn(
             "dependency probe",
             probe_dependencies(
-                store.clone(),
-                publisher.clone(),
-                projector.clone(),
-                health.clone(),
+                Probed {
+                    store: store.clone(),
+                    publisher: publisher.clone(),
+                    projector: projector.clone(),
+                    health: health.clone(),
+                    routing: routing.clone(),
+                    link: kafka_link.clone(),
+                    topic: config.topic.clone(),
+                },
                 config.health_probe_interval,
                 metrics.clone(),
                 token.clone(),
@@ -284,6 +326,7 @@ impl Application {
                 topic: config.topic.clone(),
                 state: projector.clone(),
                 store: Some(store.clone()),
+                routing: Some(routing.clone()),
             },
             config.max_progress_watchers,
             config.publish_timeout,
@@ -301,6 +344,7 @@ impl Application {
                 store: store.clone(),
                 publisher: publisher.clone(),
                 watch: watch.clone(),
+                routing: routing.clone(),
             },
             max_position_wait: config.max_position_wait,
             tasks: tasks.clone(),
@@ -399,6 +443,7 @@ impl Application {
                 watch: watch.clone(),
                 producer: publisher.client_health(),
                 users: users.clone(),
+                routing: routing.clone(),
             };
             tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
             tasks.spawn(
@@ -521,14 +566,21 @@ impl Application {
 /// Pings Redis and Kafka every `interval` and records what answers; each
 /// health name follows the dependencies it needs (see [`Needs`]).
 async fn probe_dependencies(
-    store: RedisStore,
-    publisher: EventPublisher,
-    projector: Option<Arc<ProjectorState>>,
-    health: Arc<HealthRegistry>,
+    probed: Probed,
     interval: Duration,
     metrics: Metrics,
     token: CancellationToken,
 ) {
+    let Probed {
+        store,
+        publisher,
+        projector,
+        health,
+        routing,
+        link,
+        topic,
+    } = probed;
+    let mut map_check = MapCheck::default();
     let mut last: Option<(bool, bool)> = None;
     let mut last_in_group = false;
     let mut layout_checked = false;
@@ -544,7 +596,18 @@ async fn probe_dependencies(
             },);
         metrics.probe("redis", redis.is_ok(), redis_took);
         metrics.probe("kafka", kafka.is_ok(), kafka_took);
-        let now = (redis.is_ok(), kafka.is_ok());
+        if let Ok(n) = &kafka {
+            routing.set_topic_partitions(*n);
+            store.record_partition_count(*n);
+        }
+        let kafka = kafka.map(|_| ());
+        if redis.is_ok() {
+            map_check.run(&store, &routing, &link, &topic).await;
+        }
+        map_check.report(&routing);
+        // A map that cannot be honoured takes Kafka's names out: nothing
+        // can be published where it belongs.
+        let now = (redis.is_ok(), kafka.is_ok() && routing.refusal().is_none());
         if last != Some(now) {
             match (&redis, &kafka) {
                 (Ok(()), Ok(())) => tracing::info!("Redis and Kafka reachable"),
@@ -570,11 +633,6 @@ async fn probe_dependencies(
                 Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
             }
         }
-        if let Some(n) = publisher.known_partitions()
-            && let Err(e) = store.record_partition_count(n).await
-        {
-            tracing::debug!(error = %e, "cannot record the partition count in Redis");
-        }
         if let Some(state) = &projector {
             let in_group = state.stats().in_group;
             if in_group != last_in_group {
@@ -590,6 +648,140 @@ async fn probe_dependencies(
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// What the dependency probe looks at.
+struct Probed {
+    store: RedisStore,
+    publisher: EventPublisher,
+    projector: Option<Arc<ProjectorState>>,
+    health: Arc<HealthRegistry>,
+    routing: Arc<Routing>,
+    link: KafkaLink,
+    topic: String,
+}
+
+/// The probe's watch over the partition map: it leaves the map beside the
+/// read model (a Redis that lost it gets it back), notices instances that
+/// disagree, and reports partitions no id is routed to.
+#[derive(Default)]
+struct MapCheck {
+    /// When the log was last read because Redis held another map.
+    last_reread: Option<std::time::Instant>,
+    reported_unused: i32,
+    reported_refusal: Option<String>,
+}
+
+impl MapCheck {
+    /// Offers this instance's map to Redis; if another is there, one of the
+    /// two instances is stale: the log says which (read at most every 10 s).
+    async fn run(&mut self, store: &RedisStore, routing: &Routing, link: &KafkaLink, topic: &str) {
+        let Some(map) = routing.map() else { return };
+        let held = match store.offer_partition_map(map).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot leave the partition map in Redis");
+                return;
+            }
+        };
+        let Some(other) = held.filter(|h| *h != map) else {
+            return;
+        };
+        if self
+            .last_reread
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        self.last_reread = Some(std::time::Instant::now());
+        let (link, owned_topic) = (link.clone(), topic.to_owned());
+        let read = tokio::task::spawn_blocking(move || {
+            kafka::partition_map::read_map(&link, &owned_topic, None, Duration::from_secs(30))
+        })
+        .await;
+        match read {
+            Ok(Ok(Some(log))) if log == map => {
+                tracing::warn!(
+                    redis = %other.to_stored(),
+                    log = %log.to_stored(),
+                    "Redis held a stale partition map: replaced with the log's"
+                );
+                if let Err(e) = store.replace_partition_map(log).await {
+                    tracing::debug!(error = %e, "cannot replace the partition map in Redis");
+                }
+            }
+            Ok(Ok(Some(log))) => routing.set_map(log),
+            Ok(Ok(None)) => routing.set_map(other),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot re-read the partition map"),
+            Err(e) => tracing::debug!(error = %e, "partition map re-read panicked"),
+        }
+    }
+
+    /// Logs a change in the unused partitions or in the refusal, once.
+    fn report(&mut self, routing: &Routing) {
+        let unused = routing.unused_partitions();
+        if unused != self.reported_unused {
+            if let (true, Some(map), Some(n)) =
+                (unused > 0, routing.map(), routing.topic_partitions())
+            {
+                tracing::warn!(
+                    topic_partitions = n,
+                    routed = map.partitions,
+                    unused,
+                    "the topic has {n} partitions, but its partition map (offset {} of partition 0) \
+                     routes ids over the first {}: partitions {}..{} stay unused. To spread users \
+                     over more partitions, move to a new topic: `user-service move-topic`",
+                    map.offset,
+                    map.partitions,
+                    map.partitions,
+                    n - 1
+                );
+            }
+            self.reported_unused = unused;
+        }
+        let refusal = routing.refusal();
+        if refusal != self.reported_refusal {
+            match &refusal {
+                Some(reason) => tracing::error!(%reason, "the partition map cannot be honoured"),
+                None => tracing::info!("the partition map is honoured again"),
+            }
+            self.reported_refusal = refusal;
+        }
+    }
+}
+
+/// Reads (or records) the topic's partition map until it is known, for an
+/// instance that started while no broker answered.
+async fn learn_partition_map(
+    link: KafkaLink,
+    publisher: EventPublisher,
+    topic: String,
+    routing: Arc<Routing>,
+    token: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while routing.map().is_none() {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        match kafka::partition_map::learn(&link, &publisher, &topic, None, Duration::from_secs(30))
+            .await
+        {
+            Ok(map) => {
+                tracing::info!(
+                    partitions = map.partitions,
+                    offset = map.offset,
+                    "the topic's partition map"
+                );
+                routing.set_map(map);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the topic's partition map is not known yet");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -84,6 +84,10 @@ impl From<ApiError> for Status {
                     "the outcome is not known yet ({detail}); retry with the same request_id"
                 ))
             }
+            ApiError::Command(CommandError::Unroutable(reason)) => {
+                tracing::error!(%reason, "create refused: the partition map cannot be honoured");
+                Status::failed_precondition(reason)
+            }
             ApiError::NotFound(_) => Status::not_found(e.to_string()),
             ApiError::NotAllowed { .. } => Status::permission_denied(e.to_string()),
             ApiError::PastLogEnd { .. } => Status::out_of_range(e.to_string()),

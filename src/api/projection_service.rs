@@ -223,6 +223,7 @@ fn to_proto(s: &Snapshot) -> pb::ProgressSnapshot {
                 applied_offset: p.applied,
                 read_model_offset: p.read_model_offset,
                 rebuild_target_offset: p.rebuild_target,
+                unused: p.unused,
                 log_start_offset: p.log_start,
                 log_end_offset: p.log_end,
                 lag: p.lag,

@@ -5,7 +5,7 @@ use super::ApiError;
 use crate::{
     command::{CreateUser, Created},
     domain::{EventPosition, FieldViolation, NewUser, User, UserId, ValidationError},
-    kafka::{Reach, user_partition},
+    kafka::Reach,
     proto::user::v1::{
         CreateUserRequest, CreateUserResponse, GetUserRequest, GetUserResponse, Position,
         User as ProtoUser, user_service_server::UserService,
@@ -75,10 +75,10 @@ impl UserService for UserApi {
         let deadline = self.deadline();
         let r = request.into_inner();
         let id = UserId::parse(r.id).map_err(ApiError::from)?;
-        let publisher = &self.create.publisher;
+        let routing = &self.create.routing;
         let wanted = r
             .min_position
-            .map(|pos| validate_position(pos, publisher.known_partitions()))
+            .map(|pos| validate_position(pos, routing.map().map(|m| m.partitions)))
             .transpose()?;
         // A cached user answers when the call asks for no position, or for
         // one its creating event already covers (a create's own position):
@@ -94,20 +94,28 @@ impl UserService for UserApi {
                 }));
             }
         }
-        // The partition count as a broker told this instance, or any
-        // instance before (Redis keeps it): reads need no broker.
-        let partitions = match publisher.known_partitions() {
-            Some(n) => n,
-            None => self
-                .create
-                .store
-                .partition_count()
-                .await
-                .map_err(ApiError::from)?
-                .ok_or(ApiError::CannotTell)?,
+        // The partition map as this instance read it from the log, or as
+        // any instance left it beside the read model: reads need no broker.
+        // Without either, no partition can vouch for anything (and no
+        // position can be bounded): refused at once.
+        let map = match routing.map() {
+            Some(map) => map,
+            None => {
+                let map = self
+                    .create
+                    .store
+                    .partition_map()
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or(ApiError::CannotTell)?;
+                if let Some(pos) = r.min_position {
+                    validate_position(pos, Some(map.partitions))?;
+                }
+                map
+            }
         };
         // The user's own partition vouches for its absence, if complete.
-        let partition = user_partition(id, partitions);
+        let partition = map.home(id);
         let answer = match wanted {
             None => self.read(id, partition, None).await?,
             Some((p, offset)) => {
@@ -210,7 +218,8 @@ impl UserApi {
     }
 }
 
-/// A position must name a partition the topic has (when known) and an offset.
+/// A position must name a partition the partition map routes to (when known)
+/// and an offset.
 fn validate_position(pos: Position, partitions: Option<i32>) -> Result<(i32, i64), ApiError> {
     let mut violations = Vec::new();
     if pos.partition < 0 {
@@ -221,7 +230,7 @@ fn validate_position(pos: Position, partitions: Option<i32>) -> Result<(i32, i64
     } else if let Some(n) = partitions.filter(|n| pos.partition >= *n) {
         violations.push(FieldViolation {
             field: "min_position.partition",
-            description: format!("the topic has {n} partitions"),
+            description: format!("the topic's partition map routes users over {n} partitions"),
         });
     }
     if pos.offset < 0 {

@@ -3,11 +3,13 @@
 
 mod event;
 pub mod ids;
+pub mod partition_map;
 #[cfg(test)]
 mod proptests;
 mod user;
 
 pub use event::{EventDecodeError, EventPosition, SCHEMA_VERSION, UserCreated};
+pub use partition_map::{MapRecord, MoveRecord, PartitionMap};
 pub use user::{
     Email, FieldViolation, NewUser, RequestId, User, UserId, UserName, ValidationError,
 };

@@ -1,7 +1,8 @@
 //! The Kafka adapter (rdkafka over librdkafka).
 //!
 //! - [`EventPublisher`]: the one producer all CreateUser calls share:
-//!   idempotent, acks=all, Java-compatible murmur2 partitioning, a short linger;
+//!   idempotent, acks=all, each record to its id's partition by the topic's
+//!   partition map ([`partition_map`]), a short linger;
 //! - [`ensure_topics`]: creates the topic and its dead-letter topic at start-up;
 //! - [`consumer_config`]: the consumer-group settings of the projector.
 
@@ -9,6 +10,7 @@ mod admin;
 mod error;
 pub mod link;
 pub mod log_end;
+pub mod partition_map;
 mod producer;
 pub mod watchdog;
 
@@ -16,22 +18,10 @@ pub use admin::ensure_topics;
 pub use error::KafkaError;
 pub use link::{KafkaLink, LinkError, SaslMechanism, SecurityProtocol};
 pub use log_end::Reach;
+pub use partition_map::Routing;
 pub use producer::{EventPublisher, Published};
 
 use rdkafka::ClientConfig;
-
-/// The partition Kafka's Java client (and our producer, `murmur2_random`)
-/// puts `key` on: `toPositive(murmur2(key)) % partitions`. Readers use it to
-/// find which partition's checkpoint vouches for a user's absence.
-pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
-    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32;
-    (hash & 0x7fff_ffff) % partitions.max(1)
-}
-
-/// The partition of a user's events (its key is the id in decimal).
-pub fn user_partition(id: crate::domain::UserId, partitions: i32) -> i32 {
-    partition_for_key(id.to_string().as_bytes(), partitions)
-}
 
 /// Settings of the projector's consumer, following rdkafka's at-least-once
 /// example: offsets are stored by the code only once Redis holds an event's
@@ -73,33 +63,4 @@ pub fn client_id() -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     format!("user-service@{host}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::partition_for_key;
-
-    #[test]
-    fn partitions_like_kafkas_java_client() {
-        // Kafka's UtilsTest murmur2 vectors, through toPositive(h) % n.
-        for (key, hash) in [
-            (&b"21"[..], -973_932_308i32),
-            (b"foobar", -790_332_482),
-            (b"a-little-bit-long-string", -985_981_536),
-            (b"a-little-bit-longer-string", -1_486_304_829),
-            (
-                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
-        ] {
-            assert_eq!(murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32, hash);
-            for n in [1, 3, 7, 1000] {
-                assert_eq!(
-                    partition_for_key(key, n),
-                    (hash & 0x7fff_ffff) % n,
-                    "{key:?}"
-                );
-            }
-        }
-    }
 }

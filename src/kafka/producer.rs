@@ -14,7 +14,7 @@ use rdkafka::{
 use std::{
     sync::{
         Arc, RwLock,
-        atomic::{AtomicI32, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -47,9 +47,6 @@ pub struct EventPublisher {
     last_ack: Arc<std::sync::Mutex<Instant>>,
     topic: String,
     timeout: Duration,
-    /// The topic's partition count as last seen by [`EventPublisher::ping`];
-    /// 0 until then.
-    partitions: Arc<AtomicI32>,
     /// How far each partition's log reaches, as far as this instance knows.
     log_ends: Arc<LogEnds>,
     metrics: crate::telemetry::Metrics,
@@ -73,7 +70,6 @@ impl EventPublisher {
             last_ack: Arc::new(std::sync::Mutex::new(Instant::now())),
             topic: topic.to_owned(),
             timeout,
-            partitions: Arc::default(),
             log_ends: Arc::default(),
             metrics: Default::default(),
         })
@@ -89,8 +85,9 @@ impl EventPublisher {
             .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // The Java client's partitioner, so Java and kafka-go's
-            // Murmur2Balancer put a key where we do (librdkafka's default differs).
+            // Every record names its partition (the partition map's, see
+            // crate::domain::partition_map); the Java client's partitioner
+            // stands for any record that would not.
             .set("partitioner", "murmur2_random")
             .set("linger.ms", linger.as_millis().to_string())
             .set("message.timeout.ms", timeout.as_millis().max(1).to_string())
@@ -174,12 +171,21 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes the event keyed by the user id and waits for the broker's
-    /// acknowledgement, at most about the configured timeout.
-    pub async fn publish(&self, event: &UserCreated) -> Result<Published, KafkaError> {
+    /// Publishes the event keyed by the user id to `partition` (its id's
+    /// partition by the topic's partition map, never the partitioner's pick
+    /// over today's count) and waits for the broker's acknowledgement, at
+    /// most about the configured timeout.
+    pub async fn publish(
+        &self,
+        event: &UserCreated,
+        partition: i32,
+    ) -> Result<Published, KafkaError> {
         let key = event.key();
         let payload = event.to_json();
-        let mut record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        let mut record = FutureRecord::to(&self.topic)
+            .key(&key)
+            .payload(&payload)
+            .partition(partition);
         // With tracing on, the record carries its publish span's context.
         let traced = crate::telemetry::trace::publish_span(&self.topic, &key);
         let span = match traced {
@@ -249,9 +255,9 @@ impl EventPublisher {
         self.health.clone()
     }
 
-    /// Asks a broker for the topic's metadata: the health probe. Also notes
-    /// the topic's partition count.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), KafkaError> {
+    /// Asks a broker for the topic's metadata: the health probe. Returns the
+    /// topic's partition count (0 while the topic does not exist).
+    pub async fn ping(&self, timeout: Duration) -> Result<i32, KafkaError> {
         let producer = self.current();
         let topic = self.topic.clone();
         // fetch_metadata blocks: keep it off the async workers.
@@ -270,8 +276,7 @@ impl EventPublisher {
         .await
         .map_err(|e| KafkaError::Unavailable(format!("metadata probe panicked: {e}")))?
         .map_err(|e| self.blame_refusal(e))?;
-        self.partitions.store(count, Ordering::Relaxed);
-        Ok(())
+        Ok(count)
     }
 
     /// Turns a failed probe into the reason an operator can act on when the
@@ -290,11 +295,6 @@ impl EventPublisher {
         }
     }
 
-    /// The topic's partition count, once a probe has seen the topic.
-    pub fn known_partitions(&self) -> Option<i32> {
-        Some(self.partitions.load(Ordering::Relaxed)).filter(|n| *n > 0)
-    }
-
     /// Whether the topic's log holds `offset` of `partition` (see
     /// [`LogEnds`]): a broker is asked only when this instance's own
     /// acknowledgements do not already say so.
@@ -311,6 +311,30 @@ impl EventPublisher {
                     .map(|(_, high)| high)
             })
             .await
+    }
+
+    /// Appends a partition map record (see [`crate::domain::MapRecord`]) to
+    /// partition 0 of the topic and waits for it.
+    pub async fn publish_map(&self, partitions: i32) -> Result<Published, KafkaError> {
+        let payload = crate::domain::MapRecord::new(partitions).to_json();
+        let record = FutureRecord::to(&self.topic)
+            .key(crate::domain::partition_map::MAP_KEY)
+            .payload(&payload)
+            .partition(0);
+        match self
+            .current()
+            .send(record, Timeout::After(self.timeout))
+            .await
+        {
+            Ok(d) => Ok(Published {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => Err(KafkaError::Unavailable(format!(
+                "recording the partition map of {}: {e}",
+                self.topic
+            ))),
+        }
     }
 
     /// Publishes raw bytes with headers (the dead-letter path) and waits.

@@ -115,6 +115,7 @@ impl History {
                 status: status(&h.window, owner.is_some(), rebuild_target.is_some()),
                 owner,
                 last_commit_time: h.last_commit_time,
+                unused: false,
             });
         }
         let totals = Totals {

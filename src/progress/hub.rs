@@ -47,6 +47,9 @@ pub struct OwnProjection {
     /// The read model, whose own checkpoint (and rebuild target) each poll of
     /// the own group reads beside Kafka's figures.
     pub store: Option<RedisStore>,
+    /// The topic's partition map: partitions it routes no id to are marked
+    /// unused.
+    pub routing: Option<Arc<crate::kafka::Routing>>,
 }
 
 /// Hands out subscriptions to shared pollers.
@@ -327,7 +330,13 @@ impl PollerTask {
                     Some(state) if own => state.stats().applied_offsets,
                     _ => BTreeMap::new(),
                 };
-                Arc::new(history.observe(&group, &topic, &obs, &applied, &read_model))
+                let mut snapshot = history.observe(&group, &topic, &obs, &applied, &read_model);
+                if own && let Some(map) = self.own.routing.as_ref().and_then(|r| r.map()) {
+                    for p in &mut snapshot.partitions {
+                        p.unused = !map.routes(p.partition);
+                    }
+                }
+                Arc::new(snapshot)
             });
             self.poller
                 .latest

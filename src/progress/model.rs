@@ -107,6 +107,9 @@ pub struct PartitionProgress {
     pub owner: Option<Member>,
     pub status: PartitionStatus,
     pub last_commit_time: Option<SystemTime>,
+    /// No id is routed here (a partition added after the topic's partition
+    /// map was recorded); the service's own topic only.
+    pub unused: bool,
 }
 
 /// Group-wide sums.

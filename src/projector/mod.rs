@@ -23,9 +23,9 @@ mod state;
 pub use state::{ProjectorState, ProjectorStats};
 
 use crate::{
-    domain::{EventPosition, UserCreated},
+    domain::{EventPosition, MapRecord, MoveRecord, PartitionMap, UserCreated},
     kafka::{
-        EventPublisher, KafkaError, consumer_config,
+        EventPublisher, KafkaError, Routing, consumer_config,
         watchdog::{ClientHealth, Confirmations, cluster_reachable},
     },
     store::{ApplyOp, ApplyOutcome, ApplyResult, CheckpointWatch, RedisStore},
@@ -68,6 +68,10 @@ pub struct Projector {
     pub publisher: EventPublisher,
     pub state: Arc<ProjectorState>,
     pub metrics: crate::telemetry::Metrics,
+    /// The topic's partition map: an event outside its id's partition
+    /// creates nothing (it is dead-lettered), so the projector starts only
+    /// once the map is known.
+    pub routing: Arc<Routing>,
 }
 
 /// Keeps [`ProjectorState`]'s view of the assignment and of the group
@@ -118,6 +122,57 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
+/// What one record of the topic is to the read model.
+enum Record {
+    /// A user's event in its id's partition: the rule over the log applies.
+    Event(UserCreated),
+    /// A partition map record, or a move record on the topic moved to: it
+    /// creates nothing, the checkpoint passes it.
+    Control,
+    /// `move-topic` sealed this topic (its users moved to this topic):
+    /// later events of the partition create nothing.
+    Seal(String),
+    /// Not applicable: sent to the dead-letter topic with this reason.
+    Dead(String),
+}
+
+/// Decodes a record and checks it sits where the partition map puts its id:
+/// an event elsewhere (written by a client that routed over the topic's
+/// current count after partitions were added) creates nothing, in every
+/// replay alike, since the map is a fact of the log.
+fn classify(m: &OwnedMessage, map: PartitionMap, topic: &str) -> Record {
+    if let Some(decoded) = MapRecord::decode(m.key(), m.payload()) {
+        return match decoded {
+            Ok(_) => Record::Control,
+            Err(e) => Record::Dead(e.to_string()),
+        };
+    }
+    if let Some(decoded) = MoveRecord::decode(m.key(), m.payload()) {
+        return match decoded {
+            Ok(r) if r.from == topic => Record::Seal(r.to),
+            Ok(_) => Record::Control,
+            Err(e) => Record::Dead(e.to_string()),
+        };
+    }
+    match UserCreated::decode(m.key(), m.payload()) {
+        Ok(event) => {
+            let home = map.home(event.user.id);
+            if home == m.partition() {
+                Record::Event(event)
+            } else {
+                Record::Dead(format!(
+                    "user {}'s events belong in partition {home} (the topic's partition map \
+                     routes ids over {} partitions), not in partition {}",
+                    event.user.id,
+                    map.partitions,
+                    m.partition()
+                ))
+            }
+        }
+        Err(reason) => Record::Dead(reason.to_string()),
+    }
+}
+
 /// Why [`Projector::consume`] returned.
 enum Ended {
     /// Shutdown: commit and leave the group.
@@ -157,6 +212,14 @@ impl Projector {
     /// reachable cluster (see [`crate::kafka::watchdog`]) is replaced by a new
     /// one, which joins the group and resumes from the read model's checkpoint.
     pub async fn run(self, token: CancellationToken) -> Result<(), ProjectorError> {
+        let map = tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            map = self.routing.known() => map,
+        };
+        tracing::info!(
+            partitions = map.partitions,
+            "partition map known: the projector starts"
+        );
         loop {
             let health = Arc::new(ClientHealth::default());
             let consumer: Arc<Consumer_> = Arc::new(
@@ -167,7 +230,7 @@ impl Projector {
             );
             consumer.subscribe(&[&self.topic])?;
             tracing::info!(topic = %self.topic, group = %self.group, "projector started");
-            match self.consume(consumer.clone(), &health, &token).await {
+            match self.consume(consumer.clone(), &health, map, &token).await {
                 Ended::Stopped => {
                     self.leave(consumer).await;
                     return Ok(());
@@ -207,6 +270,7 @@ impl Projector {
         &self,
         consumer: Arc<Consumer_>,
         health: &ClientHealth,
+        map: PartitionMap,
         token: &CancellationToken,
     ) -> Ended {
         let mut confirmations = Confirmations::new(3);
@@ -263,7 +327,11 @@ impl Projector {
                 .drain(..)
                 .filter(|m| cursors.admit(m.partition(), m.offset()))
                 .collect();
-            if !fresh.is_empty() && !self.process(&consumer, &mut cursors, &fresh, token).await {
+            if !fresh.is_empty()
+                && !self
+                    .process(&consumer, &mut cursors, &fresh, map, token)
+                    .await
+            {
                 // Cancelled before the batch was applied: not stored, will replay.
                 return Ended::Stopped;
             }
@@ -292,6 +360,7 @@ impl Projector {
         consumer: &Consumer_,
         cursors: &mut Cursors,
         batch: &[OwnedMessage],
+        map: PartitionMap,
         token: &CancellationToken,
     ) -> bool {
         let mut ops = Vec::with_capacity(batch.len());
@@ -318,20 +387,31 @@ impl Projector {
                 partition: m.partition(),
                 offset: m.offset(),
             };
-            let (user, request_id) = match UserCreated::decode(m.key(), m.payload()) {
-                Ok(event) => (Some(event.user), event.request_id),
-                Err(reason) => {
-                    if !self.dead_letter(m, &reason.to_string(), token).await {
+            let (user, request_id, sealed_to) = match classify(m, map, &self.topic) {
+                Record::Event(event) => (Some(event.user), event.request_id, None),
+                Record::Control => (None, None, None),
+                Record::Seal(to) => {
+                    tracing::warn!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        moved_to = %to,
+                        "the topic's users moved to another topic: later events here create nothing"
+                    );
+                    (None, None, Some(to))
+                }
+                Record::Dead(reason) => {
+                    if !self.dead_letter(m, &reason, token).await {
                         return false;
                     }
                     dead += 1;
-                    (None, None)
+                    (None, None, None)
                 }
             };
             ops.push(ApplyOp {
                 position,
                 user,
                 request_id,
+                sealed_to,
             });
         }
         let expected = cursors.expected(ops.iter().map(|o| o.position.partition));

@@ -8,7 +8,7 @@
 //! itself; the committed offsets stay for the progress stream and the tools.
 
 use super::{RedisStore, StoreError, read_model::decode};
-use crate::domain::UserId;
+use crate::domain::{PartitionMap, UserId};
 use std::{collections::HashMap, sync::atomic::Ordering};
 
 /// What the read model can say about one partition.
@@ -138,7 +138,7 @@ impl RedisStore {
 
     /// Every partition's checkpoint, if the partition count is known.
     pub async fn all_checkpoints(&self) -> Result<Checkpoints, StoreError> {
-        match self.partition_count().await? {
+        match self.partition_count() {
             Some(n) => self.checkpoints(0..n).await,
             None => Ok(Checkpoints::default()),
         }
@@ -209,41 +209,62 @@ impl RedisStore {
         (slot.key, pipe)
     }
 
-    /// The topic's partition count: as a broker told this instance, else as
-    /// one told any instance before (kept in Redis).
-    pub async fn partition_count(&self) -> Result<Option<i32>, StoreError> {
-        let known = self.partitions.load(Ordering::Relaxed);
-        if known > 0 {
-            return Ok(Some(known));
-        }
-        let key = self.keys.partition_count();
-        let stored: Option<i32> = self
+    /// The topic's partition count as a broker last told this instance (the
+    /// progress stream reads every partition's checkpoint).
+    pub fn partition_count(&self) -> Option<i32> {
+        Some(self.partitions.load(Ordering::Relaxed)).filter(|n| *n > 0)
+    }
+
+    pub fn record_partition_count(&self, n: i32) {
+        self.partitions.store(n, Ordering::Relaxed);
+    }
+
+    /// The partition map as an instance that read it from the log left it
+    /// beside the read model (a copy: the log is the truth).
+    pub async fn partition_map(&self) -> Result<Option<PartitionMap>, StoreError> {
+        let key = self.keys.partition_map();
+        let stored: Option<String> = self
             .timed(async {
                 let mut conn = self.conn().await?;
                 Ok(redis::cmd("GET").arg(&key).query_async(&mut conn).await?)
             })
             .await?;
-        if let Some(n) = stored.filter(|n| *n > 0) {
-            self.partitions.store(n, Ordering::Relaxed);
-        }
-        Ok(stored.filter(|n| *n > 0))
+        Ok(stored.as_deref().and_then(PartitionMap::from_stored))
     }
 
-    /// A broker says the topic has `n` partitions: remembered here, and in
-    /// Redis for instances that start while no broker answers. Written on
-    /// every probe, not only on a change: a Redis that lost its data (a
-    /// flush, a failover to a replica that missed it) gets it back.
-    pub async fn record_partition_count(&self, n: i32) -> Result<(), StoreError> {
-        if n <= 0 {
-            return Ok(());
-        }
-        self.partitions.store(n, Ordering::Relaxed);
-        let key = self.keys.partition_count();
+    /// Leaves the map read from the log beside the read model unless one is
+    /// there already, and returns the one that was there (`None` if none
+    /// was): an instance that finds another map there re-reads the log to
+    /// learn which of the two is stale. Written on every probe, so a Redis
+    /// that lost its data gets it back.
+    pub async fn offer_partition_map(
+        &self,
+        map: PartitionMap,
+    ) -> Result<Option<PartitionMap>, StoreError> {
+        let key = self.keys.partition_map();
+        let held: Option<String> = self
+            .timed(async {
+                let mut conn = self.conn().await?;
+                Ok(redis::cmd("SET")
+                    .arg(&key)
+                    .arg(map.to_stored())
+                    .arg("NX")
+                    .arg("GET")
+                    .query_async(&mut conn)
+                    .await?)
+            })
+            .await?;
+        Ok(held.as_deref().and_then(PartitionMap::from_stored))
+    }
+
+    /// Replaces a stale copy of the map with the log's.
+    pub async fn replace_partition_map(&self, map: PartitionMap) -> Result<(), StoreError> {
+        let key = self.keys.partition_map();
         self.timed(async {
             let mut conn = self.conn().await?;
             let () = redis::cmd("SET")
                 .arg(&key)
-                .arg(n)
+                .arg(map.to_stored())
                 .query_async(&mut conn)
                 .await?;
             Ok(())

@@ -136,10 +136,13 @@ impl Keys {
         format!("{}user-request:{{{}}}", self.prefix, request_id.as_str())
     }
 
-    /// The topic's partition count, as a broker last told it: lets an
-    /// instance find a user's key before any broker answered it.
-    pub fn partition_count(&self) -> String {
-        format!("{}projection:{}:partitions", self.prefix, self.topic)
+    /// `projection:<topic>:partition-map`: the topic's partition map as the
+    /// log records it (`<partitions>@<offset>`, see
+    /// [`crate::domain::PartitionMap`]), so an instance that starts while no
+    /// broker answers still finds a user's partition, and instances that
+    /// disagree on it notice.
+    pub fn partition_map(&self) -> String {
+        format!("{}projection:{}:partition-map", self.prefix, self.topic)
     }
 }
 

@@ -79,6 +79,9 @@ pub struct ApplyOp {
     pub user: Option<User>,
     /// The request id the event carries, if any.
     pub request_id: Option<RequestId>,
+    /// Set for the seal `move-topic` writes (the topic the users moved to):
+    /// the partition's later events create nothing.
+    pub sealed_to: Option<String>,
 }
 
 /// What a batch did to the read model.
@@ -160,7 +163,7 @@ impl RedisStore {
                         .key(&projection)
                         .arg(op.position.offset)
                         .arg("")
-                        .arg("");
+                        .arg(op.sealed_to.as_deref().unwrap_or(""));
                 }
             }
         }

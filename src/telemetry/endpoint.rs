@@ -4,7 +4,7 @@
 //! ([`Sources::collect`]).
 
 use super::Metrics;
-use crate::kafka::watchdog::ClientHealth;
+use crate::kafka::{Routing, watchdog::ClientHealth};
 use crate::{
     api::{health::HealthRegistry, limit::CallBudget},
     progress::{PartitionStatus, ProgressHub},
@@ -27,6 +27,7 @@ pub struct Sources {
     pub watch: Arc<CheckpointWatch>,
     pub producer: Arc<ClientHealth>,
     pub users: UserCache,
+    pub routing: Arc<Routing>,
 }
 
 impl Sources {
@@ -54,6 +55,12 @@ impl Sources {
             )
             .absolute(fell_back);
         }
+        m.gauge("user_service_partition_map_partitions", &[])
+            .set(f64::from(self.routing.map().map_or(0, |m| m.partitions)));
+        m.gauge("user_service_topic_partitions", &[])
+            .set(f64::from(self.routing.topic_partitions().unwrap_or(0)));
+        m.gauge("user_service_topic_partitions_unused", &[])
+            .set(f64::from(self.routing.unused_partitions()));
         m.counter("user_service_checkpoint_polls_total", &[])
             .absolute(self.watch.polls());
         if let Some((entries, bytes)) = self.users.size() {

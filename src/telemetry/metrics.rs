@@ -107,7 +107,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "user_service_projector_dead_lettered_total",
         Kind::Counter,
-        "undecodable records sent to the dead-letter topic",
+        "records that cannot be applied (undecodable, or outside their id's partition) sent to the dead-letter topic",
     ),
     (
         "user_service_projector_apply_failures_total",
@@ -133,6 +133,21 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "user_service_projector_rebalances_total",
         Kind::Counter,
         "partition assignments this instance received or lost",
+    ),
+    (
+        "user_service_partition_map_partitions",
+        Kind::Gauge,
+        "partitions the topic's partition map routes ids over (0 until read from the log)",
+    ),
+    (
+        "user_service_topic_partitions",
+        Kind::Gauge,
+        "partitions the topic has, as a broker last said (0 until then)",
+    ),
+    (
+        "user_service_topic_partitions_unused",
+        Kind::Gauge,
+        "partitions of the topic no id is routed to (added after the partition map was recorded)",
     ),
     (
         "user_service_projector_assigned_partitions",

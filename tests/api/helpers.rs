@@ -562,9 +562,25 @@ pub struct LogRecord {
     pub payload: Option<Vec<u8>>,
 }
 
-/// Every record of `topic` from the start of its log to its end offsets as
-/// they are now, by partition, in each partition's order.
+/// Every user event of `topic` from the start of its log to its end offsets
+/// as they are now, by partition, in each partition's order; the control
+/// records (the partition map, a move's marks) are left out.
 pub fn read_log(topic: &str) -> Vec<LogRecord> {
+    read_log_all(topic)
+        .into_iter()
+        .filter(|r| !is_control(r.key.as_deref()))
+        .collect()
+}
+
+/// Whether a record's key is one of the control records' (the partition
+/// map, a move's marks): they create no user.
+pub fn is_control(key: Option<&[u8]>) -> bool {
+    use user_service::domain::partition_map::{MAP_KEY, MOVE_KEY};
+    key == Some(MAP_KEY.as_bytes()) || key == Some(MOVE_KEY.as_bytes())
+}
+
+/// Every record of `topic`, control records included.
+pub fn read_log_all(topic: &str) -> Vec<LogRecord> {
     use rdkafka::{Message, Offset, TopicPartitionList};
     let ends = log_end_offsets(topic);
     let c = inspector(&unique("read-log"));

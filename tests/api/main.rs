@@ -11,6 +11,7 @@ mod health;
 mod hostile_wire;
 mod idempotency;
 mod metrics;
+mod partition_map;
 mod ping_policy;
 mod producer_watchdog;
 mod progress;

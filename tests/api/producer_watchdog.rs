@@ -34,13 +34,13 @@ async fn a_replaced_producer_publishes_at_once() {
         Duration::from_millis(2),
     )
     .unwrap();
-    let before = publisher.publish(&event(1)).await.unwrap();
+    let before = publisher.publish(&event(1), 0).await.unwrap();
     // Replace while calls are in flight: each ends, acknowledged or with an
     // error (purged), never hanging.
     let in_flight: Vec<_> = (2..50)
         .map(|id| {
             let p = publisher.clone();
-            tokio::spawn(async move { p.publish(&event(id)).await })
+            tokio::spawn(async move { p.publish(&event(id), (id % 3) as i32).await })
         })
         .collect();
     publisher.replace();
@@ -49,6 +49,6 @@ async fn a_replaced_producer_publishes_at_once() {
             .await
             .expect("a call in flight at the replacement ends");
     }
-    let after = publisher.publish(&event(100)).await.unwrap();
+    let after = publisher.publish(&event(100), 1).await.unwrap();
     assert!(after.offset >= 0 && before.offset >= 0);
 }

@@ -110,6 +110,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         position: EventPosition { partition, offset },
         user: u,
         request_id: None,
+        sealed_to: None,
     };
     // Nothing in the log yet: both partitions start at -1, not rebuilding.
     for p in [0, 1] {

@@ -67,7 +67,7 @@ async fn kafka_group_commits_and_resumes_and_redis_pool_round_trips() {
     for (key, partition, _) in &first {
         assert_eq!(
             *partition,
-            user_service::kafka::partition_for_key(key.as_bytes(), 3),
+            user_service::domain::partition_map::partition_for_key(key.as_bytes(), 3),
             "key {key}"
         );
     }

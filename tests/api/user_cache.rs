@@ -54,7 +54,7 @@ async fn a_decided_user_is_served_from_memory_while_redis_is_away() {
     // (whose own would be read first, from the absent Redis) is refused at
     // once, cache or not.
     let partitions = app.config.topic_partitions;
-    let own = user_service::kafka::user_partition(
+    let own = user_service::domain::partition_map::user_partition(
         user_service::domain::UserId::parse(id).unwrap(),
         partitions,
     );

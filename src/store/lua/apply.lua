@@ -13,12 +13,18 @@
 -- during a rebalance), nothing is written and the script answers
 -- {'moved', checkpoint or ''}: the projector then resumes from what Redis holds.
 --
--- KEYS[1]   the partition's checkpoint hash (fields `applied`, `rebuild`)
+-- Sealed: `user-service move-topic` ends each partition of a topic it moved
+-- with a seal (sent as field '' and the new topic as value). Events after it
+-- create nothing: the mover copied everything before it to the new topic,
+-- and nothing after it. The checkpoint keeps `moved` (the new topic).
+--
+-- KEYS[1]   the partition's checkpoint hash (fields `applied`, `rebuild`, `moved`)
 -- KEYS[2..] one key per event: the user's bucket hash (KEYS[1] stands in for
 --           "none": a record that only moves the checkpoint, one sent to the
 --           dead-letter topic)
 -- ARGV[1]   the expected checkpoint, then per event in log order: offset,
---           the user's field in its bucket (its id), user value ('' for none)
+--           the user's field in its bucket (its id), user value ('' for none;
+--           with field '', a seal: the topic the users moved to)
 --
 -- Returns {'ok', applied, duplicates, skipped, created...} | {'moved', checkpoint}
 -- where `created` lists the (0-based) indexes of the events that created a user.
@@ -27,6 +33,7 @@ if held ~= ARGV[1] then
   return {'moved', held or ''}
 end
 local current = tonumber(held)
+local moved = redis.call('HGET', KEYS[1], 'moved')
 
 local applied, duplicates, skipped = 0, 0, 0
 local created = {}
@@ -35,7 +42,14 @@ for e = 0, #KEYS - 2 do
   local ukey = KEYS[2 + e]
   local offset, field, value = tonumber(ARGV[2 + e * 3]), ARGV[3 + e * 3], ARGV[4 + e * 3]
   if offset > current then
-    if value ~= '' then
+    if field == '' and value ~= '' then
+      if not moved then
+        moved = value
+        redis.call('HSET', KEYS[1], 'moved', value)
+      end
+    elseif value ~= '' and moved then
+      duplicates = duplicates + 1
+    elseif value ~= '' then
       if redis.call('HSETNX', ukey, field, value) == 1 then
         applied = applied + 1
         created[#created + 1] = e
