@@ -139,11 +139,13 @@ async fn added_partitions_change_nothing_a_caller_sees() {
     })
     .await
     .expect("the progress stream marks the added partitions unused");
-    let metrics = scrape(&a).await;
-    assert!(
-        metrics.contains("user_service_topic_partitions_unused 3"),
-        "{metrics}"
-    );
+    wait_until(Duration::from_secs(30), || async {
+        scrape(&a)
+            .await
+            .contains("user_service_topic_partitions_unused 3")
+    })
+    .await
+    .expect("the metric reports the 3 added partitions unused");
     // Creates go on, every one OK at once (no UNAVAILABLE), on a routed
     // partition.
     acks.extend(create_all(&a, "after", &ids[60..]).await);
