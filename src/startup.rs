@@ -374,6 +374,8 @@ impl Application {
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
             .layer(GrpcTelemetryLayer::new(metrics.clone()))
             .layer(CatchPanicLayer::custom(on_panic))
+            // RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, past MAX_REQUEST_BYTES.
+            .layer(crate::api::oversize::OversizeLayer)
             .add_service(HealthService(health.clone()).into_server())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

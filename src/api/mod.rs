@@ -4,6 +4,7 @@
 pub mod error;
 pub mod health;
 pub mod limit;
+pub mod oversize;
 pub mod ping_policy;
 mod projection_service;
 mod user_service;

@@ -4,12 +4,19 @@
 //! the trailers at the end of the body; a call whose body is dropped before
 //! its trailers (the client went away) counts as `Canceled`. With tracing on,
 //! the call runs in its server span, child of the caller's `traceparent`.
+//!
+//! The service and method labels come from a closed set, the names the server
+//! serves; any other path counts as `unknown`, so that callers making up
+//! names cannot grow the metrics without bound.
 
 use super::{Metrics, metrics::code_name};
 use futures::future::BoxFuture;
 use http_body::{Body, Frame};
+use prost::Message;
 use std::{
+    collections::{HashMap, HashSet},
     pin::Pin,
+    sync::LazyLock,
     task::{Context, Poll},
     time::Instant,
 };
@@ -62,7 +69,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (service, method) = service_and_method(request.uri().path());
-        self.metrics.grpc_started(&service, &method);
+        self.metrics.grpc_started(service, method);
         let mut call = CallEnd {
             metrics: self.metrics.clone(),
             service,
@@ -70,7 +77,7 @@ where
             began: Instant::now(),
             recorded: false,
         };
-        let span = super::trace::server_span(request.headers(), &call.service, &call.method);
+        let span = super::trace::server_span(request.headers(), call.service, call.method);
         let response = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -93,12 +100,46 @@ where
     }
 }
 
-/// `/user.v1.UserService/GetUser` → (`user.v1.UserService`, `GetUser`).
-fn service_and_method(path: &str) -> (String, String) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().filter(|s| !s.is_empty()).unwrap_or("unknown");
-    let method = parts.next().filter(|s| !s.is_empty()).unwrap_or("unknown");
-    (service.to_owned(), method.to_owned())
+/// The label of a service or method the server does not serve.
+const UNKNOWN: &str = "unknown";
+
+/// The methods of every service the server serves, by service: ours, health
+/// and reflection (both versions), from their descriptor sets.
+static SERVED: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
+    let sets = [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut served = HashMap::new();
+    for set in sets {
+        let set = prost_types::FileDescriptorSet::decode(set).expect("a valid descriptor set");
+        for file in set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                let methods = service.method.iter().map(|m| m.name().to_owned());
+                served
+                    .entry(name)
+                    .or_insert_with(HashSet::new)
+                    .extend(methods);
+            }
+        }
+    }
+    served
+});
+
+/// `/user.v1.UserService/GetUser` → (`user.v1.UserService`, `GetUser`); a
+/// service or method the server does not serve → `unknown`.
+fn service_and_method(path: &str) -> (&'static str, &'static str) {
+    let (service, method) = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or_default();
+    match SERVED.get_key_value(service) {
+        Some((service, methods)) => (service, methods.get(method).map_or(UNKNOWN, String::as_str)),
+        None => (UNKNOWN, UNKNOWN),
+    }
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
@@ -115,8 +156,8 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// before one.
 struct CallEnd {
     metrics: Metrics,
-    service: String,
-    method: String,
+    service: &'static str,
+    method: &'static str,
     began: Instant,
     recorded: bool,
 }
@@ -126,8 +167,8 @@ impl CallEnd {
         if !self.recorded {
             self.recorded = true;
             self.metrics.grpc_handled(
-                &self.service,
-                &self.method,
+                self.service,
+                self.method,
                 code_name(code),
                 self.began.elapsed(),
             );
@@ -202,13 +243,49 @@ mod tests {
 
     #[test]
     fn paths_split_into_service_and_method() {
-        assert_eq!(
-            service_and_method("/user.v1.UserService/GetUser"),
-            ("user.v1.UserService".into(), "GetUser".into())
-        );
-        assert_eq!(
-            service_and_method("/"),
-            ("unknown".into(), "unknown".into())
-        );
+        for (path, want) in [
+            (
+                "/user.v1.UserService/GetUser",
+                ("user.v1.UserService", "GetUser"),
+            ),
+            (
+                "/user.v1.ProjectionService/WatchProgress",
+                ("user.v1.ProjectionService", "WatchProgress"),
+            ),
+            (
+                "/grpc.health.v1.Health/Check",
+                ("grpc.health.v1.Health", "Check"),
+            ),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1alpha.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            // A served service, a method it does not have.
+            (
+                "/user.v1.UserService/Nope",
+                ("user.v1.UserService", "unknown"),
+            ),
+            (
+                "/user.v1.UserService/GetUser/x",
+                ("user.v1.UserService", "unknown"),
+            ),
+            ("/random.Svc/GetUser", ("unknown", "unknown")),
+            ("/user.v1.UserService", ("unknown", "unknown")),
+            ("user.v1.UserService/GetUser", ("unknown", "unknown")),
+            ("/", ("unknown", "unknown")),
+            ("", ("unknown", "unknown")),
+        ] {
+            assert_eq!(service_and_method(path), want, "{path}");
+        }
     }
 }

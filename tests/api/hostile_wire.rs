@@ -21,7 +21,7 @@
 //! | `grpc-encoding` the server does not support (gzip, ...) | `UNIMPLEMENTED` |
 //! | no message at all (also a `GET`) | `INTERNAL` "Missing request message." |
 //! | bytes that are not the message's protobuf (bad varint, bad UTF-8 in a string) | `INTERNAL` (tonic-prost maps every decode error to it) |
-//! | a message over the decoding limit (`MAX_REQUEST_BYTES`; tonic's default is 4 MiB) | `OUT_OF_RANGE`, at once (tonic's code; gRPC's spec and grpc-go say `RESOURCE_EXHAUSTED`) |
+//! | a message over the decoding limit (`MAX_REQUEST_BYTES`; tonic's default is 4 MiB) | `RESOURCE_EXHAUSTED`, at once (gRPC's spec and grpc-go; tonic's own `OUT_OF_RANGE` is rewritten, see `api::oversize`) |
 //! | `content-type` not `application/grpc` | served like any call: tonic does not look at it (gRPC's spec says a server SHOULD answer HTTP 415) |
 //! | unknown service, method or path | `UNIMPLEMENTED` |
 //! | headers over 16 KiB | HTTP 431; far over it, GOAWAY `ENHANCE_YOUR_CALM` for the connection |
@@ -630,7 +630,7 @@ async fn malformed_grpc_messages_get_a_grpc_error_and_the_connection_stays_up() 
 }
 
 #[tokio::test]
-async fn an_oversize_message_is_out_of_range_without_being_read() {
+async fn an_oversize_message_is_resource_exhausted_without_being_read() {
     let target = target().await;
     let huge = CreateUserRequest {
         name: "n".repeat(OVERSIZE),
@@ -645,7 +645,12 @@ async fn an_oversize_message_is_out_of_range_without_being_read() {
     let reply = answer(&client, case, "POST", CREATE_USER, &[], grpc_frame(&huge)).await;
     assert_eq!(
         reply.assert_grpc(case),
-        Code::OutOfRange,
+        Code::ResourceExhausted,
+        "{case}: {}",
+        reply.grpc_message()
+    );
+    assert!(
+        reply.grpc_message().contains("too large"),
         "{case}: {}",
         reply.grpc_message()
     );
@@ -664,13 +669,27 @@ async fn an_oversize_message_is_out_of_range_without_being_read() {
         frame(0, OVERSIZE as u32, b"\x12\x01n"),
     )
     .await;
-    assert_eq!(reply.assert_grpc(case), Code::OutOfRange);
+    assert_eq!(reply.assert_grpc(case), Code::ResourceExhausted);
     assert!(
         started.elapsed() < PATIENCE / 2,
         "{case}: waited for the body"
     );
     assert_connection_serves(&client, case).await;
     target.assert_still_serves(case).await;
+
+    // The progress service has the same limit, and the same answer.
+    let case = "a GetProgress whose length prefix claims 5 MiB";
+    let reply = answer(
+        &client,
+        case,
+        "POST",
+        "/user.v1.ProjectionService/GetProgress",
+        &[],
+        frame(0, OVERSIZE as u32, b""),
+    )
+    .await;
+    assert_eq!(reply.assert_grpc(case), Code::ResourceExhausted);
+    assert_connection_serves(&client, case).await;
     drop(client);
 
     // Through the real client: the same code, the same service after.
@@ -680,7 +699,7 @@ async fn an_oversize_message_is_out_of_range_without_being_read() {
         .create_req(huge)
         .await
         .expect_err("an oversize message is refused");
-    assert_eq!(status.code(), Code::OutOfRange, "{case}: {status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{case}: {status:?}");
     target.assert_still_serves(case).await;
     target.stop().await;
 }

@@ -162,8 +162,8 @@ async fn oversize_requests_are_refused_and_the_service_goes_on() {
         })
         .await
         .unwrap_err();
-    // tonic's code for a message over the limit.
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // gRPC's code for a message over the limit (not tonic's OUT_OF_RANGE).
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("too large"), "{}", err.message());
     app.create("Small", "small@example.com")
         .await
