@@ -23,12 +23,20 @@
 //!    brokers left to keep two copies).
 //! 3. Read back: once every target's health says SERVING, GetUser(id,
 //!    min_position = the acknowledged position) for every acknowledged user,
-//!    retrying UNAVAILABLE and DEADLINE_EXCEEDED until `--heal-timeout`.
+//!    retrying UNAVAILABLE and DEADLINE_EXCEEDED until `--heal-timeout`; with
+//!    `--read-every-target`, on every target (`--late-targets` too: instances
+//!    a heal started), with the position and without it. With
+//!    `--recreate-sample N`, N acknowledged client-chosen ids are then created
+//!    again by other requests: each must answer ALREADY_EXISTS.
 //! 4. The log (`--brokers`, `--topic`): every record of every partition from
 //!    the start to the high watermark, read without a consumer group. Per id,
-//!    the first UserCreated in offset order wins. One request must own at most
-//!    one winning event, and the winner for an acknowledged id must be that
-//!    request's event.
+//!    the first UserCreated in offset order wins (per partition, if partitions
+//!    were added: two requests' winners in two partitions are doubled). One
+//!    request must own at most one winning event, and the winner for an
+//!    acknowledged id must be that request's event.
+//!
+//! With `--max-retries-after-fault N`, a call that failed more than N times
+//! after the first fault started fails the run.
 //!
 //! Prints one summary line on stdout (`fault=... lost=0 corrupted=0
 //! doubled=0 ...`), progress on stderr, and with `--json FILE` the same figures
@@ -81,6 +89,12 @@ struct Cli {
     /// round-robin over them.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:50051")]
     targets: Vec<String>,
+    /// Instances a heal command starts (`127.0.0.1:PORT`, comma-separated):
+    /// the load does not use them; after it they must be SERVING too, and
+    /// the read-back (with --read-every-target) and the re-creates
+    /// (--recreate-sample) use them like the others.
+    #[arg(long, value_delimiter = ',')]
+    late_targets: Vec<String>,
     /// HTTP/2 connections per target.
     #[arg(long, default_value_t = 1)]
     connections: usize,
@@ -152,7 +166,8 @@ struct Cli {
     /// Between each fault and its heal, read users acknowledged before the
     /// fault and ask the health of `user.v1.UserService`: every read must be
     /// answered and the service stay SERVING (for faults of Kafka, which
-    /// reads do not need).
+    /// reads do not need). With --max-retries-after-fault each read is
+    /// retried like the read-back (for up to 5 s), its retries judged by it.
     #[arg(long)]
     reads_during_fault: bool,
     /// Between each fault's end (plus --window-grace) and its heal, every
@@ -185,6 +200,23 @@ struct Cli {
     /// every heal.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     writes_within: Duration,
+    /// Read every acknowledged user on every target (--late-targets too),
+    /// with its acknowledged position and again without one, instead of once,
+    /// round-robin, with the position.
+    #[arg(long)]
+    read_every_target: bool,
+    /// After the read-back, create this many acknowledged client-chosen ids
+    /// (acknowledged before the first fault, spread over the run) again under
+    /// fresh request ids and fields, round-robin over every target: each must
+    /// answer ALREADY_EXISTS; an OK is a second user under the id (doubled).
+    #[arg(long, default_value_t = 0)]
+    recreate_sample: usize,
+    /// A call (create, re-create, read-back) that failed more than this many
+    /// times after the first fault started fails the run: the usual retry
+    /// rides out a blip, not an outage. Also reports the UNAVAILABLE answers
+    /// seen after the fault started.
+    #[arg(long)]
+    max_retries_after_fault: Option<u32>,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -254,6 +286,16 @@ impl Pool {
     /// The next slot, round-robin: (slot, generation, channel).
     fn pick(&self) -> (usize, u64, Channel) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let s = self.slots[i].ch.read().expect("slot lock");
+        (i, s.0, s.1.clone())
+    }
+
+    /// A slot of target `t` (round-robin over its connections).
+    fn pick_target(&self, t: usize) -> (usize, u64, Channel) {
+        let of_t: Vec<usize> = (0..self.slots.len())
+            .filter(|i| self.slots[*i].target == t)
+            .collect();
+        let i = of_t[self.next.fetch_add(1, Ordering::Relaxed) % of_t.len()];
         let s = self.slots[i].ch.read().expect("slot lock");
         (i, s.0, s.1.clone())
     }
@@ -338,6 +380,73 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * jitter) as u64)
 }
 
+/// What calls met after the first fault started (--max-retries-after-fault):
+/// every failed attempt by kind of call and code, and how many times one call
+/// failed at most.
+struct AfterFault {
+    started: std::sync::OnceLock<Instant>,
+    limit: Option<u32>,
+    tally: Mutex<AfterFaultTally>,
+}
+
+#[derive(Debug, Default)]
+struct AfterFaultTally {
+    /// Failed attempts after the fault started: kind of call -> code -> n.
+    errors: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// The most failed attempts of one call after the fault started.
+    max_failures: u32,
+    /// Calls that failed more than the limit after the fault started.
+    over: u64,
+    examples: Vec<String>,
+}
+
+impl AfterFault {
+    fn new(limit: Option<u32>) -> Self {
+        Self {
+            started: std::sync::OnceLock::new(),
+            limit,
+            tally: Mutex::new(AfterFaultTally::default()),
+        }
+    }
+
+    /// Whether an attempt failing now counts (the fault has started).
+    fn counts(&self) -> bool {
+        self.started.get().is_some_and(|t| Instant::now() >= *t)
+    }
+
+    /// A failed attempt of a call of `kind`; true if it counts.
+    fn failed(&self, kind: &'static str, code: Code) -> bool {
+        if !self.counts() {
+            return false;
+        }
+        let mut t = self.tally.lock().expect("after-fault lock");
+        *t.errors
+            .entry(kind)
+            .or_default()
+            .entry(code_name(code))
+            .or_default() += 1;
+        true
+    }
+
+    /// A call of `kind` is over, having failed `failures` times after the
+    /// fault started.
+    fn done(&self, kind: &'static str, what: &str, failures: u32, last: &str) {
+        if failures == 0 {
+            return;
+        }
+        let mut t = self.tally.lock().expect("after-fault lock");
+        t.max_failures = t.max_failures.max(failures);
+        if self.limit.is_some_and(|l| failures > l) {
+            t.over += 1;
+            if t.examples.len() < 6 {
+                t.examples.push(format!(
+                    "{kind} {what}: failed {failures} times after the fault started (last {last})"
+                ));
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ the load
 
 #[derive(Debug, Clone)]
@@ -374,6 +483,8 @@ struct Load {
     error_log: Mutex<Vec<(Instant, &'static str)>>,
     /// Requests started outside the callers (probes during a fault).
     extra: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Failures after the first fault started.
+    after_fault: AfterFault,
 }
 
 const ERROR_LOG_CAP: usize = 1_000_000;
@@ -435,6 +546,12 @@ impl Load {
     async fn one(&self, seq: u64) {
         let (req, client_id) = self.request(seq);
         let mut attempt = 0u32;
+        // Failed attempts after the fault started, and the last one's code.
+        let mut after = (0u32, "");
+        let done = |after: (u32, &str)| {
+            self.after_fault
+                .done("create", &req.request_id, after.0, after.1)
+        };
         loop {
             let (slot, generation, ch) = self.pool.pick();
             let mut r = Request::new(req.clone());
@@ -472,9 +589,13 @@ impl Load {
                         at: Instant::now(),
                         answer_ok,
                     });
+                    done(after);
                     return;
                 }
                 Err(s) => {
+                    if self.after_fault.failed("create", s.code()) {
+                        after = (after.0 + 1, code_name(s.code()));
+                    }
                     {
                         let mut log = self.error_log.lock().expect("error log lock");
                         if log.len() < ERROR_LOG_CAP {
@@ -506,6 +627,7 @@ impl Load {
                                 s.message()
                             ),
                         );
+                        done(after);
                         return;
                     }
                     if looks_like_transport(&s) {
@@ -523,6 +645,7 @@ impl Load {
                                 s.message()
                             ),
                         );
+                        done(after);
                         return;
                     }
                     tokio::time::sleep(backoff(attempt)).await;
@@ -626,37 +749,54 @@ async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> Fau
         let ack = &acked[(i * 7919) % acked.len()];
         i += 1;
         let (_, _, ch) = load.pool.pick();
-        let mut req = Request::new(GetUserRequest {
-            id: ack.id,
-            min_position: None,
-        });
-        req.set_timeout(Duration::from_secs(2));
-        let got = tokio::time::timeout(
-            Duration::from_secs(3),
-            UserServiceClient::new(ch.clone()).get_user(req),
-        )
-        .await;
-        match got {
-            Ok(Ok(resp))
-                if resp
-                    .get_ref()
-                    .user
-                    .as_ref()
-                    .is_some_and(|u| u.name == ack.name) =>
-            {
-                r.ok += 1
+        let outcome: Result<(), String> = if load.after_fault.limit.is_some() {
+            // Retried like the read-back (its retries judged by
+            // --max-retries-after-fault): a blip the usual retry rides out
+            // is no failure, an outage is.
+            let how = ReadHow {
+                target: None,
+                with_position: false,
+            };
+            let until = Instant::now() + Duration::from_secs(5);
+            match read_back(&load.pool, ack, how, until, &load.after_fault).await {
+                Read::Found { name, .. } if name == ack.name => Ok(()),
+                Read::Found {
+                    id, name, email, ..
+                } => Err(format!("another user: {id} {name:?} {email:?}")),
+                Read::NotFound => Err("NOT_FOUND".into()),
+                Read::Failing(e) => Err(e),
             }
-            other => {
+        } else {
+            let mut req = Request::new(GetUserRequest {
+                id: ack.id,
+                min_position: None,
+            });
+            req.set_timeout(Duration::from_secs(2));
+            let got = tokio::time::timeout(
+                Duration::from_secs(3),
+                UserServiceClient::new(ch.clone()).get_user(req),
+            )
+            .await;
+            match got {
+                Ok(Ok(resp))
+                    if resp
+                        .get_ref()
+                        .user
+                        .as_ref()
+                        .is_some_and(|u| u.name == ack.name) =>
+                {
+                    Ok(())
+                }
+                Ok(Ok(resp)) => Err(format!("another user: {:?}", resp.get_ref().user)),
+                Ok(Err(s)) => Err(format!("{} {}", code_name(s.code()), s.message())),
+                Err(_) => Err("timed out".into()),
+            }
+        };
+        match outcome {
+            Ok(()) => r.ok += 1,
+            Err(e) => {
                 if r.failed == 0 {
-                    r.samples.push(format!(
-                        "GetUser {}: {}",
-                        ack.id,
-                        match other {
-                            Ok(Ok(resp)) => format!("another user: {:?}", resp.get_ref().user),
-                            Ok(Err(s)) => format!("{} {}", code_name(s.code()), s.message()),
-                            Err(_) => "timed out".into(),
-                        }
-                    ));
+                    r.samples.push(format!("GetUser {}: {e}", ack.id));
                 }
                 r.failed += 1;
             }
@@ -723,6 +863,8 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
             started: Some(Instant::now()),
             ..Cycle::default()
         };
+        // Only the first cycle's start counts (a no-op after it).
+        let _ = load.after_fault.started.set(c.started.expect("set above"));
         say!("fault {}/{}: {}", i + 1, plan.repeat, plan.fault);
         match run_shell(plan.fault.clone(), plan.command_timeout).await {
             Ok(0) => {}
@@ -1057,15 +1199,38 @@ enum Read {
     Failing(String),
 }
 
-async fn read_back(pool: &Pool, ack: &Ack, deadline: Instant) -> Read {
+/// Where a read-back goes and what it asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ReadHow {
+    /// One target (an index of the pool's targets); None: round-robin.
+    target: Option<usize>,
+    /// With the acknowledged position as `min_position`.
+    with_position: bool,
+}
+
+async fn read_back(
+    pool: &Pool,
+    ack: &Ack,
+    how: ReadHow,
+    deadline: Instant,
+    after_fault: &AfterFault,
+) -> Read {
     let mut attempt = 0u32;
+    let mut failures = 0u32;
     let mut last = String::from("no answer before the heal timeout");
-    while Instant::now() < deadline {
-        let (slot, generation, ch) = pool.pick();
+    let read = loop {
+        if Instant::now() >= deadline {
+            break Read::Failing(last.clone());
+        }
+        let (slot, generation, ch) = match how.target {
+            Some(t) => pool.pick_target(t),
+            None => pool.pick(),
+        };
         let mut req = Request::new(GetUserRequest {
             id: ack.id,
             min_position: ack
                 .position
+                .filter(|_| how.with_position)
                 .map(|(partition, offset)| Position { partition, offset }),
         });
         req.set_timeout(Duration::from_secs(3));
@@ -1079,26 +1244,122 @@ async fn read_back(pool: &Pool, ack: &Ack, deadline: Instant) -> Read {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let user = resp.user.unwrap_or_default();
-                return Read::Found {
+                break Read::Found {
                     id: user.id,
                     name: user.name,
                     email: user.email,
                     position: resp.position.map(|p| (p.partition, p.offset)),
                 };
             }
-            Err(s) if s.code() == Code::NotFound => return Read::NotFound,
+            Err(s) if s.code() == Code::NotFound => break Read::NotFound,
             Err(s) if retryable(&s) => {
+                if after_fault.failed("read", s.code()) {
+                    failures += 1;
+                }
                 last = format!("{} {}", code_name(s.code()), s.message());
                 if looks_like_transport(&s) {
                     pool.replace(slot, generation);
                 }
             }
-            Err(s) => return Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
+            Err(s) => break Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
         }
         tokio::time::sleep(backoff(attempt)).await;
         attempt += 1;
+    };
+    let what = format!(
+        "of id {}{} {}",
+        ack.id,
+        how.target
+            .map(|t| format!(" on target {}", t + 1))
+            .unwrap_or_default(),
+        if how.with_position {
+            "with its position"
+        } else {
+            "without a position"
+        }
+    );
+    after_fault.done("read", &what, failures, &last);
+    read
+}
+
+// ------------------------------------------------------------------ re-creates
+
+/// What CreateUser answered for an acknowledged id asked for again by
+/// another request.
+#[derive(Debug)]
+enum Recreate {
+    AlreadyExists,
+    /// OK: a second user under the id.
+    Created(Option<(i32, i64)>),
+    /// Another final answer.
+    Other(String),
+    /// Still failing with retryable errors at `until`.
+    GaveUp(String),
+}
+
+/// CreateUser(`req`) on target `target`, retried like the load's requests
+/// (same request id and fields) until a final answer or `until`.
+async fn recreate(
+    pool: &Pool,
+    target: usize,
+    req: &CreateUserRequest,
+    call_timeout: Duration,
+    until: Instant,
+    after_fault: &AfterFault,
+) -> Recreate {
+    let mut attempt = 0u32;
+    let mut failures = 0u32;
+    let mut last = String::new();
+    let answer = loop {
+        let (slot, generation, ch) = pool.pick_target(target);
+        let mut r = Request::new(req.clone());
+        r.set_timeout(call_timeout);
+        let answer = tokio::time::timeout(
+            call_timeout + Duration::from_secs(1),
+            UserServiceClient::new(ch).create_user(r),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+        match answer {
+            Ok(resp) => {
+                break Recreate::Created(
+                    resp.into_inner().position.map(|p| (p.partition, p.offset)),
+                );
+            }
+            Err(s) if s.code() == Code::AlreadyExists => break Recreate::AlreadyExists,
+            Err(s) if retryable(&s) => {
+                if after_fault.failed("recreate", s.code()) {
+                    failures += 1;
+                }
+                last = format!("{} {}", code_name(s.code()), s.message());
+                if looks_like_transport(&s) {
+                    pool.replace(slot, generation);
+                }
+                if Instant::now() >= until {
+                    break Recreate::GaveUp(last.clone());
+                }
+            }
+            Err(s) => break Recreate::Other(format!("{} {}", code_name(s.code()), s.message())),
+        }
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt += 1;
+    };
+    after_fault.done("recreate", &req.request_id, failures, &last);
+    answer
+}
+
+/// Up to `n` of the acknowledged client-chosen ids, acknowledged before
+/// `before` (if given), spread evenly over them in acknowledgement order.
+fn recreate_sample(acks: &[Ack], n: usize, before: Option<Instant>) -> Vec<&Ack> {
+    let mut pool: Vec<&Ack> = acks
+        .iter()
+        .filter(|a| a.client_id && a.answer_ok && before.is_none_or(|t| a.at < t))
+        .collect();
+    pool.sort_by_key(|a| a.at);
+    if pool.len() <= n {
+        return pool;
     }
-    Read::Failing(last)
+    (0..n).map(|k| pool[k * pool.len() / n]).collect()
 }
 
 // ------------------------------------------------------------------ the log
@@ -1132,6 +1393,8 @@ impl Event {
 }
 
 struct LogRead {
+    /// The topic's partition count when it was read.
+    partitions: usize,
     records: u64,
     events: Vec<Event>,
     undecodable: u64,
@@ -1194,6 +1457,7 @@ fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<Log
     }
     let dlq_records = count_records(&consumer, &format!("{topic}.dlq"), meta_timeout);
     let mut out = LogRead {
+        partitions: t.partitions().len(),
         records: 0,
         events: Vec::new(),
         undecodable: 0,
@@ -1285,6 +1549,8 @@ struct LogVerdict {
     lost: HashSet<String>,
     doubled: HashSet<String>,
     corrupted: HashSet<String>,
+    /// Ids created in two partitions by different requests.
+    split: u64,
     stats: Value,
 }
 
@@ -1293,19 +1559,20 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
     let mut events = log.events.clone();
     events.sort_by_key(|e| (e.partition, e.offset));
     // Per id, the first event in offset order wins (one id, one partition).
-    let mut winners: HashMap<i64, &Event> = HashMap::new();
-    let mut partitions_of: HashMap<i64, BTreeSet<i32>> = HashMap::new();
+    // Once partitions were added an id's events may sit in two partitions,
+    // where no offset order relates them: each partition's first event of
+    // the id is then a winner for a reader of that partition.
+    let mut winners: BTreeMap<i64, Vec<&Event>> = BTreeMap::new();
     let mut later = 0u64;
     for e in &events {
-        partitions_of.entry(e.id).or_default().insert(e.partition);
-        match winners.entry(e.id) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(e);
-            }
-            std::collections::hash_map::Entry::Occupied(_) => later += 1,
+        let firsts = winners.entry(e.id).or_default();
+        if firsts.iter().any(|w| w.partition == e.partition) {
+            later += 1;
+        } else {
+            firsts.push(e);
         }
     }
-    let split = partitions_of.values().filter(|p| p.len() > 1).count();
+    let split = winners.values().filter(|w| w.len() > 1).count();
     let with_rid = events.iter().filter(|e| e.request_id.is_some()).count();
     if with_rid == 0 {
         v.status = "no-request-ids";
@@ -1313,9 +1580,51 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
     } else {
         v.status = "ok";
     }
+    let mut acked: HashMap<i64, Vec<&Ack>> = HashMap::new();
+    for a in acks {
+        acked.entry(a.id).or_default().push(a);
+    }
+    for v in acked.values_mut() {
+        v.sort_by_key(|a| a.at);
+    }
+    // One id, two users: the id's winners in two partitions sent by two
+    // requests (the rule could pick either). The first acknowledged
+    // request's (else the lowest partition's) is the id's; the others are
+    // doubled.
+    let mut split_between_requests = 0u64;
+    for (id, firsts) in &winners {
+        let who: BTreeSet<String> = firsts.iter().map(|w| w.identity()).collect();
+        if who.len() < 2 {
+            continue;
+        }
+        split_between_requests += 1;
+        let own = acked
+            .get(id)
+            .into_iter()
+            .flatten()
+            .find_map(|a| firsts.iter().find(|w| w.is_of(a)))
+            .unwrap_or(&firsts[0])
+            .identity();
+        for w in who.iter().filter(|w| **w != own) {
+            v.doubled.insert(w.clone());
+        }
+        note(
+            samples,
+            "log-split",
+            format!(
+                "id {id} created in {} partitions by different requests: {}",
+                firsts.len(),
+                firsts
+                    .iter()
+                    .map(|w| format!("{} at {}:{}", w.identity(), w.partition, w.offset))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     // One request, one user: a request owning winners under two ids.
     let mut owned: HashMap<String, BTreeSet<i64>> = HashMap::new();
-    for w in winners.values() {
+    for w in winners.values().flatten() {
         owned.entry(w.identity()).or_default().insert(w.id);
     }
     let mut two_users = 0u64;
@@ -1335,20 +1644,22 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
     let mut changed = 0u64;
     let mut not_winner_position = 0u64;
     for a in acks {
-        match winners.get(&a.id) {
+        let Some(firsts) = winners.get(&a.id) else {
+            missing += 1;
+            v.lost.insert(a.request_id.clone());
+            note(
+                samples,
+                "log-missing",
+                format!(
+                    "{} acknowledged id {} but the log has no event for it",
+                    a.request_id, a.id
+                ),
+            );
+            continue;
+        };
+        match firsts.iter().find(|w| w.is_of(a)) {
             None => {
-                missing += 1;
-                v.lost.insert(a.request_id.clone());
-                note(
-                    samples,
-                    "log-missing",
-                    format!(
-                        "{} acknowledged id {} but the log has no event for it",
-                        a.request_id, a.id
-                    ),
-                );
-            }
-            Some(w) if !w.is_of(a) => {
+                let w = firsts[0];
                 other += 1;
                 v.doubled.insert(a.request_id.clone());
                 note(
@@ -1378,6 +1689,7 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
     }
     v.stats = json!({
         "records": log.records,
+        "partitions": log.partitions,
         "events": events.len(),
         "events_with_request_id": with_rid,
         "undecodable": log.undecodable,
@@ -1385,12 +1697,14 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
         "ids": winners.len(),
         "later_events_for_an_id": later,
         "ids_in_two_partitions": split,
+        "ids_split_between_requests": split_between_requests,
         "requests_with_two_users": two_users,
         "acked_missing_in_log": missing,
         "acked_created_by_another_event": other,
         "acked_fields_differ_in_log": changed,
         "acked_position_not_the_winner": not_winner_position,
     });
+    v.split = split_between_requests;
     v
 }
 
@@ -1441,6 +1755,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         .collect();
     anyhow::ensure!(!targets.is_empty(), "--targets: none given");
     loopback_only("target", &targets)?;
+    let late_targets: Vec<String> = cli
+        .late_targets
+        .iter()
+        .map(|t| t.trim().trim_start_matches("http://").to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    loopback_only("late target", &late_targets)?;
+    // The load's targets, then the late ones.
+    let all_targets: Vec<String> = targets.iter().chain(&late_targets).cloned().collect();
     if let Some(b) = &cli.brokers {
         let brokers: Vec<String> = b.split(',').map(|s| s.trim().to_owned()).collect();
         loopback_only("broker", &brokers)?;
@@ -1498,6 +1821,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         unacked: AtomicU64::new(0),
         error_log: Mutex::new(Vec::new()),
         extra: Mutex::new(Vec::new()),
+        after_fault: AfterFault::new(cli.max_retries_after_fault),
     });
 
     // ---- load and fault
@@ -1702,51 +2026,112 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // ---- read back
     let verify_start = Instant::now();
     let deadline = verify_start + cli.heal_timeout;
-    let bad = wait_serving(&load.pool, &targets, deadline).await;
+    // The late targets (started by a heal) get channels of their own: the
+    // load's pool has only the load's targets.
+    let late_pool = if late_targets.is_empty() {
+        None
+    } else {
+        Some(Pool::new(&all_targets, cli.connections)?)
+    };
+    let check_pool = late_pool.as_ref().unwrap_or(&load.pool);
+    let bad = wait_serving(check_pool, &all_targets, deadline).await;
+    // Once, round-robin, with the position; or on every target, with and
+    // without it.
+    let hows: Vec<ReadHow> = if cli.read_every_target {
+        (0..all_targets.len())
+            .flat_map(|t| {
+                [true, false].map(|with_position| ReadHow {
+                    target: Some(t),
+                    with_position,
+                })
+            })
+            .collect()
+    } else {
+        vec![ReadHow {
+            target: None,
+            with_position: true,
+        }]
+    };
     if !bad.is_empty() {
         say!("not SERVING after the heal timeout: {bad:?}");
         failures.push(format!("not SERVING after the load: {bad:?}"));
     } else {
         say!(
-            "all targets SERVING after {:.1}s; reading back {} users",
+            "all targets SERVING after {:.1}s; reading back {} users ({} read(s) each)",
             verify_start.elapsed().as_secs_f64(),
-            acks.len()
+            acks.len(),
+            hows.len()
         );
     }
-    let reads: Vec<Read> = stream::iter(acks.iter())
-        .map(|a| read_back(&load.pool, a, deadline))
-        .buffered(cli.verify_concurrency.max(1))
-        .collect()
-        .await;
+    let after_fault = &load.after_fault;
+    let reads: Vec<(usize, ReadHow, Read)> = stream::iter(
+        acks.iter()
+            .enumerate()
+            .flat_map(|(i, a)| hows.iter().map(move |how| (i, a, *how))),
+    )
+    .map(|(i, a, how)| async move {
+        (
+            i,
+            how,
+            read_back(check_pool, a, how, deadline, after_fault).await,
+        )
+    })
+    .buffered(cli.verify_concurrency.max(1))
+    .collect()
+    .await;
     let mut samples = std::mem::take(&mut *load.samples.lock().expect("samples lock"));
     let mut lost: HashSet<String> = HashSet::new();
     let mut corrupted: HashSet<String> = HashSet::new();
     let mut doubled: HashSet<String> = HashSet::new();
-    let mut unverified = 0u64;
-    let mut still_failing = 0u64;
-    let mut not_found = 0u64;
-    for (a, r) in acks.iter().zip(&reads) {
+    let mut unverified: HashSet<&str> = HashSet::new();
+    let mut still_failing: HashSet<&str> = HashSet::new();
+    let mut not_found: HashSet<&str> = HashSet::new();
+    // With --read-every-target: the answers per target and kind of read.
+    let mut by_how: BTreeMap<ReadHow, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    let read_where = |how: &ReadHow| match how.target {
+        None => String::new(),
+        Some(t) => format!(
+            " on {} ({})",
+            all_targets[t],
+            if how.with_position {
+                "with its position"
+            } else {
+                "without a position"
+            }
+        ),
+    };
+    for a in &acks {
         if !a.answer_ok {
             corrupted.insert(a.request_id.clone());
         }
-        match r {
+    }
+    for (i, how, r) in &reads {
+        let a = &acks[*i];
+        let answer = match r {
             Read::NotFound => {
-                not_found += 1;
+                not_found.insert(&a.request_id);
                 lost.insert(a.request_id.clone());
                 note(
                     &mut samples,
                     "not-found",
-                    format!("{} id {}: NOT_FOUND", a.request_id, a.id),
+                    format!("{} id {}: NOT_FOUND{}", a.request_id, a.id, read_where(how)),
                 );
+                "not_found"
             }
             Read::Failing(e) => {
-                still_failing += 1;
+                still_failing.insert(&a.request_id);
                 lost.insert(a.request_id.clone());
                 note(
                     &mut samples,
                     "still-failing",
-                    format!("{} id {}: still failing: {e}", a.request_id, a.id),
+                    format!(
+                        "{} id {}: still failing{}: {e}",
+                        a.request_id,
+                        a.id,
+                        read_where(how)
+                    ),
                 );
+                "still_failing"
             }
             Read::Found {
                 id,
@@ -1754,34 +2139,187 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 email,
                 position,
             } => {
+                let mut answer = "ok";
                 if *id != a.id || *name != a.name || *email != a.email {
                     corrupted.insert(a.request_id.clone());
                     note(
                         &mut samples,
                         "corrupted",
                         format!(
-                            "{} id {}: read back {id} {name:?} {email:?}",
-                            a.request_id, a.id
+                            "{} id {}: read back {id} {name:?} {email:?}{}",
+                            a.request_id,
+                            a.id,
+                            read_where(how)
                         ),
                     );
+                    answer = "corrupted";
                 }
                 match position {
-                    None => unverified += 1,
+                    None => {
+                        unverified.insert(&a.request_id);
+                        if answer == "ok" {
+                            answer = "no_position";
+                        }
+                    }
                     Some(p) if Some(*p) != a.position => {
                         doubled.insert(a.request_id.clone());
                         note(
                             &mut samples,
                             "other-position",
                             format!(
-                                "{} id {}: acknowledged at {:?}, created at {p:?}",
-                                a.request_id, a.id, a.position
+                                "{} id {}: acknowledged at {:?}, created at {p:?}{}",
+                                a.request_id,
+                                a.id,
+                                a.position,
+                                read_where(how)
                             ),
                         );
+                        if answer == "ok" {
+                            answer = "other_position";
+                        }
                     }
                     Some(_) => {}
                 }
+                answer
             }
+        };
+        *by_how.entry(*how).or_default().entry(answer).or_default() += 1;
+    }
+    let (unverified, still_failing, not_found) =
+        (unverified.len(), still_failing.len(), not_found.len());
+    let read_back_json: Option<Vec<Value>> = cli.read_every_target.then(|| {
+        by_how
+            .iter()
+            .map(|(how, answers)| {
+                json!({
+                    "target": how.target.map(|t| all_targets[t].clone()),
+                    "with_position": how.with_position,
+                    "answers": answers,
+                })
+            })
+            .collect()
+    });
+    if cli.read_every_target {
+        for (how, answers) in &by_how {
+            say!("read back{}: {answers:?}", read_where(how));
         }
+    }
+
+    // ---- acknowledged client-chosen ids, created again by other requests
+    let mut recreate_json = Value::Null;
+    let mut recreate_figures = None;
+    if cli.recreate_sample > 0 {
+        let sample = recreate_sample(
+            &acks,
+            cli.recreate_sample,
+            after_fault.started.get().copied(),
+        );
+        if sample.is_empty() {
+            failures
+                .push("no client-chosen id acknowledged before the fault to create again".into());
+        }
+        say!(
+            "creating {} acknowledged client-chosen ids again under other request ids, round-robin over {} targets",
+            sample.len(),
+            all_targets.len()
+        );
+        let until = Instant::now() + cli.retry_for;
+        let (run_id, call_timeout, n_targets) = (&run, cli.call_timeout, all_targets.len());
+        let answers: Vec<(usize, &Ack, CreateUserRequest, Recreate)> =
+            stream::iter(sample.iter().enumerate())
+                .map(|(k, a)| async move {
+                    let req = CreateUserRequest {
+                        id: Some(a.id),
+                        name: format!("Fault User {run_id} re {k}"),
+                        email: format!("fc.{run_id}.re{k}@example.com"),
+                        request_id: format!("fc-{run_id}-re-{k}"),
+                    };
+                    let t = k % n_targets;
+                    let answer =
+                        recreate(check_pool, t, &req, call_timeout, until, after_fault).await;
+                    (t, *a, req, answer)
+                })
+                .buffered(8)
+                .collect()
+                .await;
+        let (mut exists, mut created, mut other, mut gave_up) = (0u64, 0u64, 0u64, 0u64);
+        let mut per_target: BTreeMap<&str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for (t, a, req, answer) in &answers {
+            let kind = match answer {
+                Recreate::AlreadyExists => {
+                    exists += 1;
+                    "already_exists"
+                }
+                Recreate::Created(position) => {
+                    created += 1;
+                    doubled.insert(req.request_id.clone());
+                    note(
+                        &mut samples,
+                        "recreate-ok",
+                        format!(
+                            "id {} (acknowledged to {} at {:?}) created again by {} on {}: OK at {position:?}",
+                            a.id, a.request_id, a.position, req.request_id, all_targets[*t]
+                        ),
+                    );
+                    "ok"
+                }
+                Recreate::Other(e) => {
+                    other += 1;
+                    note(
+                        &mut samples,
+                        "recreate-other",
+                        format!(
+                            "id {} again by {} on {}: {e}",
+                            a.id, req.request_id, all_targets[*t]
+                        ),
+                    );
+                    "other"
+                }
+                Recreate::GaveUp(e) => {
+                    gave_up += 1;
+                    note(
+                        &mut samples,
+                        "recreate-gave-up",
+                        format!(
+                            "id {} again by {} on {}: still failing after {:?}: {e}",
+                            a.id, req.request_id, all_targets[*t], cli.retry_for
+                        ),
+                    );
+                    "gave_up"
+                }
+            };
+            *per_target
+                .entry(all_targets[*t].as_str())
+                .or_default()
+                .entry(kind)
+                .or_default() += 1;
+        }
+        say!(
+            "re-created {} ids: {exists} ALREADY_EXISTS, {created} OK (a second user), {other} other answers, {gave_up} unanswered; by target {per_target:?}",
+            answers.len()
+        );
+        if created > 0 {
+            failures.push(format!(
+                "{created} of {} acknowledged ids created again by other requests answered OK: a second user under the id",
+                answers.len()
+            ));
+        }
+        if other + gave_up > 0 {
+            failures.push(format!(
+                "{} of {} re-creates of acknowledged ids did not answer ALREADY_EXISTS ({other} another answer, {gave_up} unanswered)",
+                other + gave_up,
+                answers.len()
+            ));
+        }
+        recreate_json = json!({
+            "sample": answers.len(),
+            "already_exists": exists,
+            "ok": created,
+            "other": other,
+            "gave_up": gave_up,
+            "by_target": per_target,
+        });
+        recreate_figures = Some((answers.len(), exists, created));
     }
     // Two acknowledged requests, one id: all but the first acknowledged.
     let mut by_id: HashMap<i64, Vec<&Ack>> = HashMap::new();
@@ -1812,6 +2350,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     );
 
     // ---- the log
+    let mut log_split = 0u64;
     let (log_status, log_json) = match (&cli.brokers, &cli.topic) {
         (Some(brokers), Some(topic)) => {
             let (b, t, timeout) = (brokers.clone(), topic.clone(), cli.log_timeout);
@@ -1822,6 +2361,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         say!("{}", v.note);
                     }
                     say!("log: {}", v.stats);
+                    log_split = v.split;
                     lost.extend(v.lost);
                     doubled.extend(v.doubled);
                     corrupted.extend(v.corrupted);
@@ -1860,6 +2400,28 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         failures.push(format!(
             "{rejected_n} valid, fresh requests got a final error: {rejected:?}"
         ));
+    }
+    let after = std::mem::take(&mut *after_fault.tally.lock().expect("after-fault lock"));
+    let unavailable_after: u64 = after
+        .errors
+        .values()
+        .filter_map(|c| c.get("UNAVAILABLE"))
+        .sum();
+    if let Some(limit) = cli.max_retries_after_fault {
+        say!(
+            "after the fault started: failed attempts {:?}, at most {} for one call, {} call(s) failed more than {limit} times",
+            after.errors,
+            after.max_failures,
+            after.over
+        );
+        if after.over > 0 {
+            failures.push(format!(
+                "{} call(s) failed more than {limit} times after the fault started (at most {}): {}",
+                after.over,
+                after.max_failures,
+                after.examples.join("; ")
+            ));
+        }
     }
     if !samples.is_empty() {
         say!("examples:");
@@ -1909,6 +2471,23 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             " window_acks={window_acks} window_unavailable={window_unavailable}"
         ));
     }
+    if cli.read_every_target {
+        line.push_str(&format!(" read_targets={}", all_targets.len()));
+    }
+    if let Some((sent, exists, created)) = recreate_figures {
+        line.push_str(&format!(
+            " recreated={sent} already_exists={exists} recreate_ok={created}"
+        ));
+    }
+    if cli.max_retries_after_fault.is_some() {
+        line.push_str(&format!(
+            " unavailable_after_fault={unavailable_after} over_retried={}",
+            after.over
+        ));
+    }
+    if cli.recreate_sample > 0 || log_split > 0 {
+        line.push_str(&format!(" split_ids={log_split}"));
+    }
     line.push_str(&format!(
         " log={log_status} result={}",
         if pass { "PASS" } else { "FAIL" }
@@ -1945,6 +2524,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             "window_acks": cli.no_acks_during_fault.then_some(window_acks),
             "window_unavailable": cli.no_acks_during_fault.then_some(window_unavailable),
             "cycles": cycle_json,
+            "late_targets": late_targets,
+            "read_back": read_back_json,
+            "recreate": recreate_json,
+            "after_fault": cli.max_retries_after_fault.map(|limit| json!({
+                "max_retries": limit,
+                "unavailable": unavailable_after,
+                "errors": after.errors,
+                "max_failures": after.max_failures,
+                "over_retried": after.over,
+                "examples": after.examples,
+            })),
+            "log_split_ids": log_split,
             "load_s": round1(load_s),
             "log": log_json,
             "examples": samples,
@@ -1984,6 +2575,7 @@ mod tests {
 
     fn log(events: Vec<Event>) -> LogRead {
         LogRead {
+            partitions: 3,
             records: events.len() as u64,
             events,
             undecodable: 0,
@@ -2016,6 +2608,55 @@ mod tests {
             assert_eq!(v.doubled.len(), 2);
             assert!(v.lost.is_empty() && v.corrupted.is_empty());
         }
+    }
+
+    #[test]
+    fn an_id_created_by_two_requests_in_two_partitions_is_doubled() {
+        // Id 20: request 5's event in partition 3 (acknowledged), then a
+        // re-create by request 9 routed to partition 1 after partitions were
+        // added: each partition's reader would pick its own winner. Id 30:
+        // request 6 in partitions 0 and 4 (a retry routed anew): one request,
+        // one user.
+        let l = log(vec![
+            ev(3, 0, 20, 5, true),
+            ev(1, 0, 20, 9, true),
+            ev(0, 0, 30, 6, true),
+            ev(4, 0, 30, 6, true),
+        ]);
+        let acks = [ack(20, 5, (3, 0)), ack(30, 6, (4, 0))];
+        let mut samples = Samples::new();
+        let v = check_log(&l, &acks, &mut samples);
+        assert_eq!(v.split, 1);
+        assert_eq!(
+            v.doubled,
+            HashSet::from(["fc-r-9".to_owned()]),
+            "the other request, not the acknowledged one"
+        );
+        assert!(v.lost.is_empty() && v.corrupted.is_empty());
+        assert_eq!(v.stats["ids_in_two_partitions"], 2);
+        assert_eq!(v.stats["acked_created_by_another_event"], 0);
+        // Nothing acknowledged under the id: the lowest partition's is its.
+        let v = check_log(&l, &[], &mut samples);
+        assert_eq!(v.doubled, HashSet::from(["fc-r-5".to_owned()]));
+    }
+
+    #[test]
+    fn the_recreate_sample_spreads_over_client_ids_before_the_fault() {
+        let t0 = Instant::now();
+        let acks: Vec<Ack> = (0..100u64)
+            .map(|seq| Ack {
+                client_id: seq % 4 == 0,
+                at: t0 + Duration::from_millis(seq),
+                ..ack(seq as i64, seq, (0, seq as i64))
+            })
+            .collect();
+        let fault = t0 + Duration::from_millis(80);
+        let s = recreate_sample(&acks, 10, Some(fault));
+        assert_eq!(s.len(), 10);
+        assert!(s.iter().all(|a| a.client_id && a.at < fault));
+        assert_eq!(s.first().map(|a| a.id), Some(0));
+        // Fewer than asked: all of them.
+        assert_eq!(recreate_sample(&acks, 50, Some(fault)).len(), 20);
     }
 
     #[test]
