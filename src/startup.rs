@@ -224,7 +224,7 @@ impl Application {
             &publisher,
             &config.topic,
             map_hint,
-            config.publish_timeout.max(Duration::from_secs(10)),
+            config.publish_timeout,
         )
         .await
         {

@@ -390,3 +390,70 @@ async fn move_topic_moves_every_user_with_none_lost_or_doubled_while_reads_go_on
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn without_a_broker_a_far_partition_is_refused_at_once_and_reads_go_on() {
+    // An instance with a broker leaves the map beside the read model.
+    let config = test_config();
+    let a = spawn_app_with(config.clone()).await;
+    a.wait_opened().await;
+    let ada = a
+        .create_req(CreateUserRequest {
+            id: Some(11),
+            name: "Ada".into(),
+            email: "ada@example.com".into(),
+            request_id: "far-1".into(),
+        })
+        .await
+        .unwrap();
+    let key = format!(
+        "{}projection:{}:partition-map",
+        config.redis_key_prefix, config.topic
+    );
+    wait_until(Duration::from_secs(30), || async {
+        let mut conn = redis_client(&config)
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await
+    .expect("the map's copy beside the read model");
+    a.stop().await.unwrap();
+
+    // An instance that never reached a broker (issue 25: a partition of
+    // i32::MAX filled a table up to it, under a lock, until memory ran out).
+    let gate = crate::helpers::BrokerGate::closed();
+    let mut b_config = config.clone();
+    b_config.kafka_broker_url = gate.addr();
+    b_config.publish_timeout = Duration::from_secs(1);
+    b_config.user_cache_bytes = 0;
+    let b = spawn_app_with(b_config).await;
+    // Refused, not waited for: a wait would end in DEADLINE_EXCEEDED.
+    for partition in [i32::MAX, 3, 1_000_000] {
+        let r = b
+            .get_at(
+                11,
+                Some(Position {
+                    partition,
+                    offset: 0,
+                }),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert_eq!(
+            r.map_err(|s| s.code()).err(),
+            Some(Code::InvalidArgument),
+            "partition {partition}"
+        );
+    }
+    // A plain read is served from the read model meanwhile.
+    let got = b.get_at(11, None, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(Some(got), ada.user);
+    b.stop().await.unwrap();
+}

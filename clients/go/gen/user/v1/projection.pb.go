@@ -628,8 +628,13 @@ type PartitionProgress struct {
 	// the log end seen when the loss was found. Until the read model reaches it,
 	// GetUser answers UNAVAILABLE rather than a NOT_FOUND it cannot vouch for.
 	RebuildTargetOffset *int64 `protobuf:"varint,13,opt,name=rebuild_target_offset,json=rebuildTargetOffset,proto3,oneof" json:"rebuild_target_offset,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// True for a partition the topic's partition map routes no id to: one
+	// added after the map was recorded in the log (kafka-topics --alter). No
+	// user lives there; to spread users over more partitions, move to a new
+	// topic (`user-service move-topic`). Set only for the service's own topic.
+	Unused        bool `protobuf:"varint,14,opt,name=unused,proto3" json:"unused,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PartitionProgress) Reset() {
@@ -753,6 +758,13 @@ func (x *PartitionProgress) GetRebuildTargetOffset() int64 {
 	return 0
 }
 
+func (x *PartitionProgress) GetUnused() bool {
+	if x != nil {
+		return x.Unused
+	}
+	return false
+}
+
 type GroupTotals struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TotalLag      int64                  `protobuf:"varint,1,opt,name=total_lag,json=totalLag,proto3" json:"total_lag,omitempty"`
@@ -864,7 +876,7 @@ const file_user_v1_projection_proto_rawDesc = "" +
 	"\x0ePartitionOwner\x12\x1b\n" +
 	"\tmember_id\x18\x01 \x01(\tR\bmemberId\x12\x1b\n" +
 	"\tclient_id\x18\x02 \x01(\tR\bclientId\x12\x12\n" +
-	"\x04host\x18\x03 \x01(\tR\x04host\"\x9c\x05\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\"\xb4\x05\n" +
 	"\x11PartitionProgress\x12\x1c\n" +
 	"\tpartition\x18\x01 \x01(\x05R\tpartition\x12.\n" +
 	"\x10committed_offset\x18\x02 \x01(\x03H\x00R\x0fcommittedOffset\x88\x01\x01\x12*\n" +
@@ -880,7 +892,8 @@ const file_user_v1_projection_proto_rawDesc = "" +
 	" \x01(\x0e2\x18.user.v1.PartitionStatusR\x06status\x12D\n" +
 	"\x10last_commit_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x0elastCommitTime\x12/\n" +
 	"\x11read_model_offset\x18\f \x01(\x03H\x02R\x0freadModelOffset\x88\x01\x01\x127\n" +
-	"\x15rebuild_target_offset\x18\r \x01(\x03H\x03R\x13rebuildTargetOffset\x88\x01\x01B\x13\n" +
+	"\x15rebuild_target_offset\x18\r \x01(\x03H\x03R\x13rebuildTargetOffset\x88\x01\x01\x12\x16\n" +
+	"\x06unused\x18\x0e \x01(\bR\x06unusedB\x13\n" +
 	"\x11_committed_offsetB\x11\n" +
 	"\x0f_applied_offsetB\x14\n" +
 	"\x12_read_model_offsetB\x18\n" +

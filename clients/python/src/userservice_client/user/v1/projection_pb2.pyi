@@ -114,7 +114,7 @@ class PartitionOwner(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., client_id: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class PartitionProgress(_message.Message):
-    __slots__ = ("partition", "committed_offset", "applied_offset", "log_start_offset", "log_end_offset", "lag", "lag_seconds", "consume_rate", "owner", "status", "last_commit_time", "read_model_offset", "rebuild_target_offset")
+    __slots__ = ("partition", "committed_offset", "applied_offset", "log_start_offset", "log_end_offset", "lag", "lag_seconds", "consume_rate", "owner", "status", "last_commit_time", "read_model_offset", "rebuild_target_offset", "unused")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     APPLIED_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class PartitionProgress(_message.Message):
     LAST_COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     READ_MODEL_OFFSET_FIELD_NUMBER: _ClassVar[int]
     REBUILD_TARGET_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_FIELD_NUMBER: _ClassVar[int]
     partition: int
     committed_offset: int
     applied_offset: int
@@ -141,7 +142,8 @@ class PartitionProgress(_message.Message):
     last_commit_time: _timestamp_pb2.Timestamp
     read_model_offset: int
     rebuild_target_offset: int
-    def __init__(self, partition: _Optional[int] = ..., committed_offset: _Optional[int] = ..., applied_offset: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., lag: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., consume_rate: _Optional[float] = ..., owner: _Optional[_Union[PartitionOwner, _Mapping]] = ..., status: _Optional[_Union[PartitionStatus, str]] = ..., last_commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., read_model_offset: _Optional[int] = ..., rebuild_target_offset: _Optional[int] = ...) -> None: ...
+    unused: bool
+    def __init__(self, partition: _Optional[int] = ..., committed_offset: _Optional[int] = ..., applied_offset: _Optional[int] = ..., log_start_offset: _Optional[int] = ..., log_end_offset: _Optional[int] = ..., lag: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., consume_rate: _Optional[float] = ..., owner: _Optional[_Union[PartitionOwner, _Mapping]] = ..., status: _Optional[_Union[PartitionStatus, str]] = ..., last_commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., read_model_offset: _Optional[int] = ..., rebuild_target_offset: _Optional[int] = ..., unused: _Optional[bool] = ...) -> None: ...
 
 class GroupTotals(_message.Message):
     __slots__ = ("total_lag", "max_lag", "max_lag_seconds", "total_lag_seconds")
