@@ -16,7 +16,10 @@
 use crate::{
     domain::{EventPosition, NewUser, PartitionMap, User, UserCreated, UserId, ids},
     kafka::{EventPublisher, KafkaError, Routing},
-    store::{CheckpointWatch, RedisStore, StoreError, StoredUser, WaitError},
+    store::{
+        CheckpointWatch, Decided, Expect, PartitionState, RedisStore, StoreError, StoredUser,
+        Verdicts, WaitError,
+    },
 };
 use std::{
     sync::Arc,
@@ -87,6 +90,8 @@ pub struct CreateUser {
     pub watch: Arc<CheckpointWatch>,
     /// The topic's partition map: which partition an id's event goes to.
     pub routing: Arc<Routing>,
+    /// Verdicts of the local projector, for events of partitions it owns.
+    pub verdicts: Arc<Verdicts>,
 }
 
 impl CreateUser {
@@ -95,10 +100,26 @@ impl CreateUser {
     /// the user its event created names it.
     pub async fn run(&self, new: &NewUser, deadline: Instant) -> Result<Created, CommandError> {
         let map = self.partition_map(deadline).await?;
+        let id_at = |attempt| match (new.id, &new.request_id) {
+            (Some(id), _) => id,
+            (None, Some(r)) => ids::assigned_id(r, attempt),
+            (None, None) => ids::id_from_seed(rand::random()),
+        };
+        let first = id_at(0);
+        // The request id's index and the first id's lookup at once: one
+        // round trip's wait before the publish, not two.
+        let (owner, first_lookup) = tokio::join!(
+            async {
+                match &new.request_id {
+                    Some(r) => self.store.request_owner(r).await,
+                    None => Ok(None),
+                }
+            },
+            self.store.lookup(first, map.home(first))
+        );
         // A request id seen with another client-chosen id: the index says
         // which user it created (retries need no index, see try_id).
-        if let Some(r) = &new.request_id
-            && let Some(id) = self.store.request_owner(r).await?
+        if let Some(id) = owner?
             && let Some(existing) = self.store.get_user(id, map.home(id)).await?
         {
             match verdict(new, &existing)? {
@@ -107,14 +128,12 @@ impl CreateUser {
                 Verdict::Taken => {}
             }
         }
+        let mut prefetched = Some(first_lookup?);
         let mut attempt = 0;
         loop {
-            let id = match (new.id, &new.request_id) {
-                (Some(id), _) => id,
-                (None, Some(r)) => ids::assigned_id(r, attempt),
-                (None, None) => ids::id_from_seed(rand::random()),
-            };
-            match self.try_id(new, id, map, deadline).await? {
+            let id = if attempt == 0 { first } else { id_at(attempt) };
+            let looked_up = prefetched.take();
+            match self.try_id(new, id, map, looked_up, deadline).await? {
                 Verdict::Ours(created) => return Ok(created),
                 Verdict::Reused => return Err(CommandError::RequestIdReused),
                 Verdict::Taken if new.id.is_some() => return Err(CommandError::AlreadyExists(id)),
@@ -145,17 +164,22 @@ impl CreateUser {
         }
     }
 
-    /// One id: look in the read model, publish if it is free, learn the verdict.
+    /// One id: look in the read model (unless `looked_up` already did),
+    /// publish if it is free, learn the verdict.
     async fn try_id(
         &self,
         new: &NewUser,
         id: UserId,
         map: PartitionMap,
+        looked_up: Option<(PartitionState, Option<StoredUser>)>,
         deadline: Instant,
     ) -> Result<Verdict, CommandError> {
         let p = map.home(id);
         // The fast check: a user the read model has is the log's winner.
-        let (state, existing) = self.store.lookup(id, p).await?;
+        let (state, existing) = match looked_up {
+            Some(l) => l,
+            None => self.store.lookup(id, p).await?,
+        };
         let existing = if existing.is_none() && !state.is_complete() {
             // Rebuilding after a loss: the id may be taken by an event not
             // yet replayed. Publish only once the read model can tell; the
@@ -194,6 +218,25 @@ impl CreateUser {
             partition: published.partition,
             offset: published.offset,
         };
+        // This instance's projector owns the partition: it hands over the
+        // verdict as it applies the event. "Created" is the whole answer (the
+        // stored user is the event's); anything else asks Redis below.
+        let decided = match self.verdicts.expect(position) {
+            Expect::Decided(d) => Some(d),
+            Expect::Pending(mut pending) => tokio::select! {
+                d = pending.decided() => d,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(WaitError::Timeout.into());
+                }
+            },
+            Expect::Elsewhere => None,
+        };
+        if decided == Some(Decided::Created) {
+            return Ok(Verdict::Ours(Created {
+                user: event.user,
+                position,
+            }));
+        }
         self.watch
             .wait_applied(position.partition, position.offset, deadline)
             .await?;

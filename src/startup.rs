@@ -22,7 +22,9 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
-    store::{ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache},
+    store::{
+        ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache, Verdicts,
+    },
     tasks::Tasks,
 };
 use crate::{
@@ -266,6 +268,7 @@ impl Application {
         let projector = config
             .projector_enabled
             .then(|| Arc::new(ProjectorState::default()));
+        let verdicts = Arc::new(Verdicts::default());
         if let Some(state) = &projector {
             let p = Projector {
                 link: kafka_link.clone(),
@@ -280,6 +283,7 @@ impl Application {
                 state: state.clone(),
                 metrics: metrics.clone(),
                 routing: routing.clone(),
+                verdicts: verdicts.clone(),
             };
             let t = token.clone();
             tasks.spawn("projector", async move {
@@ -345,6 +349,7 @@ impl Application {
                 publisher: publisher.clone(),
                 watch: watch.clone(),
                 routing: routing.clone(),
+                verdicts: verdicts.clone(),
             },
             max_position_wait: config.max_position_wait,
             tasks: tasks.clone(),

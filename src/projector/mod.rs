@@ -28,7 +28,7 @@ use crate::{
         EventPublisher, KafkaError, Routing, consumer_config,
         watchdog::{ClientHealth, Confirmations, cluster_reachable},
     },
-    store::{ApplyOp, ApplyOutcome, ApplyResult, CheckpointWatch, RedisStore},
+    store::{ApplyOp, ApplyOutcome, ApplyResult, CheckpointWatch, Decided, RedisStore, Verdicts},
 };
 use futures::FutureExt;
 use partitions::Cursors;
@@ -72,6 +72,9 @@ pub struct Projector {
     /// creates nothing (it is dead-lettered), so the projector starts only
     /// once the map is known.
     pub routing: Arc<Routing>,
+    /// What each apply decided, handed to the creates of this instance that
+    /// wait for it.
+    pub verdicts: Arc<Verdicts>,
 }
 
 /// Keeps [`ProjectorState`]'s view of the assignment and of the group
@@ -79,6 +82,7 @@ pub struct Projector {
 pub(crate) struct ProjectorContext {
     state: Arc<ProjectorState>,
     health: Arc<ClientHealth>,
+    verdicts: Arc<Verdicts>,
 }
 
 impl ClientContext for ProjectorContext {
@@ -111,8 +115,10 @@ impl ConsumerContext for ProjectorContext {
                 for p in parts {
                     if assigned {
                         now.insert(p);
+                        self.verdicts.own(p);
                     } else {
                         now.remove(&p);
+                        self.verdicts.forget(p);
                     }
                 }
                 self.state.set_assignment(now);
@@ -226,6 +232,7 @@ impl Projector {
                 consumer_config(&self.link, &self.group).create_with_context(ProjectorContext {
                     state: self.state.clone(),
                     health: health.clone(),
+                    verdicts: self.verdicts.clone(),
                 })?,
             );
             consumer.subscribe(&[&self.topic])?;
@@ -239,6 +246,9 @@ impl Projector {
                     tracing::warn!(
                         "the projector's consumer is cut off from a reachable cluster (librdkafka #5301): replacing it"
                     );
+                    for p in self.state.assignment() {
+                        self.verdicts.forget(p);
+                    }
                     self.state.set_assignment(Default::default());
                     self.state.set_membership(false);
                     // Closing a wedged consumer can block: let a thread do it.
@@ -473,6 +483,21 @@ impl Projector {
             outcome.applied += done.applied;
             outcome.duplicates += done.duplicates;
             outcome.skipped += done.skipped;
+            // Only "created" is a verdict; anything else sends the waiting
+            // create to read the user from Redis.
+            let last = part_ops.last().map_or(-1, |op| op.position.offset);
+            self.verdicts.decided(
+                partition,
+                last,
+                part_ops.iter().enumerate().map(|(i, op)| {
+                    let d = if done.created.binary_search(&i).is_ok() {
+                        Decided::Created
+                    } else {
+                        Decided::NotCreated
+                    };
+                    (op.position.offset, d)
+                }),
+            );
             created.extend(done.created.iter().filter_map(|e| part_ops.get(*e)));
         }
         self.remember_requests(&created).await;

@@ -11,9 +11,11 @@
 //!   id>}`, a guard index.
 //! - [`checkpoint`]: `{<topic>:<p>}checkpoint` (partition p's last applied
 //!   offset and, while it is replayed from the start, its rebuild target),
-//!   written with the data; `projection:<topic>:partitions`.
+//!   written with the data; `projection:<topic>:partition-map`.
 //! - [`checkpoint_watch`]: one poller per instance that tells waiting calls
 //!   when the checkpoint passes their position.
+//! - [`verdicts`]: the local projector's verdicts, handed to the creates
+//!   waiting for them in process (no poll, no read-back).
 //! - [`user_cache`]: users in process memory, in front of the read model
 //!   (users never change, so a decided user is cached for good).
 
@@ -24,6 +26,7 @@ mod error;
 mod keys;
 mod read_model;
 mod user_cache;
+mod verdicts;
 
 pub use checkpoint::{Checkpoints, Opened, PartitionState};
 pub use checkpoint_watch::{CheckpointWatch, WaitError};
@@ -32,3 +35,4 @@ pub use error::StoreError;
 pub use keys::{Keys, UserSlot};
 pub use read_model::{ADVISED_LISTPACK_VALUE, ApplyOp, ApplyOutcome, ApplyResult, StoredUser};
 pub use user_cache::{CachedUser, UserCache};
+pub use verdicts::{Decided, Expect, Verdicts};

@@ -172,3 +172,35 @@ async fn client_chosen_id_is_kept_and_cannot_be_taken_twice() {
     }
     app.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn the_owning_projector_hands_over_the_verdict_without_a_poll_or_a_read_back() {
+    let app = crate::helpers::spawn_app().await;
+    app.wait_opened().await;
+    let polls = app.handle.checkpoint_watch.polls();
+    for k in 0..30 {
+        let r = app
+            .create_req(user_service::proto::user::v1::CreateUserRequest {
+                id: None,
+                name: format!("verdict {k}"),
+                email: format!("v{k}@example.com"),
+                request_id: format!("verdict-{k}"),
+            })
+            .await
+            .unwrap();
+        let user = r.user.unwrap();
+        // The answer is the log's: the same user reads back at its position.
+        assert_eq!(
+            app.get_at(user.id, r.position, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            user
+        );
+    }
+    assert_eq!(
+        app.handle.checkpoint_watch.polls(),
+        polls,
+        "creates whose partition this instance's projector owns never wait on the poller"
+    );
+    app.stop().await.expect("clean stop");
+}
