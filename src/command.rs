@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 /// Service-assigned ids tried per call before giving up (each further one is
 /// used only after the log gave the previous one to another request).
-const MAX_ID_ATTEMPTS: u32 = 8;
+const MAX_ID_ATTEMPTS: u32 = ids::MAX_ATTEMPTS;
 
 /// Why a create did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -108,20 +108,35 @@ impl CreateUser {
         let first = id_at(0);
         // The request id's index and the first id's lookup at once: one
         // round trip's wait before the publish, not two.
-        let (owner, first_lookup) = tokio::join!(
+        // A request id with a client-chosen id may have created a user under
+        // its derived id before (sent without an id then): that user names it.
+        let derived = match (new.id, &new.request_id) {
+            (Some(_), Some(r)) => Some(ids::assigned_id(r, 0)),
+            _ => None,
+        };
+        let (owner, first_lookup, derived_user) = tokio::join!(
             async {
                 match &new.request_id {
                     Some(r) => self.store.request_owner(r).await,
                     None => Ok(None),
                 }
             },
-            self.store.lookup(first, map.home(first))
+            self.store.lookup(first, map.home(first)),
+            async {
+                match derived {
+                    Some(id) => self.store.get_user(id, map.home(id)).await,
+                    None => Ok(None),
+                }
+            }
         );
-        // A request id seen with another client-chosen id: the index says
-        // which user it created (retries need no index, see try_id).
-        if let Some(id) = owner?
-            && let Some(existing) = self.store.get_user(id, map.home(id)).await?
-        {
+        // A request id seen with another client-chosen id (the index says
+        // which user it created), or without one (its derived id's user):
+        // retries need neither, see try_id.
+        let earlier = match owner? {
+            Some(id) => self.store.get_user(id, map.home(id)).await?,
+            None => derived_user?.filter(|u| u.request_id == new.request_id),
+        };
+        if let Some(existing) = earlier {
             match verdict(new, &existing)? {
                 Verdict::Ours(created) => return Ok(created),
                 Verdict::Reused => return Err(CommandError::RequestIdReused),

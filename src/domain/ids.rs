@@ -28,6 +28,17 @@ pub fn assigned_id(request_id: &RequestId, attempt: u32) -> UserId {
     id_from_seed(u64::from_be_bytes(first))
 }
 
+/// Attempts of one request: ids `id(r, 0..MAX_ATTEMPTS)` are tried, each only
+/// once the log gave the previous one to another request.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// Whether `id` is one the service derives from `request_id`: such a user
+/// is found from its request id alone, with no index.
+pub fn is_derived(request_id: &RequestId, id: UserId) -> bool {
+    (ASSIGNED_MIN..=ASSIGNED_MAX).contains(&id.get())
+        && (0..MAX_ATTEMPTS).any(|k| assigned_id(request_id, k) == id)
+}
+
 /// An assigned id from 64 random bits: for requests without a request id,
 /// whose retries cannot be recognised anyway.
 pub fn id_from_seed(seed: u64) -> UserId {
@@ -51,6 +62,10 @@ mod tests {
             assert!((ASSIGNED_MIN..=ASSIGNED_MAX).contains(&id));
         }
         assert_eq!(id_from_seed(0).get(), ASSIGNED_MIN);
+        assert!(is_derived(&r, assigned_id(&r, 0)));
+        assert!(is_derived(&r, assigned_id(&r, MAX_ATTEMPTS - 1)));
+        assert!(!is_derived(&r, assigned_id(&r, MAX_ATTEMPTS)));
+        assert!(!is_derived(&r, UserId::parse(5).unwrap()));
         assert!(id_from_seed(u64::MAX).get() <= ASSIGNED_MAX);
     }
 

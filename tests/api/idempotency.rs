@@ -140,3 +140,69 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
     b.stop().await.expect("clean stop");
     a.stop().await.expect("clean stop");
 }
+
+/// A request whose id the service derived needs no index entry (the request
+/// id names the user), so the clients' default creates cost Redis only the
+/// user; one with a client-chosen id is indexed, and a request id first used
+/// without an id is still refused with one.
+#[tokio::test]
+async fn only_client_chosen_ids_are_indexed_by_request_id() {
+    let app = spawn_app().await;
+    let derived = app
+        .create_req(CreateUserRequest {
+            id: None,
+            name: "Ada".into(),
+            email: "ada@example.com".into(),
+            request_id: "index-derived".into(),
+        })
+        .await
+        .unwrap();
+    let chosen = app
+        .create_req(CreateUserRequest {
+            id: Some(77),
+            name: "Bob".into(),
+            email: "bob@example.com".into(),
+            request_id: "index-chosen".into(),
+        })
+        .await
+        .unwrap();
+    let key = |r: &str| format!("{}user-request:{{{r}}}", app.config.redis_key_prefix);
+    let mut conn = crate::helpers::redis_client(&app.config)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    crate::helpers::wait_until(Duration::from_secs(10), || {
+        let mut conn = conn.clone();
+        let k = key("index-chosen");
+        async move {
+            redis::cmd("EXISTS")
+                .arg(k)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await
+    .expect("the client-chosen id is indexed");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(key("index-derived"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a derived id needs no index");
+    // The guard still holds: the derived request again with an id is refused.
+    let err = app
+        .create_req(CreateUserRequest {
+            id: Some(78),
+            name: "Ada".into(),
+            email: "ada@example.com".into(),
+            request_id: "index-derived".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(derived.user.unwrap().id, ids::assigned_id(&RequestId::parse("index-derived").unwrap().unwrap(), 0).get());
+    assert_eq!(chosen.user.unwrap().id, 77);
+    app.stop().await.expect("clean stop");
+}
