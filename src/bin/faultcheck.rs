@@ -38,6 +38,13 @@
 //! With `--max-retries-after-fault N`, a call that failed more than N times
 //! after the first fault started fails the run.
 //!
+//! With `--switch-to-late-targets` the fault moves the traffic (a move to a
+//! new topic): once the fault command has returned, the load (and the
+//! retries of creates still failing, same request id) goes to
+//! `--late-targets`, which alone are read back, users acknowledged on the old
+//! topic without their position; `--log-partitions N` wants every event of
+//! the (new) topic in murmur2(id) mod N.
+//!
 //! Prints one summary line on stdout (`fault=... lost=0 corrupted=0
 //! doubled=0 ...`), progress on stderr, and with `--json FILE` the same figures
 //! and the details as JSON. Exit status: 0 pass, 1 fail (lost, corrupted,
