@@ -38,6 +38,13 @@
 //! With `--max-retries-after-fault N`, a call that failed more than N times
 //! after the first fault started fails the run.
 //!
+//! With `--switch-to-late-targets` the fault moves the traffic (a move to a
+//! new topic): once the fault command has returned, the load (and the
+//! retries of creates still failing, same request id) goes to
+//! `--late-targets`, which alone are read back, users acknowledged on the old
+//! topic without their position; `--log-partitions N` wants every event of
+//! the (new) topic in murmur2(id) mod N.
+//!
 //! Prints one summary line on stdout (`fault=... lost=0 corrupted=0
 //! doubled=0 ...`), progress on stderr, and with `--json FILE` the same figures
 //! and the details as JSON. Exit status: 0 pass, 1 fail (lost, corrupted,
@@ -217,6 +224,25 @@ struct Cli {
     /// seen after the fault started.
     #[arg(long)]
     max_retries_after_fault: Option<u32>,
+    /// The fault moves the traffic (`move-topic`: the users move to a new
+    /// topic, served by the --late-targets): while the fault command runs,
+    /// the load and --reads-during-fault (which then starts with the fault
+    /// command and lasts until it has returned) stay on --targets; once it
+    /// has returned, the load moves to the late targets, and creates still
+    /// failing are retried there with the same request id. Create failures
+    /// before the switch are reported, not judged by
+    /// --max-retries-after-fault, but every such request must be
+    /// acknowledged in the end. The read-back and the re-creates go to the
+    /// late targets only, and users acknowledged on --targets are read
+    /// without their position (it names the old topic); --topic is then the
+    /// new topic.
+    #[arg(long, requires = "late_targets")]
+    switch_to_late_targets: bool,
+    /// Every event in the log must sit in its id's partition by a map of N
+    /// partitions (Kafka's murmur2 of the decimal id, mod N); one elsewhere
+    /// is doubled.
+    #[arg(long)]
+    log_partitions: Option<i32>,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -250,6 +276,9 @@ fn round1(x: f64) -> f64 {
 /// connection looks dead is replaced by a fresh one.
 struct Pool {
     slots: Vec<Slot>,
+    /// The slots `pick` chooses from: the load's targets (after a switch,
+    /// the ones it moved to).
+    active: RwLock<Vec<usize>>,
     next: AtomicUsize,
 }
 
@@ -278,16 +307,35 @@ impl Pool {
             }
         }
         Ok(Self {
+            active: RwLock::new((0..slots.len()).collect()),
             slots,
             next: AtomicUsize::new(0),
         })
     }
 
-    /// The next slot, round-robin: (slot, generation, channel).
+    /// `pick` chooses among the targets `from..to` only (their slots).
+    fn activate(&self, from: usize, to: usize) {
+        let slots: Vec<usize> = (0..self.slots.len())
+            .filter(|i| (from..to).contains(&self.slots[*i].target))
+            .collect();
+        assert!(!slots.is_empty(), "no slot among targets {from}..{to}");
+        *self.active.write().expect("active lock") = slots;
+    }
+
+    /// The next slot among the active ones, round-robin: (slot, generation,
+    /// channel).
     fn pick(&self) -> (usize, u64, Channel) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let i = {
+            let active = self.active.read().expect("active lock");
+            active[self.next.fetch_add(1, Ordering::Relaxed) % active.len()]
+        };
         let s = self.slots[i].ch.read().expect("slot lock");
         (i, s.0, s.1.clone())
+    }
+
+    /// The target a slot belongs to.
+    fn target_of(&self, slot: usize) -> usize {
+        self.slots[slot].target
     }
 
     /// A slot of target `t` (round-robin over its connections).
@@ -386,6 +434,9 @@ fn backoff(attempt: u32) -> Duration {
 struct AfterFault {
     started: std::sync::OnceLock<Instant>,
     limit: Option<u32>,
+    /// With --switch-to-late-targets: when the load moved (unset until
+    /// then). Create failures before it are tallied apart, not judged.
+    switch: Option<std::sync::OnceLock<Instant>>,
     tally: Mutex<AfterFaultTally>,
 }
 
@@ -398,13 +449,19 @@ struct AfterFaultTally {
     /// Calls that failed more than the limit after the fault started.
     over: u64,
     examples: Vec<String>,
+    /// With a switch: create failures after the fault started and before
+    /// the switch, by code, and when the first and the last came.
+    before_switch: BTreeMap<&'static str, u64>,
+    first_before_switch: Option<Instant>,
+    last_before_switch: Option<Instant>,
 }
 
 impl AfterFault {
-    fn new(limit: Option<u32>) -> Self {
+    fn new(limit: Option<u32>, switch: bool) -> Self {
         Self {
             started: std::sync::OnceLock::new(),
             limit,
+            switch: switch.then(std::sync::OnceLock::new),
             tally: Mutex::new(AfterFaultTally::default()),
         }
     }
@@ -414,12 +471,25 @@ impl AfterFault {
         self.started.get().is_some_and(|t| Instant::now() >= *t)
     }
 
+    /// Whether the fault has started and the load has yet to switch (with
+    /// --switch-to-late-targets): creates may be refused meanwhile.
+    fn before_switch(&self) -> bool {
+        self.counts() && self.switch.as_ref().is_some_and(|s| s.get().is_none())
+    }
+
     /// A failed attempt of a call of `kind`; true if it counts.
     fn failed(&self, kind: &'static str, code: Code) -> bool {
         if !self.counts() {
             return false;
         }
         let mut t = self.tally.lock().expect("after-fault lock");
+        if kind == "create" && self.switch.as_ref().is_some_and(|s| s.get().is_none()) {
+            let now = Instant::now();
+            *t.before_switch.entry(code_name(code)).or_default() += 1;
+            t.first_before_switch.get_or_insert(now);
+            t.last_before_switch = Some(now);
+            return false;
+        }
         *t.errors
             .entry(kind)
             .or_default()
@@ -460,6 +530,13 @@ struct Ack {
     at: Instant,
     /// CreateUser answered the request's own fields (and its id, if chosen).
     answer_ok: bool,
+    /// The target that acknowledged it (an index of --targets, then
+    /// --late-targets).
+    target: usize,
+    /// Acknowledged on the topic the traffic moved from
+    /// (--switch-to-late-targets): its position names that topic, not the
+    /// one read back and checked.
+    old_topic: bool,
 }
 
 struct Load {
@@ -485,6 +562,13 @@ struct Load {
     extra: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Failures after the first fault started.
     after_fault: AfterFault,
+    /// How many of the pool's targets are the load's (--targets); with
+    /// --switch-to-late-targets the late ones follow them.
+    load_targets: usize,
+    /// With a switch: requests that failed before it, then acknowledged /
+    /// not (rejected or given up).
+    held_acked: AtomicU64,
+    held_failed: AtomicU64,
 }
 
 const ERROR_LOG_CAP: usize = 1_000_000;
@@ -548,9 +632,19 @@ impl Load {
         let mut attempt = 0u32;
         // Failed attempts after the fault started, and the last one's code.
         let mut after = (0u32, "");
-        let done = |after: (u32, &str)| {
+        // Failed before the switch (--switch-to-late-targets).
+        let mut held = false;
+        let done = |after: (u32, &str), held: bool, acked: bool| {
             self.after_fault
-                .done("create", &req.request_id, after.0, after.1)
+                .done("create", &req.request_id, after.0, after.1);
+            if held {
+                let n = if acked {
+                    &self.held_acked
+                } else {
+                    &self.held_failed
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+            }
         };
         loop {
             let (slot, generation, ch) = self.pool.pick();
@@ -579,6 +673,7 @@ impl Load {
                             ),
                         );
                     }
+                    let target = self.pool.target_of(slot);
                     self.acks.lock().expect("acks lock").push(Ack {
                         request_id: req.request_id.clone(),
                         id: user.id,
@@ -588,11 +683,16 @@ impl Load {
                         position: resp.position.map(|p| (p.partition, p.offset)),
                         at: Instant::now(),
                         answer_ok,
+                        target,
+                        old_topic: self.after_fault.switch.is_some() && target < self.load_targets,
                     });
-                    done(after);
+                    done(after, held, true);
                     return;
                 }
                 Err(s) => {
+                    if self.after_fault.before_switch() {
+                        held = true;
+                    }
                     if self.after_fault.failed("create", s.code()) {
                         after = (after.0 + 1, code_name(s.code()));
                     }
@@ -627,7 +727,7 @@ impl Load {
                                 s.message()
                             ),
                         );
-                        done(after);
+                        done(after, held, false);
                         return;
                     }
                     if looks_like_transport(&s) {
@@ -645,7 +745,7 @@ impl Load {
                                 s.message()
                             ),
                         );
-                        done(after);
+                        done(after, held, false);
                         return;
                     }
                     tokio::time::sleep(backoff(attempt)).await;
@@ -726,9 +826,16 @@ struct FaultReads {
     samples: Vec<String>,
 }
 
-/// Reads users acknowledged before `fault_at` until `until`, one call at a
-/// time, and asks `user.v1.UserService`'s health beside each.
-async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> FaultReads {
+/// Reads users acknowledged before `fault_at` until `until` (and, if
+/// given, while `busy` is set), one call at a time, round-robin over the
+/// load's own targets (--targets), and asks `user.v1.UserService`'s health
+/// beside each.
+async fn reads_during(
+    load: Arc<Load>,
+    fault_at: Instant,
+    until: Instant,
+    busy: Option<Arc<AtomicBool>>,
+) -> FaultReads {
     let mut r = FaultReads::default();
     let acked: Vec<Ack> = load
         .acks
@@ -745,16 +852,17 @@ async fn reads_during(load: Arc<Load>, fault_at: Instant, until: Instant) -> Fau
         return r;
     }
     let mut i = 0usize;
-    while Instant::now() < until {
+    while Instant::now() < until || busy.as_ref().is_some_and(|b| b.load(Ordering::Relaxed)) {
         let ack = &acked[(i * 7919) % acked.len()];
+        let target = i % load.load_targets.max(1);
         i += 1;
-        let (_, _, ch) = load.pool.pick();
+        let (_, _, ch) = load.pool.pick_target(target);
         let outcome: Result<(), String> = if load.after_fault.limit.is_some() {
             // Retried like the read-back (its retries judged by
             // --max-retries-after-fault): a blip the usual retry rides out
             // is no failure, an outage is.
             let how = ReadHow {
-                target: None,
+                target: Some(target),
                 with_position: false,
             };
             let until = Instant::now() + Duration::from_secs(5);
@@ -843,6 +951,12 @@ struct FaultPlan {
     /// Where to read each partition's log end when the fault command
     /// returns (brokers, topic): with --no-acks-during-fault.
     log_ends: Option<(String, String)>,
+    /// Move the load to the late targets once the fault command has
+    /// returned (--switch-to-late-targets); reads during the fault then
+    /// start with the fault command.
+    switch: bool,
+    /// How many targets the pool has (the load's, then the late ones).
+    all_targets: usize,
 }
 
 async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cycle> {
@@ -865,6 +979,18 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
         };
         // Only the first cycle's start counts (a no-op after it).
         let _ = load.after_fault.started.set(c.started.expect("set above"));
+        let heal_at = c.started.expect("set above") + plan.heal_after;
+        // With a switch the fault command is the move itself: reads on the
+        // old targets go on while it runs, and until the heal time.
+        let fault_running = Arc::new(AtomicBool::new(true));
+        let early_reads = (plan.reads_during_fault && plan.switch).then(|| {
+            tokio::spawn(reads_during(
+                load.clone(),
+                c.started.expect("set above"),
+                heal_at,
+                Some(fault_running.clone()),
+            ))
+        });
         say!("fault {}/{}: {}", i + 1, plan.repeat, plan.fault);
         match run_shell(plan.fault.clone(), plan.command_timeout).await {
             Ok(0) => {}
@@ -872,6 +998,16 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
             Err(e) => c.problems.push(format!("fault command: {e}")),
         }
         c.fault_done = Some(Instant::now());
+        fault_running.store(false, Ordering::Relaxed);
+        if plan.switch && i == 0 {
+            load.pool.activate(load.load_targets, plan.all_targets);
+            if let Some(s) = &load.after_fault.switch {
+                let _ = s.set(Instant::now());
+            }
+            say!(
+                "the load moves to the late targets (creates still failing are retried there with the same request id)"
+            );
+        }
         if let Some((brokers, topic)) = plan.log_ends.clone() {
             c.ends_at_fault = tokio::task::spawn_blocking(move || {
                 log_ends(&brokers, &topic, Duration::from_secs(5))
@@ -884,16 +1020,18 @@ async fn run_faults(plan: FaultPlan, load: Arc<Load>, start: Instant) -> Vec<Cyc
                     .push("the log ends at the fault's end could not be read".into());
             }
         }
-        let heal_at = c.started.expect("set above") + plan.heal_after;
         let probes = plan
             .probe_every
             .map(|every| tokio::spawn(load.clone().probe(every, heal_at)));
-        let reads = plan.reads_during_fault.then(|| {
-            tokio::spawn(reads_during(
-                load.clone(),
-                c.started.expect("set above"),
-                heal_at,
-            ))
+        let reads = early_reads.or_else(|| {
+            plan.reads_during_fault.then(|| {
+                tokio::spawn(reads_during(
+                    load.clone(),
+                    c.started.expect("set above"),
+                    heal_at,
+                    None,
+                ))
+            })
         });
         if !plan.heal.trim().is_empty() {
             tokio::time::sleep_until(heal_at.into()).await;
@@ -1551,13 +1689,48 @@ struct LogVerdict {
     corrupted: HashSet<String>,
     /// Ids created in two partitions by different requests.
     split: u64,
+    /// Events outside their id's partition by --log-partitions.
+    misplaced: u64,
+    /// Where each acknowledged request's own winning event sits.
+    own_winner: HashMap<String, (i32, i64)>,
     stats: Value,
 }
 
-fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
+/// The log rule over `log`; with `partitions`, every event must also sit in
+/// its id's partition by a map of that count (one elsewhere is doubled: it
+/// was routed by another map).
+fn check_log(
+    log: &LogRead,
+    acks: &[Ack],
+    partitions: Option<i32>,
+    samples: &mut Samples,
+) -> LogVerdict {
     let mut v = LogVerdict::default();
     let mut events = log.events.clone();
     events.sort_by_key(|e| (e.partition, e.offset));
+    if let Some(n) = partitions {
+        for e in &events {
+            let home = user_service::domain::partition_map::partition_for_key(
+                e.id.to_string().as_bytes(),
+                n,
+            );
+            if e.partition != home {
+                v.misplaced += 1;
+                v.doubled.insert(e.identity());
+                note(
+                    samples,
+                    "log-misplaced",
+                    format!(
+                        "id {} ({}) at {}:{}, but murmur2 mod {n} says partition {home}",
+                        e.id,
+                        e.identity(),
+                        e.partition,
+                        e.offset
+                    ),
+                );
+            }
+        }
+    }
     // Per id, the first event in offset order wins (one id, one partition).
     // Once partitions were added an id's events may sit in two partitions,
     // where no offset order relates them: each partition's first event of
@@ -1681,7 +1854,10 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
                     changed += 1;
                     v.corrupted.insert(a.request_id.clone());
                 }
-                if a.position != Some((w.partition, w.offset)) {
+                v.own_winner
+                    .insert(a.request_id.clone(), (w.partition, w.offset));
+                // A position on the topic moved from names nothing here.
+                if !a.old_topic && a.position != Some((w.partition, w.offset)) {
                     not_winner_position += 1;
                 }
             }
@@ -1703,6 +1879,9 @@ fn check_log(log: &LogRead, acks: &[Ack], samples: &mut Samples) -> LogVerdict {
         "acked_created_by_another_event": other,
         "acked_fields_differ_in_log": changed,
         "acked_position_not_the_winner": not_winner_position,
+        "acked_on_the_old_topic": acks.iter().filter(|a| a.old_topic).count(),
+        "map_partitions": partitions,
+        "misplaced_events": v.misplaced,
     });
     v.split = split_between_requests;
     v
@@ -1786,7 +1965,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     } else {
         0
     };
-    let pool = Pool::new(&targets, cli.connections)?;
+    // With a switch the load's pool holds the late targets too, unused
+    // until the switch.
+    let switch = cli.switch_to_late_targets;
+    anyhow::ensure!(
+        !switch || !late_targets.is_empty(),
+        "--switch-to-late-targets: no --late-targets"
+    );
+    let pool = if switch {
+        let pool = Pool::new(&all_targets, cli.connections)?;
+        pool.activate(0, targets.len());
+        pool
+    } else {
+        Pool::new(&targets, cli.connections)?
+    };
 
     say!(
         "run {run}: {} callers over {:?} for {:?}; fault {:?} at {:?}, heal {:?} after {:?}, {} cycle(s) every {:?}",
@@ -1821,7 +2013,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         unacked: AtomicU64::new(0),
         error_log: Mutex::new(Vec::new()),
         extra: Mutex::new(Vec::new()),
-        after_fault: AfterFault::new(cli.max_retries_after_fault),
+        after_fault: AfterFault::new(cli.max_retries_after_fault, switch),
+        load_targets: targets.len(),
+        held_acked: AtomicU64::new(0),
+        held_failed: AtomicU64::new(0),
     });
 
     // ---- load and fault
@@ -1849,6 +2044,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     .no_acks_during_fault
                     .then(|| cli.brokers.clone().zip(cli.topic.clone()))
                     .flatten(),
+                switch,
+                all_targets: all_targets.len(),
             },
             load.clone(),
             start,
@@ -2028,17 +2225,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let deadline = verify_start + cli.heal_timeout;
     // The late targets (started by a heal) get channels of their own: the
     // load's pool has only the load's targets.
-    let late_pool = if late_targets.is_empty() {
+    let late_pool = if late_targets.is_empty() || switch {
         None
     } else {
         Some(Pool::new(&all_targets, cli.connections)?)
     };
     let check_pool = late_pool.as_ref().unwrap_or(&load.pool);
     let bad = wait_serving(check_pool, &all_targets, deadline).await;
+    // The targets read back and asked to create again: all of them; after a
+    // switch, the ones the load moved to (the others serve the old topic's
+    // read model, which lacks what was created after the move).
+    let check_targets = if switch {
+        targets.len()..all_targets.len()
+    } else {
+        0..all_targets.len()
+    };
     // Once, round-robin, with the position; or on every target, with and
     // without it.
     let hows: Vec<ReadHow> = if cli.read_every_target {
-        (0..all_targets.len())
+        check_targets
+            .clone()
             .flat_map(|t| {
                 [true, false].map(|with_position| ReadHow {
                     target: Some(t),
@@ -2064,10 +2270,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         );
     }
     let after_fault = &load.after_fault;
+    // A user acknowledged on the old topic is read without its position
+    // (once per target, though --read-every-target asks for both kinds).
+    let hows_of = |a: &Ack| -> Vec<ReadHow> {
+        hows.iter()
+            .filter_map(
+                |h| match (a.old_topic && h.with_position, cli.read_every_target) {
+                    (false, _) => Some(*h),
+                    (true, true) => None,
+                    (true, false) => Some(ReadHow {
+                        with_position: false,
+                        ..*h
+                    }),
+                },
+            )
+            .collect()
+    };
     let reads: Vec<(usize, ReadHow, Read)> = stream::iter(
         acks.iter()
             .enumerate()
-            .flat_map(|(i, a)| hows.iter().map(move |how| (i, a, *how))),
+            .flat_map(|(i, a)| hows_of(a).into_iter().map(move |how| (i, a, how))),
     )
     .map(|(i, a, how)| async move {
         (
@@ -2086,6 +2308,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut unverified: HashSet<&str> = HashSet::new();
     let mut still_failing: HashSet<&str> = HashSet::new();
     let mut not_found: HashSet<&str> = HashSet::new();
+    // Positions read back for users acknowledged on the old topic: checked
+    // against the new log's winner once it is read.
+    let mut moved_positions: Vec<(usize, ReadHow, (i32, i64))> = Vec::new();
     // With --read-every-target: the answers per target and kind of read.
     let mut by_how: BTreeMap<ReadHow, BTreeMap<&'static str, u64>> = BTreeMap::new();
     let read_where = |how: &ReadHow| match how.target {
@@ -2161,6 +2386,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                             answer = "no_position";
                         }
                     }
+                    Some(p) if a.old_topic => moved_positions.push((*i, *how, *p)),
                     Some(p) if Some(*p) != a.position => {
                         doubled.insert(a.request_id.clone());
                         note(
@@ -2221,10 +2447,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         say!(
             "creating {} acknowledged client-chosen ids again under other request ids, round-robin over {} targets",
             sample.len(),
-            all_targets.len()
+            check_targets.len()
         );
         let until = Instant::now() + cli.retry_for;
-        let (run_id, call_timeout, n_targets) = (&run, cli.call_timeout, all_targets.len());
+        let (run_id, call_timeout, first_target, n_targets) = (
+            &run,
+            cli.call_timeout,
+            check_targets.start,
+            check_targets.len(),
+        );
         let answers: Vec<(usize, &Ack, CreateUserRequest, Recreate)> =
             stream::iter(sample.iter().enumerate())
                 .map(|(k, a)| async move {
@@ -2234,7 +2465,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         email: format!("fc.{run_id}.re{k}@example.com"),
                         request_id: format!("fc-{run_id}-re-{k}"),
                     };
-                    let t = k % n_targets;
+                    let t = first_target + k % n_targets;
                     let answer =
                         recreate(check_pool, t, &req, call_timeout, until, after_fault).await;
                     (t, *a, req, answer)
@@ -2351,17 +2582,42 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     // ---- the log
     let mut log_split = 0u64;
+    let mut log_misplaced: Option<u64> = None;
     let (log_status, log_json) = match (&cli.brokers, &cli.topic) {
         (Some(brokers), Some(topic)) => {
             let (b, t, timeout) = (brokers.clone(), topic.clone(), cli.log_timeout);
             match tokio::task::spawn_blocking(move || read_log(&b, &t, timeout)).await? {
                 Ok(log) => {
-                    let v = check_log(&log, &acks, &mut samples);
+                    let v = check_log(&log, &acks, cli.log_partitions, &mut samples);
                     if !v.note.is_empty() {
                         say!("{}", v.note);
                     }
                     say!("log: {}", v.stats);
                     log_split = v.split;
+                    log_misplaced = Some(v.misplaced).filter(|_| cli.log_partitions.is_some());
+                    // A moved user read back at another event than its
+                    // request's winner in this log: another user's answer.
+                    for (i, how, p) in &moved_positions {
+                        let a = &acks[*i];
+                        match v.own_winner.get(&a.request_id) {
+                            Some(w) if w == p => {}
+                            Some(w) => {
+                                doubled.insert(a.request_id.clone());
+                                note(
+                                    &mut samples,
+                                    "other-position",
+                                    format!(
+                                        "{} id {}: its event won at {w:?} in the log, read back at {p:?}{}",
+                                        a.request_id,
+                                        a.id,
+                                        read_where(how)
+                                    ),
+                                );
+                            }
+                            // Not its own winner: check_log counted it.
+                            None => {}
+                        }
+                    }
                     lost.extend(v.lost);
                     doubled.extend(v.doubled);
                     corrupted.extend(v.corrupted);
@@ -2407,6 +2663,58 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         .values()
         .filter_map(|c| c.get("UNAVAILABLE"))
         .sum();
+    // ---- the switch: creates refused from the fault's start (the seal) to
+    // the switch, and what became of them
+    let switch_json = after_fault.switch.as_ref().map(|sw| {
+        let at = sw.get().copied();
+        let unavailable = after.before_switch.get("UNAVAILABLE").copied().unwrap_or(0);
+        // From the first refused create to the switch (creates on the old
+        // topic could not succeed in between).
+        let window_s = match (after.first_before_switch, at) {
+            (Some(first), Some(at)) => at.saturating_duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
+        let (held_ok, held_failed) = (
+            load.held_acked.load(Ordering::Relaxed),
+            load.held_failed.load(Ordering::Relaxed),
+        );
+        let reads = cycles.first().and_then(|c| c.reads.clone()).unwrap_or_default();
+        say!(
+            "switch at {}: {unavailable} create attempts answered UNAVAILABLE before it (all codes {:?}), over {window_s:.1}s from the first; {} request(s) held up then, {held_ok} acknowledged after it, {held_failed} not; reads on the old targets during the move: {} answered, {} failed",
+            at.map_or("never".into(), |t| format!("{:.1}s", since_start(t))),
+            after.before_switch,
+            held_ok + held_failed,
+            reads.ok,
+            reads.failed
+        );
+        if at.is_none() {
+            failures.push("the load never switched to the late targets".into());
+        }
+        if held_failed > 0 {
+            failures.push(format!(
+                "{held_failed} create(s) refused before the switch were not acknowledged after it"
+            ));
+        }
+        json!({
+            "at_s": at.map(|t| round1(since_start(t))),
+            "unavailable": unavailable,
+            "errors": after.before_switch,
+            "window_s": round1(window_s),
+            "last_before_switch_s": after.last_before_switch.map(|t| round1(since_start(t))),
+            "held": held_ok + held_failed,
+            "held_acknowledged": held_ok,
+            "held_failed": held_failed,
+            "acknowledged_on_old": acks.iter().filter(|a| a.old_topic).count(),
+            "acknowledged_on_new": acks.iter().filter(|a| !a.old_topic).count(),
+            "acknowledged_by_target": acks.iter().fold(BTreeMap::<&str, u64>::new(), |mut m, a| {
+                *m.entry(all_targets[a.target].as_str()).or_default() += 1;
+                m
+            }),
+            "reads_on_old_ok": reads.ok,
+            "reads_on_old_failed": reads.failed,
+            "old_not_serving": reads.not_serving,
+        })
+    });
     if let Some(limit) = cli.max_retries_after_fault {
         say!(
             "after the fault started: failed attempts {:?}, at most {} for one call, {} call(s) failed more than {limit} times",
@@ -2488,6 +2796,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if cli.recreate_sample > 0 || log_split > 0 {
         line.push_str(&format!(" split_ids={log_split}"));
     }
+    if let Some(m) = log_misplaced {
+        line.push_str(&format!(" misplaced={m}"));
+    }
+    if let Some(sw) = &switch_json {
+        line.push_str(&format!(
+            " switch_unavailable={} switch_window_s={:.1} held_retried={}/{} old_reads_ok={} old_reads_failed={}",
+            sw["unavailable"],
+            sw["window_s"].as_f64().unwrap_or(0.0),
+            sw["held_acknowledged"],
+            sw["held"],
+            sw["reads_on_old_ok"],
+            sw["reads_on_old_failed"]
+        ));
+    }
     line.push_str(&format!(
         " log={log_status} result={}",
         if pass { "PASS" } else { "FAIL" }
@@ -2536,6 +2858,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "examples": after.examples,
             })),
             "log_split_ids": log_split,
+            "log_misplaced": log_misplaced,
+            "switch": switch_json,
             "load_s": round1(load_s),
             "log": log_json,
             "examples": samples,
@@ -2570,6 +2894,8 @@ mod tests {
             position: Some(position),
             at: Instant::now(),
             answer_ok: true,
+            target: 0,
+            old_topic: false,
         }
     }
 
@@ -2596,7 +2922,7 @@ mod tests {
             ]);
             let acks = [ack(11, 1, (1, 0)), ack(10, 2, (0, 1)), ack(12, 3, (2, 0))];
             let mut samples = Samples::new();
-            let v = check_log(&l, &acks, &mut samples);
+            let v = check_log(&l, &acks, None, &mut samples);
             assert_eq!(v.status, if rid { "ok" } else { "no-request-ids" });
             let key1 = if rid {
                 "fc-r-1".to_owned()
@@ -2625,7 +2951,7 @@ mod tests {
         ]);
         let acks = [ack(20, 5, (3, 0)), ack(30, 6, (4, 0))];
         let mut samples = Samples::new();
-        let v = check_log(&l, &acks, &mut samples);
+        let v = check_log(&l, &acks, None, &mut samples);
         assert_eq!(v.split, 1);
         assert_eq!(
             v.doubled,
@@ -2636,8 +2962,64 @@ mod tests {
         assert_eq!(v.stats["ids_in_two_partitions"], 2);
         assert_eq!(v.stats["acked_created_by_another_event"], 0);
         // Nothing acknowledged under the id: the lowest partition's is its.
-        let v = check_log(&l, &[], &mut samples);
+        let v = check_log(&l, &[], None, &mut samples);
         assert_eq!(v.doubled, HashSet::from(["fc-r-5".to_owned()]));
+    }
+
+    #[test]
+    fn after_a_move_an_event_outside_its_partition_by_the_new_map_is_doubled() {
+        use user_service::domain::partition_map::partition_for_key;
+        let home = |id: i64| partition_for_key(id.to_string().as_bytes(), 24);
+        let (a, b) = (101, 202);
+        let elsewhere = (home(b) + 1) % 24;
+        let l = log(vec![
+            ev(home(a), 0, a, 1, true),
+            ev(elsewhere, 0, b, 2, true),
+        ]);
+        // Request 1 was acknowledged on the old topic: its position there
+        // names nothing in this log.
+        let acks = [
+            Ack {
+                old_topic: true,
+                ..ack(a, 1, (3, 77))
+            },
+            ack(b, 2, (elsewhere, 0)),
+        ];
+        let mut samples = Samples::new();
+        let v = check_log(&l, &acks, Some(24), &mut samples);
+        assert_eq!(v.misplaced, 1);
+        assert_eq!(v.doubled, HashSet::from(["fc-r-2".to_owned()]));
+        assert!(v.lost.is_empty() && v.corrupted.is_empty());
+        assert_eq!(v.stats["acked_position_not_the_winner"], 0);
+        assert_eq!(v.own_winner.get("fc-r-1"), Some(&(home(a), 0)));
+        // Without the map's count nothing is misplaced.
+        assert_eq!(check_log(&l, &acks, None, &mut samples).misplaced, 0);
+    }
+
+    #[test]
+    fn the_pool_picks_only_the_active_targets() {
+        let targets = [
+            "127.0.0.1:1".to_owned(),
+            "127.0.0.1:2".to_owned(),
+            "127.0.0.1:3".to_owned(),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        // connect_lazy wants a runtime.
+        let _guard = rt.enter();
+        let pool = Pool::new(&targets, 2).expect("a pool");
+        pool.activate(0, 2);
+        for _ in 0..12 {
+            let (slot, _, _) = pool.pick();
+            assert!(pool.target_of(slot) < 2);
+        }
+        pool.activate(2, 3);
+        for _ in 0..12 {
+            let (slot, _, _) = pool.pick();
+            assert_eq!(pool.target_of(slot), 2);
+        }
     }
 
     #[test]
@@ -2665,6 +3047,7 @@ mod tests {
         let v = check_log(
             &log(vec![ev(0, 0, 1, 1, true)]),
             &[ack(2, 2, (0, 1))],
+            None,
             &mut samples,
         );
         assert!(v.lost.contains("fc-r-2"));
