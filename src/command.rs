@@ -256,9 +256,13 @@ impl CreateUser {
             .wait_applied(position.partition, position.offset, deadline)
             .await?;
         let Some(stored) = self.store.get_user(id, position.partition).await? else {
-            // Applied, yet absent: Redis lost its data just now.
+            // Applied, yet absent: Redis lost its data just now, or the
+            // partition was sealed by a move to another topic (the log says
+            // which: a WARN line of the projector names the new topic).
             return Err(CommandError::Undecided(
-                "the read model lost its data; it is rebuilding".into(),
+                "the event created nothing yet: the read model lost its data and is rebuilding, \
+                 or the topic was moved to another (move-topic)"
+                    .into(),
             ));
         };
         if stored.position() == Some(position) {

@@ -25,7 +25,9 @@
 //! Reads go on throughout: the old instances keep serving the old read model,
 //! which holds every user acknowledged before the seals. Creates answer
 //! UNAVAILABLE (retryable) from the seals until the instances run on the new
-//! topic, which they may already do before the move: they wait for its map.
+//! topic. Instances may start on it once the move has marked it (step 1):
+//! they wait for its map. Not before: an instance that finds no topic makes
+//! it and records a map, and the move then refuses the topic.
 
 use crate::{
     domain::{MapRecord, MoveRecord, PartitionMap, UserCreated},

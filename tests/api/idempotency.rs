@@ -202,7 +202,10 @@ async fn only_client_chosen_ids_are_indexed_by_request_id() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(derived.user.unwrap().id, ids::assigned_id(&RequestId::parse("index-derived").unwrap().unwrap(), 0).get());
+    assert_eq!(
+        derived.user.unwrap().id,
+        ids::assigned_id(&RequestId::parse("index-derived").unwrap().unwrap(), 0).get()
+    );
     assert_eq!(chosen.user.unwrap().id, 77);
     app.stop().await.expect("clean stop");
 }
