@@ -240,6 +240,12 @@ impl Application {
             }
             Err(e) => tracing::warn!(error = %e, "the topic's partition map is not known yet"),
         }
+        // The topic's count beside it before any call: a map the topic cannot
+        // honour is refused from the first create, not from the first probe.
+        if let Ok(n) = publisher.ping(config.publish_timeout).await {
+            routing.set_topic_partitions(n);
+            store.record_partition_count(n);
+        }
 
         let mut names = vec![
             ("", Needs::REDIS),

@@ -211,6 +211,15 @@ async fn a_topic_with_fewer_partitions_than_its_map_is_refused_loudly() {
     publisher.publish_map(3).await.unwrap();
 
     let app = spawn_app_with(config.clone()).await;
+    // NOT_SERVING is also the state before the first probe: wait until a
+    // probe has seen the topic's count, then for the verdict.
+    wait_until(Duration::from_secs(30), || async {
+        scrape(&app)
+            .await
+            .contains("user_service_dependency_up{dependency=\"kafka\"} 1")
+    })
+    .await
+    .expect("a probe reached the broker");
     wait_until(Duration::from_secs(30), || async {
         app.health_status("kafka").await.ok() == Some(ServingStatus::NotServing)
     })
