@@ -134,11 +134,22 @@ impl ProjectionApi {
         if self.allowed.contains(&asked) {
             Ok(asked)
         } else {
+            // The names go back in the status message, a header: a caller's
+            // 60 KB name would make an answer no client accepts.
             Err(ApiError::NotAllowed {
-                group: asked.0,
-                topic: asked.1,
+                group: shown(&asked.0),
+                topic: shown(&asked.1),
             })
         }
+    }
+}
+
+/// A caller's name as an answer may repeat it: at most 128 characters.
+fn shown(name: &str) -> String {
+    const MAX: usize = 128;
+    match name.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &name[..end]),
+        None => name.to_owned(),
     }
 }
 

@@ -22,6 +22,7 @@ mod secrets;
 mod sentinel;
 mod shutdown;
 mod stack_round_trip;
+mod sweep;
 mod tls;
 mod traces;
 mod untrusted;
