@@ -141,6 +141,10 @@ async fn concurrent_creates_of_one_id_on_two_instances_let_exactly_one_win() {
     a.stop().await.expect("clean stop");
 }
 
+fn ids_of(id: i64) -> user_service::domain::UserId {
+    user_service::domain::UserId::parse(id).unwrap()
+}
+
 /// A request whose id the service derived needs no index entry (the request
 /// id names the user), so the clients' default creates cost Redis only the
 /// user; one with a client-chosen id is indexed, and a request id first used
@@ -166,31 +170,18 @@ async fn only_client_chosen_ids_are_indexed_by_request_id() {
         })
         .await
         .unwrap();
-    let key = |r: &str| format!("{}user-request:{{{r}}}", app.config.redis_key_prefix);
-    let mut conn = crate::helpers::redis_client(&app.config)
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    crate::helpers::wait_until(Duration::from_secs(10), || {
-        let mut conn = conn.clone();
-        let k = key("index-chosen");
-        async move {
-            redis::cmd("EXISTS")
-                .arg(k)
-                .query_async::<i64>(&mut conn)
-                .await
-                .unwrap()
-                == 1
-        }
+    let store = crate::helpers::test_store(&app.config);
+    let owner = |r: &str| RequestId::parse(r).unwrap().unwrap();
+    crate::helpers::wait_until(Duration::from_secs(10), || async {
+        store.request_owner(&owner("index-chosen")).await.unwrap() == Some(ids_of(77))
     })
     .await
     .expect("the client-chosen id is indexed");
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(key("index-derived"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0, "a derived id needs no index");
+    assert_eq!(
+        store.request_owner(&owner("index-derived")).await.unwrap(),
+        None,
+        "a derived id needs no index"
+    );
     // The guard still holds: the derived request again with an id is refused.
     let err = app
         .create_req(CreateUserRequest {

@@ -5,8 +5,7 @@
 //! move to a new topic (`user-service move-topic`).
 
 use crate::helpers::{
-    TestApp, kafka_link, read_log, redis_client, scrape, spawn_app_with, test_config, unique,
-    wait_until,
+    TestApp, kafka_link, read_log, scrape, spawn_app_with, test_config, unique, wait_until,
 };
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewPartitions},
@@ -392,7 +391,6 @@ async fn move_topic_moves_every_user_with_none_lost_or_doubled_while_reads_go_on
         );
     }
     // The old read model still serves reads.
-    let _ = redis_client(&config);
     a.get_at(acks[0].user.id, None, Duration::from_secs(5))
         .await
         .unwrap();
@@ -415,21 +413,9 @@ async fn without_a_broker_a_far_partition_is_refused_at_once_and_reads_go_on() {
         })
         .await
         .unwrap();
-    let key = format!(
-        "{}projection:{}:partition-map",
-        config.redis_key_prefix, config.topic
-    );
+    let store = crate::helpers::test_store(&config);
     wait_until(Duration::from_secs(30), || async {
-        let mut conn = redis_client(&config)
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        redis::cmd("GET")
-            .arg(&key)
-            .query_async::<Option<String>>(&mut conn)
-            .await
-            .unwrap()
-            .is_some()
+        store.partition_map().await.unwrap().is_some()
     })
     .await
     .expect("the map's copy beside the read model");
