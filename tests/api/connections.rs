@@ -15,8 +15,9 @@ use tokio::{
     net::TcpStream,
 };
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use user_service::proto::user::v1::GetUserRequest;
+use user_service::transport::is_transport_error;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame: what a client sends after its preface.
@@ -221,6 +222,26 @@ async fn past_max_connections_a_new_connection_is_closed_and_counted() {
         .check(HealthCheckRequest::default())
         .await
         .expect("a connected client goes on");
+    // A tonic client turned away gets a transport error, as the tools tell
+    // it (by its source chain); the server's own answer is none.
+    let turned_away = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .connect_lazy(),
+    )
+    .check(HealthCheckRequest::default())
+    .await
+    .expect_err("no place for its connection");
+    assert!(is_transport_error(&turned_away), "{turned_away:?}");
+    let answered = app
+        .health
+        .clone()
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("an unknown health name");
+    assert!(!is_transport_error(&answered), "{answered:?}");
 
     // One closes: its place is free again once the server has seen it go.
     drop(held.pop());
