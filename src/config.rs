@@ -49,6 +49,13 @@ pub struct Config {
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 
+    /// Most TLS handshakes in flight; a connection accepted past it is
+    /// closed at once (and counted), so half-open connections cost a bounded
+    /// number of handshake tasks. A handshake takes about a millisecond of
+    /// CPU: 256 let a whole fleet of clients reconnect at once.
+    #[arg(long, env = "TLS_MAX_HANDSHAKES", default_value_t = 256)]
+    pub tls_max_handshakes: usize,
+
     /// Kafka bootstrap servers, a comma-separated list of host:port.
     #[arg(long, env = "KAFKA_BROKER_URL", default_value = "127.0.0.1:19092")]
     pub kafka_broker_url: String,
@@ -226,6 +233,26 @@ pub struct Config {
     /// client queues the rest on its side.
     #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
+
+    /// Most client connections open on this instance (plaintext or TLS, the
+    /// handshaking ones included); one accepted past it is closed at once
+    /// and counted. An idle HTTP/2 connection costs about 30 KiB and a
+    /// descriptor: 4,096 stay near 128 MiB (keep it under `ulimit -n`).
+    /// Clients multiplex their calls over a few connections each.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// A connection whose client has not sent HTTP/2's preface by then
+    /// (after the TLS handshake, over TLS) is closed: silent sockets do not
+    /// pile up. `0s`: off.
+    #[arg(long, env = "HTTP2_PREFACE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_preface_timeout: Duration,
+
+    /// A connection with no call open for this long gets GOAWAY (NO_ERROR,
+    /// `max_idle`) and is closed, as grpc-go's `MaxConnectionIdle` does; its
+    /// client reconnects for its next call. `0s`: off.
+    #[arg(long, env = "MAX_CONNECTION_IDLE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_connection_idle: Duration,
 
     /// The server pings each client connection this often (HTTP/2 PING), so
     /// a proxy or NAT between sees traffic on a long quiet stream (a

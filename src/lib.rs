@@ -39,6 +39,8 @@
 //!   their `/metrics` endpoint, traces propagated from the call through Kafka
 //!   to the projector.
 //! - [`tls`]: gRPC over TLS or mutual TLS, certificates reloaded on change.
+//! - [`transport`]: for the tools' clients, whether a failed call failed on
+//!   its connection.
 
 pub mod api;
 pub mod command;
@@ -54,3 +56,4 @@ pub mod store;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
+pub mod transport;

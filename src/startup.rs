@@ -8,7 +8,8 @@
 
 use crate::{
     api::{
-        HealthRegistry, Needs, ProjectionApi, UserApi, health::HealthService, limit::CallBudget,
+        HealthRegistry, Needs, ProjectionApi, UserApi, connections::Cap, health::HealthService,
+        limit::CallBudget,
     },
     command::CreateUser,
     config::Config,
@@ -38,7 +39,7 @@ use crate::{
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic::{Status, service::LayerExt};
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -407,24 +408,20 @@ impl Application {
         let stop = token.clone().cancelled_owned();
         // A client that pings too often is sent GOAWAY (see api::ping_policy);
         // each accepted connection is wrapped, plaintext or decrypted TLS.
+        // It also closes silent and idle connections; each holds its place
+        // under MAX_CONNECTIONS (see api::connections).
         let pings = crate::api::ping_policy::PingPolicy::new(
             config.http2_min_ping_interval,
             config.http2_max_ping_strikes,
         )
+        .with_deadlines(config.http2_preface_timeout, config.max_connection_idle)
         .with_metrics(metrics.clone());
+        let connections = Cap::connections(config.max_connections, metrics.clone());
         let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
             match &tls {
                 None => {
                     tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
-                    let incoming = futures::StreamExt::map(
-                        TcpIncoming::from(listener).with_nodelay(Some(true)),
-                        move |tcp| {
-                            tcp.map(|tcp| {
-                                let peer = tcp.peer_addr().ok();
-                                pings.police(tcp, peer)
-                            })
-                        },
-                    );
+                    let incoming = crate::api::connections::plaintext(listener, connections, pings);
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
                 }
                 Some(tls) => {
@@ -436,8 +433,12 @@ impl Application {
                     let incoming = crate::tls::incoming(
                         listener,
                         tls.clone(),
-                        config.tls_handshake_timeout,
-                        pings,
+                        crate::tls::Accepting {
+                            handshake_timeout: config.tls_handshake_timeout,
+                            connections,
+                            handshakes: Cap::handshakes(config.tls_max_handshakes, metrics.clone()),
+                            pings,
+                        },
                         token.clone(),
                         &tasks,
                     );

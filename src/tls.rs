@@ -3,10 +3,14 @@
 //! rotated certificate (a Kubernetes Secret swapped under its mount, a
 //! cert-manager renewal) serves new connections without a restart, while
 //! connections already open, and their streams, go on with the one they
-//! began with. A handshake that does not finish in time is dropped, so
-//! half-open connections cannot pile up.
+//! began with. A handshake that does not finish in time is dropped, and no
+//! more than `TLS_MAX_HANDSHAKES` run at once, so half-open connections
+//! cannot pile up.
 
-use crate::api::ping_policy::{PingPolicy, Policed};
+use crate::api::{
+    connections::Cap,
+    ping_policy::{PingPolicy, Policed},
+};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -211,20 +215,38 @@ impl ReloadingTls {
     }
 }
 
+/// How [`incoming`] takes connections.
+pub struct Accepting {
+    /// A handshake not done by then is dropped.
+    pub handshake_timeout: Duration,
+    /// Each connection's place, from the accept to its close.
+    pub connections: Cap,
+    /// Each handshake's place, while it runs.
+    pub handshakes: Cap,
+    /// Each decrypted stream is under it (see [`crate::api::ping_policy`]).
+    pub pings: PingPolicy,
+}
+
 /// The TLS connections accepted on `listener`, as tonic's incoming stream.
 /// Handshakes run side by side (a slow one holds up no other), each bounded
-/// by `handshake_timeout`; failed ones are logged at debug and dropped. Each
-/// decrypted stream is under `pings` (see [`crate::api::ping_policy`]).
+/// by its timeout, at most `handshakes` at once: a connection accepted past
+/// that cap, or past the cap on connections, is closed at once (and
+/// counted). Failed handshakes are logged at debug and dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,
-    handshake_timeout: Duration,
-    pings: PingPolicy,
+    accepting: Accepting,
     token: CancellationToken,
     tasks: &crate::tasks::Tasks,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<Policed<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let handshakes = tasks.clone();
+    let Accepting {
+        handshake_timeout,
+        connections,
+        handshakes: handshake_cap,
+        pings,
+    } = accepting;
     tasks.spawn("TLS accept loop", async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -238,14 +260,24 @@ pub fn incoming(
                     }
                 },
             };
+            // Refused: dropped here, closed before a byte is read.
+            let Some(admission) = connections.admit(Some(peer)) else {
+                continue;
+            };
+            let Some(handshaking) = handshake_cap.admit(Some(peer)) else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             let pings = pings.clone();
             handshakes.spawn("TLS handshake", async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                let done = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshaking);
+                match done {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(pings.police(stream, Some(peer)))).await;
+                        let policed = pings.police(stream, Some(peer)).holding(admission);
+                        let _ = tx.send(Ok(policed)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

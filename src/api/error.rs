@@ -84,6 +84,16 @@ impl From<ApiError> for Status {
                     "the outcome is not known yet ({detail}); retry with the same request_id"
                 ))
             }
+            ApiError::Command(CommandError::NoFreeId) => {
+                // Client-chosen ids may be any positive id, so they can hold
+                // every id a request id derives: nothing was created, and a
+                // retry with the same request id would meet the same ids.
+                tracing::warn!("create refused: every id its request id derives is taken");
+                Status::aborted(format!(
+                    "{e}: the ids this request_id names are all taken (by client-chosen ids); \
+                     nothing was created: retry with a new request_id"
+                ))
+            }
             ApiError::Command(CommandError::Unroutable(reason)) => {
                 tracing::error!(%reason, "create refused: the partition map cannot be honoured");
                 Status::failed_precondition(reason)
@@ -122,10 +132,22 @@ impl From<ApiError> for Status {
                     Status::unavailable("the event log (Kafka) is unavailable; retry later")
                 }
             },
-            other => {
-                tracing::error!(error = %other, "internal error");
-                Status::internal("internal error")
-            }
+            // Bugs, or a peer answering what the service cannot read (a
+            // foreign writer in Redis, a broker refusing a request): the log
+            // has the detail, the caller a code that says "not your fault".
+            ApiError::Store(e @ (StoreError::Protocol(_) | StoreError::Corrupt { .. }))
+            | ApiError::Command(CommandError::Store(
+                e @ (StoreError::Protocol(_) | StoreError::Corrupt { .. }),
+            )) => internal(&e),
+            ApiError::Kafka(e @ KafkaError::Client(_))
+            | ApiError::Command(CommandError::Kafka(e @ KafkaError::Client(_))) => internal(&e),
+            ApiError::Task(_) => internal(&e),
         }
     }
+}
+
+/// INTERNAL, with the error in the log only.
+fn internal(error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %error, "internal error");
+    Status::internal("internal error")
 }

@@ -1,6 +1,7 @@
 //! gRPC handlers: decode, validate into domain types, call the adapters, and
 //! map every error to a `tonic::Status` (in [`error`]).
 
+pub mod connections;
 pub mod error;
 pub mod health;
 pub mod limit;

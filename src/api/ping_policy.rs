@@ -61,9 +61,34 @@
 //! already sent a GOAWAY of its own (a drain), the policy stands down: that
 //! connection is ending, and a second GOAWAY could not lower the first's
 //! last-stream-id as HTTP/2 requires.
+//!
+//! # Silent and idle connections
+//!
+//! The same wrapper holds a connection to two deadlines, as grpc-go's server
+//! does, so that sockets which say nothing cannot pile up (3,000 silent ones
+//! once held 3,000 descriptors and 92 MiB for as long as they stayed):
+//!
+//! - The client's 24-byte preface must have arrived within
+//!   `HTTP2_PREFACE_TIMEOUT` of the accept (of the TLS handshake's end over
+//!   TLS); else the next read fails and h2 drops the connection, with no
+//!   GOAWAY (the peer has not spoken HTTP/2).
+//! - A connection with no open stream for `MAX_CONNECTION_IDLE` (grpc-go's
+//!   `MaxConnectionIdle`) gets a GOAWAY `NO_ERROR`, debug data `max_idle`, by
+//!   the same path as the ping policy's: its client opens a new connection
+//!   for its next call, and a call it sent meanwhile is above the GOAWAY's
+//!   last-stream-id, so it knows that call was not processed. A stream is
+//!   open from the client's HEADERS until the server ends it (END_STREAM) or
+//!   either side resets it (RST_STREAM).
+//!
+//! `user_service_connections_closed_total` counts both, by reason. The
+//! wrapper also holds the connection's place under `MAX_CONNECTIONS` (see
+//! [`super::connections`]), given back when h2 drops it.
 
+use super::connections::Admission;
 use crate::telemetry::Metrics;
 use std::{
+    collections::HashSet,
+    future::Future,
     io::{self, IoSlice},
     net::SocketAddr,
     pin::Pin,
@@ -71,20 +96,27 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
 const PREFACE_LEN: usize = 24;
 const HEADER_LEN: usize = 9;
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
+const END_STREAM: u8 = 0x1;
+const NO_ERROR: u32 = 0x0;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
-const TOO_MANY_PINGS: &[u8] = b"too_many_pings";
-const GOAWAY_LEN: usize = HEADER_LEN + 8 + TOO_MANY_PINGS.len();
-/// Counts the connections this policy ended.
+/// Counts the connections the ping policy ended.
 const METRIC: &str = "user_service_http2_too_many_pings_total";
+/// Counts the connections closed for silence or idleness, by reason.
+const CLOSED_METRIC: &str = "user_service_connections_closed_total";
+/// Open streams tracked per connection; past it (h2 refuses streams over
+/// `MAX_CONCURRENT_STREAMS` long before) the connection is never idle.
+const MAX_TRACKED_STREAMS: usize = 1 << 16;
 /// Most bytes read and dropped, once the connection is closed, so that what
 /// the client had already sent does not make the kernel answer the close
 /// with a reset (which can discard the GOAWAY before the client reads it).
@@ -95,6 +127,10 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 pub struct PingPolicy {
     min_interval: Duration,
     max_strikes: u32,
+    /// Zero: no deadline for the preface.
+    preface_timeout: Duration,
+    /// Zero: idle connections are kept.
+    max_idle: Duration,
     metrics: Option<Metrics>,
 }
 
@@ -106,8 +142,19 @@ impl PingPolicy {
         Self {
             min_interval,
             max_strikes,
+            preface_timeout: Duration::ZERO,
+            max_idle: Duration::ZERO,
             metrics: None,
         }
+    }
+
+    /// Closes a connection whose preface has not come within `preface`,
+    /// and sends GOAWAY to one with no open stream for `max_idle` (see the
+    /// module's doc); zero turns either off.
+    pub fn with_deadlines(mut self, preface: Duration, max_idle: Duration) -> Self {
+        self.preface_timeout = preface;
+        self.max_idle = max_idle;
+        self
     }
 
     /// Counts each connection ended in `metrics`.
@@ -122,18 +169,25 @@ impl PingPolicy {
 
     /// `io`, under this policy; `peer` is for the log line.
     pub fn police<IO>(&self, io: IO, peer: Option<SocketAddr>) -> Policed<IO> {
-        let enforcer = (!self.is_off()).then(|| {
+        let watched = !self.is_off() || !self.preface_timeout.is_zero() || !self.max_idle.is_zero();
+        let enforcer = watched.then(|| {
             Box::new(Enforcer {
                 judge: Judge::new(self.min_interval, self.max_strikes),
                 inbound: Frames::client(),
                 outbound: Frames::server(),
                 stage: Stage::Open,
+                why: Why::TooManyPings,
+                deadline: Deadline::new(self.preface_timeout, self.max_idle),
                 peer,
                 metrics: self.metrics.clone(),
                 waiting: None,
             })
         });
-        Policed { io, enforcer }
+        Policed {
+            io,
+            enforcer,
+            admission: None,
+        }
     }
 }
 
@@ -143,8 +197,10 @@ impl PingPolicy {
 /// before.
 pub struct Policed<IO> {
     io: IO,
-    /// `None` when the policy is off.
+    /// `None` when the policy and both deadlines are off.
     enforcer: Option<Box<Enforcer>>,
+    /// The connection's place under `MAX_CONNECTIONS`, given back on drop.
+    admission: Option<Admission>,
 }
 
 impl<IO> Policed<IO> {
@@ -152,12 +208,19 @@ impl<IO> Policed<IO> {
     pub fn get_ref(&self) -> &IO {
         &self.io
     }
+
+    /// Holds `admission` for as long as the connection lives.
+    pub fn holding(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
+    }
 }
 
 impl<IO> std::fmt::Debug for Policed<IO> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policed")
             .field("policed", &self.enforcer.is_some())
+            .field("admitted", &self.admission.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -178,6 +241,9 @@ struct Enforcer {
     /// The server's bytes, as written.
     outbound: Frames,
     stage: Stage,
+    /// Why the GOAWAY goes, once condemned.
+    why: Why,
+    deadline: Deadline,
     peer: Option<SocketAddr>,
     metrics: Option<Metrics>,
     /// A read that found h2 mid-frame when the GOAWAY was due: woken when
@@ -185,11 +251,97 @@ struct Enforcer {
     waiting: Option<Waker>,
 }
 
+/// Why a connection gets its GOAWAY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    TooManyPings,
+    Idle,
+}
+
+impl Why {
+    /// The GOAWAY's error code and debug data.
+    fn code_and_data(self) -> (u32, &'static [u8]) {
+        match self {
+            Self::TooManyPings => (ENHANCE_YOUR_CALM, b"too_many_pings"),
+            Self::Idle => (NO_ERROR, b"max_idle"),
+        }
+    }
+}
+
+/// What a connection is waiting for under a deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The client's preface.
+    Preface,
+    /// A stream, on a connection with none open.
+    Stream,
+}
+
+/// The connection's one timer: the preface's deadline, then the idle one
+/// whenever no stream is open. One `Sleep`, reset in place.
+struct Deadline {
+    max_idle: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: Option<Wait>,
+}
+
+impl Deadline {
+    fn new(preface: Duration, max_idle: Duration) -> Self {
+        let mut d = Self {
+            max_idle,
+            sleep: None,
+            armed: None,
+        };
+        if !preface.is_zero() {
+            d.arm(Wait::Preface, preface);
+        } else if !max_idle.is_zero() {
+            d.arm(Wait::Stream, max_idle);
+        }
+        d
+    }
+
+    fn arm(&mut self, wait: Wait, after: Duration) {
+        let at = tokio::time::Instant::now() + after;
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.armed = Some(wait);
+    }
+
+    /// Follows the connection: `preface_done` (the whole preface is read),
+    /// `idle` (no stream open), and whether it was idle before.
+    fn follow(&mut self, preface_done: bool, idle: bool, was_idle: bool) {
+        if self.armed == Some(Wait::Preface) && !preface_done {
+            return;
+        }
+        let became_idle = self.armed == Some(Wait::Preface) || !was_idle;
+        if self.max_idle.is_zero() || !idle {
+            self.armed = None;
+        } else if became_idle || self.armed.is_none() {
+            self.arm(Wait::Stream, self.max_idle);
+        }
+    }
+
+    /// Polls the timer (registering `cx` for its end): what ran out, if
+    /// anything. It stays armed until [`Deadline::disarm`].
+    fn poll(&mut self, cx: &mut Context<'_>) -> Option<Wait> {
+        let wait = self.armed?;
+        let sleep = self.sleep.as_mut()?;
+        sleep.as_mut().poll(cx).is_ready().then_some(wait)
+    }
+
+    fn disarm(&mut self) {
+        self.armed = None;
+    }
+}
+
 /// Where a connection is on its way to the GOAWAY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Open,
-    /// Over its strikes: the GOAWAY goes at the next outgoing boundary.
+    /// Over its strikes, or idle: the GOAWAY goes at the next outgoing
+    /// boundary.
     Condemned,
     /// This much of the GOAWAY is written.
     Sending(usize),
@@ -203,14 +355,14 @@ impl Enforcer {
     /// The client's `bytes`, read at `now`.
     fn read(&mut self, bytes: &[u8], now: Instant) {
         let judge = &mut self.judge;
+        let was_idle = judge.idle();
         let mut over = false;
         self.inbound
             .feed(bytes, |frame| over |= judge.client_frame(frame, now));
-        if over && self.stage == Stage::Open {
-            self.stage = Stage::Condemned;
-            let peer = self
-                .peer
-                .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        self.deadline
+            .follow(self.inbound.past_preface(), self.judge.idle(), was_idle);
+        if over && self.condemn(Why::TooManyPings) {
+            let peer = self.peer_name();
             tracing::warn!(
                 %peer,
                 strikes = self.judge.strikes,
@@ -223,10 +375,75 @@ impl Enforcer {
         }
     }
 
-    /// The server's `bytes`, written.
-    fn wrote(&mut self, bytes: &[u8]) {
+    /// The server's `bytes`, written; `cx` is registered with the idle
+    /// timer if they ended the last open stream.
+    fn wrote(&mut self, bytes: &[u8], cx: &mut Context<'_>) {
         let judge = &mut self.judge;
+        let was_idle = judge.idle();
         self.outbound.feed(bytes, |frame| judge.server_frame(frame));
+        if self.judge.idle() != was_idle {
+            self.deadline
+                .follow(self.inbound.past_preface(), self.judge.idle(), was_idle);
+            // h2 may not read again before the timer runs out: have its
+            // task woken then (at once if it already has).
+            if self.deadline.poll(cx).is_some() {
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    /// Marks an open connection for its GOAWAY (`why`); false if it is
+    /// already on its way out, or the server sent a GOAWAY of its own (a
+    /// drain: that connection is ending, and a second GOAWAY could not lower
+    /// the first's last-stream-id).
+    fn condemn(&mut self, why: Why) -> bool {
+        if self.stage != Stage::Open || self.judge.server_going_away {
+            return false;
+        }
+        self.stage = Stage::Condemned;
+        self.why = why;
+        self.deadline.disarm();
+        true
+    }
+
+    fn peer_name(&self) -> String {
+        self.peer
+            .map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    }
+
+    fn count_closed(&self, reason: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .counter(CLOSED_METRIC, &[("reason", reason)])
+                .increment(1);
+        }
+    }
+
+    /// Before a read of an open connection: what its deadline says. `Err`
+    /// for a connection whose preface did not come in time (closed with no
+    /// GOAWAY); an idle one is condemned to its GOAWAY.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.deadline.poll(cx) {
+            None => Ok(()),
+            Some(Wait::Preface) => {
+                self.deadline.disarm();
+                self.stage = Stage::Closed;
+                self.count_closed("no_preface");
+                tracing::debug!(peer = %self.peer_name(), "no HTTP/2 preface in time (HTTP2_PREFACE_TIMEOUT): connection closed");
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within HTTP2_PREFACE_TIMEOUT",
+                ))
+            }
+            Some(Wait::Stream) => {
+                self.deadline.disarm();
+                if self.condemn(Why::Idle) {
+                    self.count_closed("idle");
+                    tracing::debug!(peer = %self.peer_name(), "connection idle for MAX_CONNECTION_IDLE: GOAWAY max_idle");
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Whether the next byte written would start a frame.
@@ -273,7 +490,7 @@ impl Enforcer {
                     self.stage = Stage::Sending(0);
                 }
                 Stage::Sending(sent) => {
-                    let frame = goaway(self.judge.highest_stream);
+                    let frame = goaway(self.judge.highest_stream, self.why);
                     match Pin::new(&mut *io).poll_write(cx, &frame[sent..]) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(0)) => {
@@ -305,7 +522,7 @@ impl Enforcer {
 fn closed() -> io::Error {
     io::Error::new(
         io::ErrorKind::BrokenPipe,
-        "connection closed: too many pings",
+        "connection closed by the connection policy",
     )
 }
 
@@ -324,15 +541,15 @@ fn drain<IO: AsyncRead + Unpin>(io: &mut IO, cx: &mut Context<'_>) {
 }
 
 /// The GOAWAY this policy sends.
-fn goaway(last_stream: u32) -> [u8; GOAWAY_LEN] {
-    let mut frame = [0u8; GOAWAY_LEN];
-    let len = (GOAWAY_LEN - HEADER_LEN) as u32;
-    frame[..3].copy_from_slice(&len.to_be_bytes()[1..]);
-    frame[3] = GOAWAY;
-    // flags 0, stream 0
-    frame[9..13].copy_from_slice(&(last_stream & 0x7fff_ffff).to_be_bytes());
-    frame[13..17].copy_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
-    frame[17..].copy_from_slice(TOO_MANY_PINGS);
+fn goaway(last_stream: u32, why: Why) -> Vec<u8> {
+    let (code, data) = why.code_and_data();
+    let len = (8 + data.len()) as u32;
+    let mut frame = len.to_be_bytes()[1..].to_vec();
+    // type, flags 0, stream 0
+    frame.extend([GOAWAY, 0, 0, 0, 0, 0]);
+    frame.extend((last_stream & 0x7fff_ffff).to_be_bytes());
+    frame.extend(code.to_be_bytes());
+    frame.extend(data);
     frame
 }
 
@@ -346,6 +563,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Policed<IO> {
         let Some(e) = this.enforcer.as_deref_mut() else {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         };
+        if e.stage == Stage::Open {
+            e.check_deadline(cx)?;
+        }
         if e.stage == Stage::Open {
             let before = buf.filled().len();
             ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
@@ -380,7 +600,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Policed<IO> {
             }
         };
         let n = ready!(Pin::new(&mut this.io).poll_write(cx, &buf[..limit]))?;
-        e.wrote(&buf[..n]);
+        e.wrote(&buf[..n], cx);
         if e.stage == Stage::Condemned
             && e.at_boundary()
             && let Some(waiting) = e.waiting.take()
@@ -407,7 +627,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Policed<IO> {
                             break;
                         }
                         let k = left.min(buf.len());
-                        e.wrote(&buf[..k]);
+                        e.wrote(&buf[..k], cx);
                         left -= k;
                     }
                 }
@@ -464,6 +684,11 @@ struct Judge {
     highest_stream: u32,
     /// The server sent a GOAWAY of its own.
     server_going_away: bool,
+    /// Streams the client opened that are not ended yet.
+    open: HashSet<u32>,
+    /// More streams than [`MAX_TRACKED_STREAMS`] were open at once: never
+    /// idle from then on.
+    untracked: bool,
 }
 
 impl Judge {
@@ -476,6 +701,21 @@ impl Judge {
             active: false,
             highest_stream: 0,
             server_going_away: false,
+            open: HashSet::new(),
+            untracked: false,
+        }
+    }
+
+    /// No stream is open.
+    fn idle(&self) -> bool {
+        self.open.is_empty() && !self.untracked
+    }
+
+    fn opened(&mut self, stream: u32) {
+        if self.open.len() >= MAX_TRACKED_STREAMS {
+            self.untracked = true;
+        } else {
+            self.open.insert(stream);
         }
     }
 
@@ -484,12 +724,19 @@ impl Judge {
     fn client_frame(&mut self, frame: FrameHeader, now: Instant) -> bool {
         match frame.kind {
             HEADERS => {
+                if frame.stream > self.highest_stream {
+                    self.opened(frame.stream);
+                }
                 self.highest_stream = self.highest_stream.max(frame.stream);
                 self.active = true;
                 false
             }
             DATA => {
                 self.active = true;
+                false
+            }
+            RST_STREAM => {
+                self.open.remove(&frame.stream);
                 false
             }
             PING if frame.flags & ACK == 0 => self.ping(now),
@@ -513,7 +760,15 @@ impl Judge {
     /// A frame the server wrote.
     fn server_frame(&mut self, frame: FrameHeader) {
         match frame.kind {
-            HEADERS | DATA => self.active = true,
+            HEADERS | DATA => {
+                self.active = true;
+                if frame.flags & END_STREAM != 0 {
+                    self.open.remove(&frame.stream);
+                }
+            }
+            RST_STREAM => {
+                self.open.remove(&frame.stream);
+            }
             GOAWAY => self.server_going_away = true,
             _ => {}
         }
@@ -592,6 +847,11 @@ impl Frames {
                 }
             }
         }
+    }
+
+    /// Whether the client's preface is behind (always, for the server's side).
+    fn past_preface(&self) -> bool {
+        !matches!(self, Self::Preface(_))
     }
 
     /// Bytes still to pass before the next frame boundary; 0 at one. Inside
@@ -823,13 +1083,17 @@ mod tests {
     #[test]
     fn the_goaway_frame() {
         let mut got = Vec::new();
-        let bytes = goaway(0x8000_0007);
+        let bytes = goaway(0x8000_0007, Why::TooManyPings);
         let mut frames = Frames::server();
         frames.feed(&bytes, |h| got.push(h));
         assert_eq!(got, [header(GOAWAY, 0, 0, 22)]);
         assert_eq!(&bytes[9..13], &7u32.to_be_bytes());
         assert_eq!(&bytes[13..17], &[0, 0, 0, 0xb]);
         assert_eq!(&bytes[17..], b"too_many_pings");
+        let idle = goaway(5, Why::Idle);
+        assert_eq!(&idle[..9], &[0, 0, 16, GOAWAY, 0, 0, 0, 0, 0]);
+        assert_eq!(&idle[9..17], &[0, 0, 0, 5, 0, 0, 0, 0]);
+        assert_eq!(&idle[17..], b"max_idle");
     }
 
     /// The wrapper over an in-memory connection: the test plays h2 on the
@@ -870,7 +1134,7 @@ mod tests {
         );
         assert_eq!(server.read(&mut buf).await.unwrap(), 0, "then EOF");
         assert!(server.write_all(&ping(true)).await.is_err(), "writes fail");
-        assert_eq!(read_all(&mut client).await, goaway(3));
+        assert_eq!(read_all(&mut client).await, goaway(3, Why::TooManyPings));
     }
 
     #[tokio::test]
@@ -893,7 +1157,7 @@ mod tests {
         assert!(server.write(&rest[left..]).await.is_err());
         assert_eq!(server.read(&mut buf).await.unwrap(), 0);
         let mut want = data.clone();
-        want.extend(goaway(3));
+        want.extend(goaway(3, Why::TooManyPings));
         assert_eq!(read_all(&mut client).await, want);
     }
 

@@ -392,24 +392,23 @@ fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// The message of a status that a dead or reset connection produced rather
-/// than the service.
+/// Whether the connection failed rather than the service answering (see
+/// [`user_service::transport`]); our own guard's timeout counts (a hung
+/// connection), as [`guard_expired`] marks it.
 fn looks_like_transport(s: &Status) -> bool {
-    let m = s.message().to_ascii_lowercase();
-    [
-        "transport",
-        "connect",
-        "connection",
-        "h2",
-        "goaway",
-        "go away",
-        "broken pipe",
-        "reset",
-        "operation was canceled",
-        "client-side timeout",
-    ]
-    .iter()
-    .any(|w| m.contains(w))
+    user_service::transport::is_transport_error(s)
+}
+
+/// What a call gets when our guard beyond its deadline ran out: marked as
+/// a transport error (its source), so the caller's slot gets a new
+/// connection.
+fn guard_expired() -> Status {
+    let mut s = Status::deadline_exceeded("client-side timeout");
+    s.set_source(std::sync::Arc::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer within the deadline and the guard",
+    )));
+    s
 }
 
 /// Errors a client retries with the same request id.
@@ -655,7 +654,7 @@ impl Load {
                 UserServiceClient::new(ch).create_user(r),
             )
             .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+            .unwrap_or_else(|_| Err(guard_expired()));
             match answer {
                 Ok(resp) => {
                     let resp = resp.into_inner();
@@ -1377,7 +1376,7 @@ async fn read_back(
             UserServiceClient::new(ch).get_user(req),
         )
         .await
-        .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+        .unwrap_or_else(|_| Err(guard_expired()));
         match r {
             Ok(resp) => {
                 let resp = resp.into_inner();
@@ -1457,7 +1456,7 @@ async fn recreate(
             UserServiceClient::new(ch).create_user(r),
         )
         .await
-        .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
+        .unwrap_or_else(|_| Err(guard_expired()));
         match answer {
             Ok(resp) => {
                 break Recreate::Created(
@@ -3201,8 +3200,19 @@ mod tests {
         assert!(retryable(&Status::unavailable("x")));
         assert!(retryable(&Status::aborted("x")));
         assert!(retryable(&Status::deadline_exceeded("x")));
-        assert!(retryable(&Status::internal("h2 protocol error: GOAWAY")));
+        // INTERNAL or UNKNOWN: only when the connection failed, whatever
+        // the message says.
+        let goaway = Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert_eq!(goaway.code(), Code::Internal);
+        assert!(retryable(&goaway));
+        assert!(!retryable(&Status::internal("h2 protocol error: GOAWAY")));
         assert!(!retryable(&Status::internal("internal error")));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(retryable(&Status::from_error(Box::new(reset))));
+        assert!(looks_like_transport(&guard_expired()));
+        assert!(!looks_like_transport(&Status::unavailable(
+            "the read model (Redis) is unavailable; retry later"
+        )));
         assert!(!retryable(&Status::already_exists("x")));
         assert!(!retryable(&Status::invalid_argument("x")));
     }

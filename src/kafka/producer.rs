@@ -14,7 +14,7 @@ use rdkafka::{
 use std::{
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -39,6 +39,8 @@ pub struct Published {
 pub struct EventPublisher {
     /// Replaced by [`EventPublisher::watch`] if librdkafka wedges.
     producer: Arc<RwLock<Client>>,
+    /// Times the client was replaced.
+    replacements: Arc<AtomicU64>,
     health: Arc<ClientHealth>,
     link: KafkaLink,
     linger: Duration,
@@ -63,6 +65,7 @@ impl EventPublisher {
         let producer = Self::client(link, timeout, linger, &health)?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
+            replacements: Arc::default(),
             health,
             link: link.clone(),
             linger,
@@ -155,11 +158,18 @@ impl EventPublisher {
             &mut *self.producer.write().expect("producer lock poisoned"),
             fresh,
         );
+        self.replacements.fetch_add(1, Ordering::Relaxed);
         // Closing a wedged client can block: off the async workers.
         std::thread::spawn(move || {
             old.purge(PurgeConfig::default().queue().inflight());
             drop(old);
         });
+    }
+
+    /// Times the librdkafka client was replaced (by the watchdog, or
+    /// [`EventPublisher::replace`]).
+    pub fn replacements(&self) -> u64 {
+        self.replacements.load(Ordering::Relaxed)
     }
 
     fn record_send(&self, ok: bool, timed_out: bool) {

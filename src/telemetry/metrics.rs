@@ -215,6 +215,21 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "connections sent GOAWAY ENHANCE_YOUR_CALM for pinging more often than HTTP2_MIN_PING_INTERVAL allows",
     ),
     (
+        "user_service_connections_open",
+        Kind::Gauge,
+        "client connections open (admitted under MAX_CONNECTIONS, TLS handshakes in flight included)",
+    ),
+    (
+        "user_service_connections_refused_total",
+        Kind::Counter,
+        "connections closed at accept, by reason (max_connections: MAX_CONNECTIONS open; tls_handshakes: TLS_MAX_HANDSHAKES in flight)",
+    ),
+    (
+        "user_service_connections_closed_total",
+        Kind::Counter,
+        "connections the server closed, by reason (no_preface: none within HTTP2_PREFACE_TIMEOUT; idle: GOAWAY after MAX_CONNECTION_IDLE with no call)",
+    ),
+    (
         "user_service_user_cache_lookups_total",
         Kind::Counter,
         "GetUser lookups of the in-process user cache, by outcome (hit: no Redis round trip)",

@@ -814,3 +814,48 @@ pub fn sum_of(samples: &std::collections::BTreeMap<String, f64>, name: &str, wit
         .map(|(_, v)| v)
         .sum()
 }
+
+/// What the health probes said of `dependency` in an exposition: how many
+/// probes ran, and whether the last found it up (`None` before any).
+pub fn probed(text: &str, dependency: &str) -> (f64, Option<bool>) {
+    let s = samples(text);
+    let label = format!("dependency=\"{dependency}\"");
+    let runs = sum_of(&s, "user_service_dependency_probe_seconds_count", &[&label]);
+    let up = s
+        .iter()
+        .find(|(series, _)| {
+            series.starts_with("user_service_dependency_up{") && series.contains(&label)
+        })
+        .map(|(_, v)| *v == 1.0);
+    (runs, up)
+}
+
+/// Waits until `n` probes of `dependency` have run in `app` and the last
+/// found it down: NOT_SERVING is where every instance starts, so only then
+/// does a NOT_SERVING say what the probes found.
+pub async fn wait_probed_down(app: &TestApp, dependency: &str, n: f64) {
+    wait_until(Duration::from_secs(30), || async {
+        let (runs, up) = probed(&app.handle.metrics.render(), dependency);
+        runs >= n && up == Some(false)
+    })
+    .await
+    .unwrap_or_else(|()| {
+        panic!(
+            "{n} probes of {dependency}, the last one down: {:?}",
+            probed(&app.handle.metrics.render(), dependency)
+        )
+    });
+}
+
+/// [`wait_probed_down`] for another process, by its `/metrics` at `addr`.
+pub async fn wait_probed_down_at(addr: SocketAddr, dependency: &str, n: f64) {
+    wait_until(Duration::from_secs(30), || async {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return false;
+        }
+        let (runs, up) = probed(&scrape_at(addr).await, dependency);
+        runs >= n && up == Some(false)
+    })
+    .await
+    .unwrap_or_else(|()| panic!("{n} probes of {dependency} at {addr}, the last one down"));
+}

@@ -32,7 +32,7 @@
 //! the random bytes.
 
 use crate::helpers::{
-    TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config,
+    TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config, wait_until,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -1189,13 +1189,22 @@ async fn a_deadline_past_the_cap_does_not_hold_a_wait() {
     config.max_position_wait = MAX_POSITION_WAIT;
     config.projector_enabled = false;
     let app = spawn_app_with(config).await;
+    // The partition count known (else a read answers UNAVAILABLE at once).
+    wait_until(Duration::from_secs(30), || async {
+        app.health_status("kafka").await.ok() == Some(ServingStatus::Serving)
+    })
+    .await
+    .expect("a broker answered the probe");
     let id = 4242;
     let position = publish_user_created(&producer(), &app.config.topic, id, "Never Applied").await;
     let past_the_end = Position {
         offset: 1 << 40,
         ..position
     };
-    for (pos, what) in [(position, "never applied"), (past_the_end, "past the end")] {
+    for (pos, what, want) in [
+        (position, "never applied", Code::DeadlineExceeded),
+        (past_the_end, "past the end", Code::OutOfRange),
+    ] {
         for raw in HUGE_TIMEOUTS {
             let mut req = tonic::Request::new(GetUserRequest {
                 id,
@@ -1204,17 +1213,30 @@ async fn a_deadline_past_the_cap_does_not_hold_a_wait() {
             req.metadata_mut()
                 .insert("grpc-timeout", raw.parse().unwrap());
             let limit = MAX_POSITION_WAIT + SLACK;
+            let began = std::time::Instant::now();
             let status = timeout(limit, app.users.clone().get_user(req))
                 .await
                 .unwrap_or_else(|_| panic!("{what}, grpc-timeout {raw}: no answer in {limit:?}"))
                 .expect_err("the position is not applied");
-            assert!(
-                matches!(
-                    status.code(),
-                    Code::OutOfRange | Code::DeadlineExceeded | Code::Unavailable
-                ),
+            let took = began.elapsed();
+            assert_eq!(
+                status.code(),
+                want,
                 "{what}, grpc-timeout {raw}: {status:?}"
             );
+            if want == Code::OutOfRange {
+                // At once: no wait, which would take MAX_POSITION_WAIT.
+                assert!(
+                    took < MAX_POSITION_WAIT,
+                    "{what}, grpc-timeout {raw}: answered after {took:?}"
+                );
+            } else {
+                // The service's cap, not the caller's deadline, ended it.
+                assert!(
+                    took >= MAX_POSITION_WAIT * 9 / 10,
+                    "{what}, grpc-timeout {raw}: answered after {took:?}"
+                );
+            }
         }
     }
     app.stop().await.expect("the service stops cleanly");

@@ -200,3 +200,49 @@ async fn only_client_chosen_ids_are_indexed_by_request_id() {
     assert_eq!(chosen.user.unwrap().id, 77);
     app.stop().await.expect("clean stop");
 }
+
+/// Client-chosen ids may be any positive id, the service's own range
+/// included: when the eight ids a request id derives are all taken that
+/// way, a create with that request id and no id answers ABORTED (retry with
+/// a new request id), not INTERNAL, which is kept for bugs.
+#[tokio::test]
+async fn a_request_id_whose_derived_ids_are_all_taken_is_aborted() {
+    let app = spawn_app().await;
+    let request_id = crate::helpers::unique("crowded");
+    let parsed = RequestId::parse(&request_id).unwrap().unwrap();
+    for attempt in 0..8 {
+        let id = ids::assigned_id(&parsed, attempt).get();
+        app.create_req(CreateUserRequest {
+            id: Some(id),
+            name: "Squatter".into(),
+            email: "squatter@example.com".into(),
+            request_id: crate::helpers::unique("squat"),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("client-chosen id {id}: {s:?}"));
+    }
+    let crowded = CreateUserRequest {
+        id: None,
+        name: "Ada".into(),
+        email: "ada@example.com".into(),
+        request_id,
+    };
+    let refused = app
+        .create_req(crowded.clone())
+        .await
+        .expect_err("every id of this request id is taken");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(
+        refused.message().contains("new request_id"),
+        "the message says what to do: {refused:?}"
+    );
+    let retried = app
+        .create_req(CreateUserRequest {
+            request_id: crate::helpers::unique("fresh"),
+            ..crowded
+        })
+        .await
+        .expect("a new request id gets a user");
+    assert!(retried.user.is_some());
+    app.stop().await.expect("clean stop");
+}

@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod connections;
 mod consumer_group;
 mod create_and_get;
 mod dead_letter;

@@ -145,13 +145,76 @@ async fn counters_follow_the_calls_and_lag_matches_the_progress_rpc() {
     app.stop().await.expect("clean stop");
 }
 
+/// The TCP ports process `pid` listens on (its own sockets in LISTEN, as
+/// /proc shows them).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| {
+            let link = std::fs::read_link(fd.ok()?.path()).ok()?;
+            let link = link.to_str()?;
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports
+}
+
+/// The real binary with `METRICS_ADDR` set so: the ports it listens on,
+/// once it serves gRPC (the listeners are bound before anything starts).
+async fn ports_with_metrics_addr(metrics_addr: &str) -> (u16, Vec<u16>) {
+    let name = crate::helpers::unique("metrics-off");
+    let port = crate::helpers::free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("METRICS_ADDR", metrics_addr)
+        .env("KAFKA_TOPIC", format!("{name}-users"))
+        .env("KAFKA_CONSUMER_GROUP", format!("{name}-projector"))
+        .env("REDIS_KEY_PREFIX", format!("{name}:"))
+        .env("DRAIN_GRACE", "0s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    let endpoint = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    wait_until(Duration::from_secs(60), || async {
+        match endpoint.connect().await {
+            Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .expect("the binary serves gRPC");
+    let ports = listening_ports(child.id().unwrap());
+    let _ = child.kill().await;
+    (port, ports)
+}
+
+/// `METRICS_ADDR=off`: the process listens on its gRPC port and nothing
+/// else; with an address, on both (what shows the check sees a metrics
+/// listener when there is one).
 #[tokio::test]
 async fn the_endpoint_can_be_turned_off() {
-    let mut config = crate::helpers::test_config();
-    config.metrics_addr = user_service::config::MetricsAddr::Off;
-    let app = crate::helpers::spawn_app_with(config).await;
-    assert!(app.handle.metrics_addr.is_none());
-    app.stop().await.expect("clean stop");
+    let (grpc, ports) = ports_with_metrics_addr("off").await;
+    assert_eq!(ports, vec![grpc], "only gRPC listens");
+    let (grpc, ports) = ports_with_metrics_addr("127.0.0.1:0").await;
+    assert_eq!(ports.len(), 2, "gRPC ({grpc}) and /metrics: {ports:?}");
+    assert!(ports.contains(&grpc));
 }
 
 /// Calls to names the server does not serve (answered UNIMPLEMENTED) are

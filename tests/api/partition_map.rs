@@ -220,7 +220,9 @@ async fn a_topic_with_fewer_partitions_than_its_map_is_refused_loudly() {
     .await
     .expect("a probe reached the broker");
     wait_until(Duration::from_secs(30), || async {
-        app.health_status("kafka").await.ok() == Some(ServingStatus::NotServing)
+        // NOT_SERVING is where it starts: two probes must have run first.
+        crate::helpers::probed(&app.handle.metrics.render(), "kafka").0 >= 2.0
+            && app.health_status("kafka").await.ok() == Some(ServingStatus::NotServing)
     })
     .await
     .expect("kafka NOT_SERVING");

@@ -6,7 +6,7 @@ use crate::helpers::{kafka_link, unique};
 use std::time::Duration;
 use user_service::{
     domain::{Email, User, UserCreated, UserId, UserName},
-    kafka::{EventPublisher, ensure_topics},
+    kafka::{EventPublisher, KafkaError, ensure_topics},
 };
 
 fn event(id: i64) -> UserCreated {
@@ -27,28 +27,42 @@ async fn a_replaced_producer_publishes_at_once() {
     ensure_topics(&kafka_link(), &[&topic], 3, 1, Duration::from_secs(10))
         .await
         .unwrap();
-    let publisher = EventPublisher::new(
-        &kafka_link(),
-        &topic,
-        Duration::from_secs(5),
-        Duration::from_millis(2),
-    )
-    .unwrap();
+    let timeout = Duration::from_secs(5);
+    let publisher =
+        EventPublisher::new(&kafka_link(), &topic, timeout, Duration::from_millis(2)).unwrap();
     let before = publisher.publish(&event(1), 0).await.unwrap();
     // Replace while calls are in flight: each ends, acknowledged or with an
-    // error (purged), never hanging.
+    // error its caller retries (purged), never hanging.
     let in_flight: Vec<_> = (2..50)
         .map(|id| {
             let p = publisher.clone();
             tokio::spawn(async move { p.publish(&event(id), (id % 3) as i32).await })
         })
         .collect();
+    assert_eq!(publisher.replacements(), 0);
     publisher.replace();
+    assert_eq!(publisher.replacements(), 1, "the client was replaced");
     for call in in_flight {
-        let _ = tokio::time::timeout(Duration::from_secs(10), call)
+        let ended = tokio::time::timeout(timeout * 2, call)
             .await
-            .expect("a call in flight at the replacement ends");
+            .expect("a call in flight at the replacement ends")
+            .unwrap();
+        if let Err(e) = ended {
+            assert!(matches!(e, KafkaError::Unavailable(_)), "retryable: {e:?}");
+        }
     }
-    let after = publisher.publish(&event(100), 1).await.unwrap();
-    assert!(after.offset >= 0 && before.offset >= 0);
+    // The new client's first publish: acknowledged, well within the
+    // publish timeout (a client that had to wait out the old one's
+    // messages, or never reached the broker, would not be).
+    let began = std::time::Instant::now();
+    let after = tokio::time::timeout(Duration::from_secs(2), publisher.publish(&event(100), 0))
+        .await
+        .expect("the replacement publishes at once")
+        .expect("and is acknowledged");
+    assert_eq!(after.partition, 0);
+    assert!(
+        after.offset > before.offset,
+        "after {after:?}, before {before:?}"
+    );
+    eprintln!("first publish of the new client: {:?}", began.elapsed());
 }

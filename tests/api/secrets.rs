@@ -233,12 +233,10 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
     // Wrong credentials (from the environment): never SERVING, and the log
     // says which settings to check.
     let bad = start(&redis, Some(&wrong), None);
-    wait_until(Duration::from_secs(30), || async {
-        status(bad.port).await == Some(ServingStatus::NotServing)
-    })
-    .await
-    .expect("answers NOT_SERVING");
-    tokio::time::sleep(Duration::from_millis(1000)).await; // a few probes
+    // NOT_SERVING is where it starts: first a few probes must have found
+    // Redis down.
+    crate::helpers::wait_probed_down_at(([127, 0, 0, 1], bad.metrics_port).into(), "redis", 3.0)
+        .await;
     assert_eq!(status(bad.port).await, Some(ServingStatus::NotServing));
 
     // --help with the secret in the environment does not print it.
@@ -316,7 +314,7 @@ async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
 
     // A CA that did not sign Redis's certificate: never SERVING.
     let app = crate::helpers::spawn_app_with(config_with("other-ca.pem")).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await; // several probes
+    crate::helpers::wait_probed_down(&app, "redis", 3.0).await;
     assert_eq!(
         app.health_status("").await.unwrap(),
         ServingStatus::NotServing,

@@ -346,9 +346,10 @@ async fn sentinel_over_tls_with_the_right_ca_only() {
     app.stop().await.expect("clean stop");
 
     // A CA that signed neither: the read model stays NOT_SERVING through
-    // several probes (one every 200 ms).
+    // several probes (NOT_SERVING is where it starts: the probes must have
+    // run, and found Redis down).
     let app = spawn_app_with(config_with("other-ca.pem")).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    crate::helpers::wait_probed_down(&app, "redis", 3.0).await;
     assert_eq!(
         app.health_status("redis").await.unwrap(),
         ServingStatus::NotServing

@@ -260,3 +260,59 @@ async fn a_certificate_without_its_key_stops_the_start() {
         .expect("refused");
     assert!(err.to_string().contains("TLS_KEY_FILE"), "{err}");
 }
+
+/// Half-open TLS connections (accepted, no ClientHello) take at most
+/// `TLS_MAX_HANDSHAKES` handshake places: one past it is closed at once and
+/// counted, instead of holding a task until `TLS_HANDSHAKE_TIMEOUT`; a real
+/// client gets in once places are free again.
+#[tokio::test]
+async fn half_open_tls_connections_past_the_handshake_cap_are_closed_and_counted() {
+    use crate::connections::{metric, read_until_closed};
+    const MAX: usize = 8;
+    let ca = Ca::new("service CA");
+    let files = Files::new();
+    let (cert, key) = ca.leaf("user-service", true);
+    files.write("server.pem", &cert);
+    files.write("server.key", &key);
+    let mut config = test_config();
+    config.tls_cert_file = Some(files.path("server.pem"));
+    config.tls_key_file = Some(files.path("server.key"));
+    config.tls_handshake_timeout = Duration::from_secs(60);
+    config.tls_max_handshakes = MAX;
+    let app = spawn_app_with(config).await;
+    let open = |app: &TestApp| metric(app, "user_service_connections_open", &[]) as usize;
+
+    let mut half_open = Vec::new();
+    for _ in 0..MAX {
+        half_open.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    wait_until(Duration::from_secs(5), || async { open(&app) == MAX })
+        .await
+        .expect("the server holds every half-open connection");
+    let mut past = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let closed = read_until_closed(&mut past, Duration::from_secs(5))
+        .await
+        .expect("a connection past TLS_MAX_HANDSHAKES is closed at once");
+    assert!(closed.is_empty(), "{closed:?}");
+    assert!(
+        !reaches(&app, &ca.pem(), None).await,
+        "no handshake place is free"
+    );
+    assert!(
+        metric(
+            &app,
+            "user_service_connections_refused_total",
+            &[r#"reason="tls_handshakes""#]
+        ) >= 2.0
+    );
+
+    drop(half_open);
+    wait_until(Duration::from_secs(5), || async { open(&app) == 0 })
+        .await
+        .expect("a handshake that ends (here: EOF) gives its place back");
+    assert!(
+        reaches(&app, &ca.pem(), None).await,
+        "a real client gets in"
+    );
+    app.stop().await.expect("clean stop");
+}

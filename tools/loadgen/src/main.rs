@@ -485,15 +485,15 @@ impl Conns {
     }
 }
 
-/// UNAVAILABLE, INTERNAL from h2 (a GOAWAY, a reset connection), or the
-/// CANCELLED hyper gives a call still queued on a connection that went away
-/// (seen behind nginx, which sends GOAWAY after `keepalive_requests` calls).
+/// UNAVAILABLE, or an INTERNAL or CANCELLED that the connection caused (a
+/// GOAWAY, a reset connection; hyper's CANCELLED for a call still queued on
+/// a connection that went away, as behind nginx, which sends GOAWAY after
+/// `keepalive_requests` calls), told by the error's source chain (see
+/// `user_service::transport`), not its message.
 fn retryable(s: &Status) -> bool {
-    let m = s.message().to_ascii_lowercase();
     match s.code() {
         Code::Unavailable => true,
-        Code::Internal => m.contains("h2") || m.contains("goaway") || m.contains("go away"),
-        Code::Cancelled => m.contains("operation was canceled"),
+        Code::Internal | Code::Cancelled => user_service::transport::is_transport_error(s),
         _ => false,
     }
 }
