@@ -9,7 +9,8 @@
 //! - [`api`]: gRPC handlers. They decode requests, validate them into domain
 //!   types, call the adapters and map every error to a `tonic::Status`. Also the
 //!   `grpc.health.v1` service, which follows the health protocol's spec.
-//! - [`domain`]: the user, its `UserCreated` event and the validated value types
+//! - [`domain`]: the user, its `UserCreated` event (this service's format and
+//!   the article's Go service's, read alike) and the validated value types
 //!   (`UserId`, `UserName`, `Email`). No I/O.
 //! - [`command`]: CreateUser's command: choose the id, publish, and answer
 //!   with the log's verdict as the read model shows it.
@@ -24,7 +25,8 @@
 //!   a pool, behind Sentinel, or a Redis Cluster (keys tagged per partition),
 //!   with reads from replicas when asked.
 //! - [`projector`]: the consumer-group loop: resume from the read model's
-//!   checkpoint, fetch, apply to Redis (fenced, idempotently), then store the
+//!   checkpoint, fetch, re-home the Go service's events that sit outside their
+//!   id's partition, apply to Redis (fenced, idempotently), then store the
 //!   offset for commit.
 //! - [`progress`]: the consumer group's progress per partition (committed
 //!   offset, log end, lag, Burrow-like status), read from Kafka by one shared

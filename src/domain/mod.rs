@@ -8,7 +8,9 @@ pub mod partition_map;
 mod proptests;
 mod user;
 
-pub use event::{EventDecodeError, EventPosition, SCHEMA_VERSION, UserCreated};
+pub use event::{
+    EventDecodeError, EventFormat, EventPosition, SCHEMA_VERSION, UserCreated, go_time,
+};
 pub use partition_map::{MapRecord, MoveRecord, PartitionMap};
 pub use user::{
     Email, FieldViolation, NewUser, RequestId, User, UserId, UserName, ValidationError,

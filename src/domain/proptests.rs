@@ -198,6 +198,44 @@ proptest! {
             prop_assert_eq!(decoded.unwrap(), event);
         }
     }
+
+    /// The article's Go service writes any user this service would accept as
+    /// `{"id","name","email","create_time"}` (Go's RFC 3339, at nanosecond
+    /// precision and in any offset): it decodes to that user, its time to
+    /// the millisecond, in the legacy format, naming no request.
+    #[test]
+    fn the_articles_event_of_any_valid_user_decodes_to_it(
+        event in event(),
+        ms in -62_135_596_800_000i64..253_402_300_800_000,
+        sub_ms_nanos in 0u32..1_000_000,
+        offset_minutes in -720i32..=840,
+    ) {
+        use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
+        let utc = OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(ms) * 1_000_000 + i128::from(sub_ms_nanos),
+        )
+        .unwrap();
+        let local = UtcOffset::from_whole_seconds(offset_minutes * 60).unwrap();
+        // Go writes the time in its own zone: only within years 0 to 9999.
+        let create_time = match utc.checked_to_offset(local).map(|t| t.format(&Rfc3339)) {
+            Some(Ok(t)) => t,
+            _ => return Ok(()),
+        };
+        let json = json!({
+            "id": event.user.id.get(),
+            "name": event.user.name.as_str(),
+            "email": event.user.email.as_str(),
+            "create_time": create_time,
+        });
+        let bytes = serde_json::to_vec(&json).unwrap();
+        let decoded = UserCreated::decode_with_format(Some(event.key().as_bytes()), Some(&bytes));
+        let mut user = event.user.clone();
+        user.created_at_ms = ms;
+        prop_assert_eq!(
+            decoded.ok(),
+            Some((UserCreated::new(user, None), super::EventFormat::Legacy))
+        );
+    }
 }
 
 /// The strategies must produce accepted values often, Punycode domains
@@ -484,14 +522,16 @@ fn json_value() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// The event's fields, and one no version of the format has.
-const FIELDS: [&str; 8] = [
+/// The event's fields (the article's `create_time` among them), and one no
+/// version of the format has.
+const FIELDS: [&str; 9] = [
     "schema_version",
     "type",
     "id",
     "name",
     "email",
     "created_at_ms",
+    "create_time",
     "request_id",
     "added_later",
 ];
@@ -508,6 +548,22 @@ fn field_value(i: usize) -> BoxedStrategy<Value> {
         "id" | "created_at_ms" => prop_oneof![
             (1..=i64::MAX).prop_map(Value::from),
             hostile_id().prop_map(|id| id.map_or(Value::Null, Value::from)),
+        ]
+        .boxed(),
+        "create_time" => prop_oneof![
+            any::<i64>().prop_map(|ms| super::go_time(ms).map_or(Value::Null, Value::from)),
+            proptest::sample::select(
+                &[
+                    "2025-11-25T13:40:00Z",
+                    "2025-11-25T21:40:00.5+08:00",
+                    "2025-11-25T13:40:00.123456789012Z",
+                    "2025-11-25 13:40:00Z",
+                    "2025-11-25T13:40:60Z",
+                    "0000-01-01T00:00:00-00:01",
+                    "",
+                ][..]
+            )
+            .prop_map(Value::from),
         ]
         .boxed(),
         "name" => hostile_name().prop_map(Value::from).boxed(),

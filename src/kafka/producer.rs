@@ -347,15 +347,21 @@ impl EventPublisher {
         }
     }
 
-    /// Publishes raw bytes with headers (the dead-letter path) and waits.
+    /// Publishes raw bytes with headers and waits: the dead-letter path
+    /// (`partition` None: the partitioner's pick), and the copy of an
+    /// article's event to its id's partition (named).
     pub async fn publish_raw(
         &self,
         topic: &str,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: rdkafka::message::OwnedHeaders,
     ) -> Result<Published, KafkaError> {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -367,10 +373,15 @@ impl EventPublisher {
             .send(record, Timeout::After(self.timeout))
             .await
         {
-            Ok(d) => Ok(Published {
-                partition: d.partition,
-                offset: d.offset,
-            }),
+            Ok(d) => {
+                if topic == self.topic {
+                    self.log_ends.acknowledged(d.partition, d.offset);
+                }
+                Ok(Published {
+                    partition: d.partition,
+                    offset: d.offset,
+                })
+            }
             Err((e, _)) => Err(KafkaError::Unavailable(format!(
                 "publishing to {topic}: {e}"
             ))),

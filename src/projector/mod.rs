@@ -23,7 +23,9 @@ mod state;
 pub use state::{ProjectorState, ProjectorStats};
 
 use crate::{
-    domain::{EventPosition, MapRecord, MoveRecord, PartitionMap, UserCreated},
+    domain::{
+        EventFormat, EventPosition, MapRecord, MoveRecord, PartitionMap, User, UserCreated, UserId,
+    },
     kafka::{
         EventPublisher, KafkaError, Routing, consumer_config,
         watchdog::{ClientHealth, Confirmations, cluster_reachable},
@@ -128,10 +130,19 @@ impl ConsumerContext for ProjectorContext {
     }
 }
 
+/// The header a re-homed copy carries: `<topic>:<partition>:<offset>` of the
+/// record it copies.
+pub const REHOMED_FROM: &str = "rehomed-from";
+
 /// What one record of the topic is to the read model.
 enum Record {
     /// A user's event in its id's partition: the rule over the log applies.
-    Event(UserCreated),
+    /// `legacy`: in the article's format, reported if it creates nothing.
+    Event { event: UserCreated, legacy: bool },
+    /// An event of the article's Go service outside its id's partition (its
+    /// writer spread records with kafka-go's `LeastBytes`, not by key): copied
+    /// to `home`, where the rule applies to the copy; creates nothing here.
+    Rehome { id: UserId, home: i32 },
     /// A partition map record, or a move record on the topic moved to: it
     /// creates nothing, the checkpoint passes it.
     Control,
@@ -142,10 +153,14 @@ enum Record {
     Dead(String),
 }
 
-/// Decodes a record and checks it sits where the partition map puts its id:
-/// an event elsewhere (written by a client that routed over the topic's
-/// current count after partitions were added) creates nothing, in every
-/// replay alike, since the map is a fact of the log.
+/// Decodes a record and checks it sits where the partition map puts its id.
+/// This service's event elsewhere (written by a client that routed over the
+/// topic's current count after partitions were added) creates nothing, in
+/// every replay alike, since the map is a fact of the log. The article's
+/// event elsewhere is where its writer's balancer put it: it is re-homed,
+/// copied to its id's partition, as a Kafka Streams repartition does, so the
+/// rule keeps one partition per id and the copy is in the log for every
+/// replay (docs/design.md, "The article's events").
 fn classify(m: &OwnedMessage, map: PartitionMap, topic: &str) -> Record {
     if let Some(decoded) = MapRecord::decode(m.key(), m.payload()) {
         return match decoded {
@@ -160,11 +175,17 @@ fn classify(m: &OwnedMessage, map: PartitionMap, topic: &str) -> Record {
             Err(e) => Record::Dead(e.to_string()),
         };
     }
-    match UserCreated::decode(m.key(), m.payload()) {
-        Ok(event) => {
+    match UserCreated::decode_with_format(m.key(), m.payload()) {
+        Ok((event, format)) => {
             let home = map.home(event.user.id);
+            let legacy = format == EventFormat::Legacy;
             if home == m.partition() {
-                Record::Event(event)
+                Record::Event { event, legacy }
+            } else if legacy {
+                Record::Rehome {
+                    id: event.user.id,
+                    home,
+                }
             } else {
                 Record::Dead(format!(
                     "user {}'s events belong in partition {home} (the topic's partition map \
@@ -398,14 +419,25 @@ impl Projector {
         } else {
             Vec::new()
         };
-        for m in batch {
+        let records: Vec<Record> = batch
+            .iter()
+            .map(|m| classify(m, map, &self.topic))
+            .collect();
+        // The copies first: a partition's checkpoint passes an event only
+        // once its copy is in its id's partition.
+        let Some(rehomed) = self.rehome(batch, &records, cursors, token).await else {
+            return false;
+        };
+        let mut legacy = Vec::with_capacity(batch.len());
+        for (m, record) in batch.iter().zip(records) {
             let position = EventPosition {
                 partition: m.partition(),
                 offset: m.offset(),
             };
-            let (user, request_id, sealed_to) = match classify(m, map, &self.topic) {
-                Record::Event(event) => (Some(event.user), event.request_id, None),
-                Record::Control => (None, None, None),
+            legacy.push(matches!(record, Record::Event { legacy: true, .. }));
+            let (user, request_id, sealed_to) = match record {
+                Record::Event { event, .. } => (Some(event.user), event.request_id, None),
+                Record::Rehome { .. } | Record::Control => (None, None, None),
                 Record::Seal(to) => {
                     tracing::warn!(
                         partition = m.partition(),
@@ -441,21 +473,26 @@ impl Projector {
 
         // One atomic script per partition: a partition's keys share a hash
         // slot, a batch's partitions may not (Redis Cluster).
-        let mut by_partition: BTreeMap<i32, Vec<ApplyOp>> = BTreeMap::new();
-        for op in &ops {
-            by_partition
-                .entry(op.position.partition)
-                .or_default()
-                .push(op.clone());
+        let mut by_partition: BTreeMap<i32, (Vec<ApplyOp>, Vec<bool>)> = BTreeMap::new();
+        for (op, &legacy) in ops.iter().zip(&legacy) {
+            let (part_ops, part_legacy) = by_partition.entry(op.position.partition).or_default();
+            part_ops.push(op.clone());
+            part_legacy.push(legacy);
         }
         let mut outcome = ApplyOutcome::default();
         let mut created = Vec::new();
-        for (&partition, part_ops) in &by_partition {
+        let mut superseded = Vec::new();
+        for (&partition, (part_ops, part_legacy)) in &by_partition {
             let resumed_from = expected.get(&partition).copied().unwrap_or(-1);
+            let rehomed = rehomed.get(&partition).copied();
             let mut backoff = Duration::from_millis(50);
             let done = loop {
                 let began = std::time::Instant::now();
-                match self.store.apply(partition, part_ops, resumed_from).await {
+                match self
+                    .store
+                    .apply(partition, part_ops, resumed_from, rehomed)
+                    .await
+                {
                     Ok(ApplyResult::Applied(o)) => {
                         self.metrics.projector_applied(
                             partition,
@@ -509,8 +546,23 @@ impl Projector {
                 }),
             );
             created.extend(done.created.iter().filter_map(|e| part_ops.get(*e)));
+            // The article's events past the checkpoint that created nothing.
+            superseded.extend(
+                part_ops
+                    .iter()
+                    .zip(part_legacy)
+                    .enumerate()
+                    .filter(|(i, (op, legacy))| {
+                        **legacy
+                            && op.user.is_some()
+                            && op.position.offset > resumed_from
+                            && !done.created.contains(i)
+                    })
+                    .map(|(_, (op, _))| op),
+            );
         }
         self.remember_requests(&created).await;
+        self.report_superseded(&superseded).await;
         self.watch.poke();
 
         // The last offset of each partition in the batch: the new checkpoint,
@@ -520,7 +572,7 @@ impl Projector {
             last.insert(op.position.partition, op.position.offset);
         }
         for (&partition, &offset) in &last {
-            cursors.advance(partition, offset);
+            cursors.advance(partition, offset, rehomed.get(&partition).copied());
             // rd_kafka_offset_store stores offset + 1, the next to read. It fails
             // for a partition revoked meanwhile; its new owner resumes from Redis.
             if let Err(e) = consumer.store_offset(&self.topic, partition, offset) {
@@ -537,6 +589,120 @@ impl Projector {
             "batch applied"
         );
         true
+    }
+
+    /// Copies the article's events that sit outside their id's partition to
+    /// it, key and value unchanged, with a [`REHOMED_FROM`] header, and waits
+    /// for the brokers' acknowledgements; those at or below the partition's
+    /// `rehomed` mark were copied by an earlier pass and are not copied again
+    /// (a copy made twice creates nothing the second time: the first wins in
+    /// the home partition). Retries until every copy lands; `None` if the
+    /// service stops first (the batch is then not applied, and replayed).
+    /// Returns, per source partition, the highest offset copied now.
+    async fn rehome(
+        &self,
+        batch: &[OwnedMessage],
+        records: &[Record],
+        cursors: &Cursors,
+        token: &CancellationToken,
+    ) -> Option<BTreeMap<i32, i64>> {
+        let mut pending: Vec<(&OwnedMessage, UserId, i32)> = batch
+            .iter()
+            .zip(records)
+            .filter_map(|(m, r)| match *r {
+                Record::Rehome { id, home } if !cursors.rehomed(m.partition(), m.offset()) => {
+                    Some((m, id, home))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut copied = BTreeMap::new();
+        let mut backoff = Duration::from_millis(100);
+        while !pending.is_empty() {
+            // Queued in log order (an idempotent producer keeps it per
+            // partition), acknowledged together.
+            let sends = pending.iter().map(|&(m, _, home)| async move {
+                let origin = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: REHOMED_FROM,
+                    value: Some(&origin),
+                });
+                self.publisher
+                    .publish_raw(&self.topic, Some(home), m.key(), m.payload(), headers)
+                    .await
+            });
+            let results = futures::future::join_all(sends).await;
+            let mut failed = Vec::new();
+            let mut error = None;
+            for (entry, result) in pending.into_iter().zip(results) {
+                let (m, id, home) = entry;
+                match result {
+                    Ok(at) => {
+                        tracing::debug!(
+                            user_id = %id,
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            home,
+                            copy_offset = at.offset,
+                            "re-homed an event of the article's service to its id's partition"
+                        );
+                        self.state.record_rehomed(1);
+                        let high = copied.entry(m.partition()).or_insert(m.offset());
+                        *high = (*high).max(m.offset());
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        failed.push(entry);
+                    }
+                }
+            }
+            pending = failed;
+            if let Some(e) = error {
+                tracing::warn!(error = %e, left = pending.len(), retry_in = ?backoff, "cannot re-home events to their ids' partitions");
+                tokio::select! {
+                    _ = token.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        Some(copied)
+    }
+
+    /// Reports the article's events that created nothing because their id
+    /// was already taken by a different user: the Go service's read model
+    /// (last write wins) and this one (first wins) disagree on that id. The
+    /// same user again (a retried write, a copy made twice) is not reported.
+    async fn report_superseded(&self, ops: &[&ApplyOp]) {
+        let checks = ops.iter().filter_map(|op| {
+            let user: &User = op.user.as_ref()?;
+            Some(async move {
+                let winner = self.store.get_user(user.id, op.position.partition).await;
+                (op, user, winner)
+            })
+        });
+        for (op, user, winner) in futures::future::join_all(checks).await {
+            let winner = match winner {
+                Ok(Some(w)) if &w.user == user => continue,
+                // Created nothing for another reason (a sealed partition).
+                Ok(None) => continue,
+                Ok(Some(w)) => w
+                    .position()
+                    .map(|p| format!("{}:{}", p.partition, p.offset)),
+                Err(e) => Some(format!("unknown ({e})")),
+            };
+            self.state.record_legacy_superseded();
+            tracing::warn!(
+                user_id = %user.id,
+                partition = op.position.partition,
+                offset = op.position.offset,
+                winner = winner.as_deref().unwrap_or("?"),
+                "an event of the article's Go service created nothing: user {} was already \
+                 created by an earlier event (here the first event of an id wins; the Go \
+                 service's read model kept the last)",
+                user.id
+            );
+        }
     }
 
     /// Sends an undecodable record to the dead-letter topic, with the reason
@@ -568,7 +734,7 @@ impl Projector {
                 });
             let sent: Result<_, KafkaError> = self
                 .publisher
-                .publish_raw(&self.dlq_topic, m.key(), m.payload(), headers)
+                .publish_raw(&self.dlq_topic, None, m.key(), m.payload(), headers)
                 .await;
             match sent {
                 Ok(_) => return true,

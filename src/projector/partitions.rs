@@ -22,6 +22,9 @@ struct Cursor {
     checkpoint: i64,
     /// After a seek: the offset the next record must have.
     first: Option<i64>,
+    /// The highest offset whose copy to its id's partition was acknowledged
+    /// (-1: none), as the checkpoint keeps it: not copied again.
+    rehomed: i64,
 }
 
 /// The partitions this member has opened, each with its cursor.
@@ -139,6 +142,7 @@ impl Cursors {
         Ok(Cursor {
             checkpoint: opened.checkpoint,
             first: (position != Some(next) && next < high).then_some(next),
+            rehomed: opened.rehomed,
         })
     }
 
@@ -195,12 +199,23 @@ impl Cursors {
             .collect()
     }
 
-    /// A batch was applied up to `offset`.
-    pub(super) fn advance(&mut self, partition: i32, offset: i64) {
+    /// A batch was applied up to `offset`, its copies acknowledged up to
+    /// `rehomed`.
+    pub(super) fn advance(&mut self, partition: i32, offset: i64, rehomed: Option<i64>) {
         if let Some(c) = self.open.get_mut(&partition) {
             c.checkpoint = offset;
+            c.rehomed = c.rehomed.max(rehomed.unwrap_or(-1));
         }
         self.reseeks.remove(&partition);
+    }
+
+    /// Whether the record at `offset` of `partition` was already copied to
+    /// its id's partition (by this member or, as the checkpoint says, an
+    /// earlier one).
+    pub(super) fn rehomed(&self, partition: i32, offset: i64) -> bool {
+        self.open
+            .get(&partition)
+            .is_some_and(|c| offset <= c.rehomed)
     }
 
     /// Reopen these partitions from Redis' checkpoint on the next round,

@@ -16,6 +16,8 @@ pub struct ProjectorState {
     duplicates: AtomicU64,
     skipped: AtomicU64,
     dead_lettered: AtomicU64,
+    rehomed: AtomicU64,
+    legacy_superseded: AtomicU64,
     apply_failures: AtomicU64,
     checkpoint_moves: AtomicU64,
     /// Assignments received or lost.
@@ -47,6 +49,12 @@ pub struct ProjectorStats {
     pub skipped: u64,
     /// Records sent to the dead-letter topic.
     pub dead_lettered: u64,
+    /// The article's events copied to their ids' partitions (acknowledged).
+    pub rehomed: u64,
+    /// The article's events that created nothing because their id was
+    /// already taken by another user (the first event wins here, the Go
+    /// service kept the last): ids whose users the two read models disagree on.
+    pub legacy_superseded: u64,
     /// Failed attempts to apply a batch or to open a partition (Redis or
     /// Kafka down).
     pub apply_failures: u64,
@@ -100,6 +108,14 @@ impl ProjectorState {
         self.in_group.store(in_group, Ordering::Relaxed);
     }
 
+    pub(super) fn record_rehomed(&self, n: u64) {
+        self.rehomed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn record_legacy_superseded(&self) {
+        self.legacy_superseded.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn record_checkpoint_moved(&self) {
         self.checkpoint_moves.fetch_add(1, Ordering::Relaxed);
     }
@@ -115,6 +131,8 @@ impl ProjectorState {
             duplicates: self.duplicates.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            rehomed: self.rehomed.load(Ordering::Relaxed),
+            legacy_superseded: self.legacy_superseded.load(Ordering::Relaxed),
             apply_failures: self.apply_failures.load(Ordering::Relaxed),
             assignment: inner.assignment.clone(),
             applied_offsets: inner.applied_offsets.clone(),

@@ -71,6 +71,10 @@ pub struct Opened {
     pub checkpoint: i64,
     /// Set when the partition is being replayed from the start.
     pub rebuild_target: Option<i64>,
+    /// The highest offset whose copy to its id's partition was acknowledged
+    /// (an article's event re-homed; -1: none): a replay does not copy those
+    /// again.
+    pub rehomed: i64,
 }
 
 impl RedisStore {
@@ -86,7 +90,7 @@ impl RedisStore {
     ) -> Result<Opened, StoreError> {
         self.timed(async {
             let mut conn = self.conn().await?;
-            let (checkpoint, target): (String, String) = self
+            let (checkpoint, target, rehomed): (String, String, String) = self
                 .scripts
                 .open
                 .key(self.keys.checkpoint(partition))
@@ -99,6 +103,7 @@ impl RedisStore {
                     StoreError::Protocol(format!("checkpoint {checkpoint:?} is not an offset"))
                 })?,
                 rebuild_target: target.parse().ok(),
+                rehomed: rehomed.parse().unwrap_or(-1),
             })
         })
         .await

@@ -75,7 +75,8 @@ impl StoredUser {
 #[derive(Debug, Clone)]
 pub struct ApplyOp {
     pub position: EventPosition,
-    /// `None` moves the checkpoint only (a record sent to the dead-letter topic).
+    /// `None` moves the checkpoint only (a record sent to the dead-letter
+    /// topic, or copied to its id's partition).
     pub user: Option<User>,
     /// The request id the event carries, if any.
     pub request_id: Option<RequestId>,
@@ -132,19 +133,24 @@ impl RedisStore {
 
     /// Applies one partition's records in log order, atomically with its
     /// checkpoint, if the checkpoint is still `expected` (the offset the
-    /// projector resumed after; -1 for none).
+    /// projector resumed after; -1 for none). `rehomed`: the highest offset of
+    /// the batch whose copy to its id's partition was acknowledged, kept
+    /// beside the checkpoint (see [`Opened::rehomed`](super::Opened)).
     pub async fn apply(
         &self,
         partition: i32,
         ops: &[ApplyOp],
         expected: i64,
+        rehomed: Option<i64>,
     ) -> Result<ApplyResult, StoreError> {
         if ops.is_empty() {
             return Ok(ApplyResult::Applied(ApplyOutcome::default()));
         }
         let projection = self.keys.checkpoint(partition);
         let mut invocation = self.scripts.apply.key(&projection);
-        invocation.arg(expected);
+        invocation
+            .arg(expected)
+            .arg(rehomed.map(|o| o.to_string()).unwrap_or_default());
         for op in ops {
             debug_assert_eq!(op.position.partition, partition);
             match &op.user {

@@ -98,6 +98,10 @@ impl Sources {
                 .absolute(s.skipped);
             m.counter("user_service_projector_dead_lettered_total", &[])
                 .absolute(s.dead_lettered);
+            m.counter("user_service_projector_events_rehomed_total", &[])
+                .absolute(s.rehomed);
+            m.counter("user_service_projector_legacy_superseded_total", &[])
+                .absolute(s.legacy_superseded);
             m.counter("user_service_projector_apply_failures_total", &[])
                 .absolute(s.apply_failures);
             m.counter("user_service_projector_checkpoint_moves_total", &[])

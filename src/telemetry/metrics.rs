@@ -107,7 +107,17 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "user_service_projector_dead_lettered_total",
         Kind::Counter,
-        "records that cannot be applied (undecodable, or outside their id's partition) sent to the dead-letter topic",
+        "records that cannot be applied (undecodable, or this service's events outside their id's partition) sent to the dead-letter topic",
+    ),
+    (
+        "user_service_projector_events_rehomed_total",
+        Kind::Counter,
+        "events of the article's Go service copied from the partition its writer picked to their id's partition (re-homed)",
+    ),
+    (
+        "user_service_projector_legacy_superseded_total",
+        Kind::Counter,
+        "events of the article's Go service that created nothing because another user already had their id: the Go service's read model kept the last such event, this one keeps the first (each logged with the id)",
     ),
     (
         "user_service_projector_apply_failures_total",

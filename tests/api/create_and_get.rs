@@ -92,6 +92,20 @@ async fn created_user_is_readable_with_and_without_the_position() {
     assert_eq!(event["schema_version"], 1);
     assert_eq!(event["type"], "UserCreated");
     assert_eq!(event["name"], "Ada Lovelace");
+    // The article's fields with the article's types, so its Go consumer
+    // reads the user whole: `create_time` in RFC 3339 (UTC), the same
+    // instant as `created_at_ms` and as the answer's.
+    let t = user.create_time.unwrap();
+    let ms = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+    assert_eq!(event["created_at_ms"], ms);
+    let create_time = event["create_time"].as_str().expect("create_time");
+    assert_eq!(
+        Some(create_time.to_owned()),
+        user_service::domain::go_time(ms)
+    );
+    assert!(create_time.ends_with('Z'), "{create_time}");
+    assert_eq!(event["id"], user.id);
+    assert_eq!(event["email"], "ada@example.com");
 
     app.stop().await.expect("clean stop");
 }

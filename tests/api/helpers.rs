@@ -157,6 +157,24 @@ pub async fn raw_hget(config: &Config, key: &str, field: &str) -> Option<String>
     }
 }
 
+/// HSET of one field of the read model, in whichever mode the suite runs.
+pub async fn raw_hset(config: &Config, key: &str, field: &str, value: &str) {
+    let mut hset = redis::cmd("HSET");
+    hset.arg(key).arg(field).arg(value);
+    if config.redis_cluster_nodes.is_empty() {
+        let mut conn = redis_client(config)
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: i64 = hset.query_async(&mut conn).await.unwrap();
+    } else {
+        let client =
+            redis::cluster::ClusterClient::new(config.redis_cluster_nodes.clone()).unwrap();
+        let mut conn = client.get_async_connection().await.unwrap();
+        let _: i64 = hset.query_async(&mut conn).await.unwrap();
+    }
+}
+
 /// A configuration of its own for one test: fresh topic, group and key prefix,
 /// port 0, no drain grace.
 pub fn test_config() -> Config {
@@ -560,6 +578,17 @@ pub struct LogRecord {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// Its headers, as text (a copy's `moved-from` or `rehomed-from`).
+    pub headers: Vec<(String, String)>,
+}
+
+impl LogRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Every user event of `topic` from the start of its log to its end offsets
@@ -581,7 +610,7 @@ pub fn is_control(key: Option<&[u8]>) -> bool {
 
 /// Every record of `topic`, control records included.
 pub fn read_log_all(topic: &str) -> Vec<LogRecord> {
-    use rdkafka::{Message, Offset, TopicPartitionList};
+    use rdkafka::{Message, Offset, TopicPartitionList, message::Headers};
     let ends = log_end_offsets(topic);
     let c = inspector(&unique("read-log"));
     let mut tpl = TopicPartitionList::new();
@@ -609,6 +638,20 @@ pub fn read_log_all(topic: &str) -> Vec<LogRecord> {
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             });
         }
     }

@@ -8,6 +8,7 @@ mod connections;
 mod consumer_group;
 mod create_and_get;
 mod dead_letter;
+mod go_compat;
 mod health;
 mod hostile_wire;
 mod idempotency;

@@ -124,7 +124,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
         op(0, 2, Some(user(3, "three"))),
     ];
     assert_eq!(
-        store.apply(0, &batch0, -1).await.unwrap(),
+        store.apply(0, &batch0, -1, None).await.unwrap(),
         ApplyResult::Applied(ApplyOutcome {
             applied: 2,
             duplicates: 0,
@@ -134,7 +134,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     );
     assert_eq!(
         store
-            .apply(1, &[op(1, 0, Some(user(2, "two")))], -1)
+            .apply(1, &[op(1, 0, Some(user(2, "two")))], -1, None)
             .await
             .unwrap(),
         ApplyResult::Applied(ApplyOutcome {
@@ -147,7 +147,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     // A member that resumed from an older checkpoint (a zombie after a
     // rebalance) is fenced off: nothing is written, it learns where Redis is.
     assert_eq!(
-        store.apply(0, &batch0, -1).await.unwrap(),
+        store.apply(0, &batch0, -1, None).await.unwrap(),
         ApplyResult::Moved {
             partition: 0,
             checkpoint: Some(2)
@@ -155,7 +155,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     );
     // A later event for an id already created: the first in the log wins.
     let later = store
-        .apply(0, &[op(0, 3, Some(user(1, "impostor")))], 2)
+        .apply(0, &[op(0, 3, Some(user(1, "impostor")))], 2, None)
         .await
         .unwrap();
     assert!(matches!(later, ApplyResult::Applied(o) if o.duplicates == 1));
@@ -175,11 +175,28 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     let held = store.checkpoints([0, 1]).await.unwrap();
     assert_eq!((held.applied[&0], held.applied[&1]), (3, 0));
 
+    // A batch whose copies to their ids' partitions (the article's events,
+    // re-homed) were acknowledged keeps the highest such offset beside the
+    // checkpoint, for a replay to skip; a lower one or a fenced apply leaves it.
+    assert_eq!(store.open_partition(1, 1, -1).await.unwrap().rehomed, -1);
+    store
+        .apply(1, &[op(1, 1, None), op(1, 2, None)], 0, Some(2))
+        .await
+        .unwrap();
+    assert_eq!(store.open_partition(1, 3, -1).await.unwrap().rehomed, 2);
+    store.apply(1, &[op(1, 3, None)], 2, Some(1)).await.unwrap();
+    assert!(matches!(
+        store.apply(1, &[op(1, 9, None)], 0, Some(9)).await.unwrap(),
+        ApplyResult::Moved { .. }
+    ));
+    let opened = store.open_partition(1, 4, -1).await.unwrap();
+    assert_eq!((opened.checkpoint, opened.rehomed), (3, 2));
+
     // Redis loses the checkpoint: the next apply is refused, and opening the
     // partition again says "replay from the start, up to the log end".
     crate::helpers::delete_keys(&config).await;
     assert_eq!(
-        store.apply(0, &[op(0, 4, None)], 3).await.unwrap(),
+        store.apply(0, &[op(0, 4, None)], 3, None).await.unwrap(),
         ApplyResult::Moved {
             partition: 0,
             checkpoint: None
@@ -196,7 +213,7 @@ async fn the_apply_is_fenced_by_the_checkpoint_and_the_first_create_wins() {
     // caught up): its checkpoint is behind what was applied before, so the
     // partition is rebuilding up to there, not trusted.
     store.open_partition(1, 0, -1).await.unwrap();
-    store.apply(1, &[op(1, 0, None)], -1).await.unwrap();
+    store.apply(1, &[op(1, 0, None)], -1, None).await.unwrap();
     let behind = store.open_partition(1, 9, 6).await.unwrap();
     assert_eq!((behind.checkpoint, behind.rebuild_target), (0, Some(7)));
     assert!(!store.checkpoints([1]).await.unwrap().state(1).is_complete());

@@ -18,13 +18,22 @@
 -- create nothing: the mover copied everything before it to the new topic,
 -- and nothing after it. The checkpoint keeps `moved` (the new topic).
 --
--- KEYS[1]   the partition's checkpoint hash (fields `applied`, `rebuild`, `moved`)
+-- Re-homed: an event of the article's Go service outside its id's partition
+-- is copied to that partition (docs/design.md, "The article's events") before
+-- this script runs; it only moves the checkpoint here. The highest such offset
+-- whose copy the brokers acknowledged is kept as `rehomed`, so that a replay
+-- of the partition does not copy it again.
+--
+-- KEYS[1]   the partition's checkpoint hash (fields `applied`, `rebuild`,
+--           `moved`, `rehomed`)
 -- KEYS[2..] one key per event: the user's bucket hash (KEYS[1] stands in for
 --           "none": a record that only moves the checkpoint, one sent to the
---           dead-letter topic)
--- ARGV[1]   the expected checkpoint, then per event in log order: offset,
---           the user's field in its bucket (its id), user value ('' for none;
---           with field '', a seal: the topic the users moved to)
+--           dead-letter topic or re-homed)
+-- ARGV[1]   the expected checkpoint
+-- ARGV[2]   the highest offset of this batch whose copy was acknowledged
+--           ('' for none), then per event in log order: offset, the user's
+--           field in its bucket (its id), user value ('' for none; with field
+--           '', a seal: the topic the users moved to)
 --
 -- Returns {'ok', applied, duplicates, skipped, created...} | {'moved', checkpoint}
 -- where `created` lists the (0-based) indexes of the events that created a user.
@@ -40,7 +49,7 @@ local created = {}
 local raw -- the offset as sent: Lua would print large numbers as 1e+15
 for e = 0, #KEYS - 2 do
   local ukey = KEYS[2 + e]
-  local offset, field, value = tonumber(ARGV[2 + e * 3]), ARGV[3 + e * 3], ARGV[4 + e * 3]
+  local offset, field, value = tonumber(ARGV[3 + e * 3]), ARGV[4 + e * 3], ARGV[5 + e * 3]
   if offset > current then
     if field == '' and value ~= '' then
       if not moved then
@@ -58,7 +67,7 @@ for e = 0, #KEYS - 2 do
       end
     end
     current = offset
-    raw = ARGV[2 + e * 3]
+    raw = ARGV[3 + e * 3]
   else
     skipped = skipped + 1
   end
@@ -68,6 +77,12 @@ if raw then
   local target = redis.call('HGET', KEYS[1], 'rebuild')
   if target and tonumber(raw) >= tonumber(target) - 1 then
     redis.call('HDEL', KEYS[1], 'rebuild')
+  end
+end
+if ARGV[2] ~= '' then
+  local rehomed = redis.call('HGET', KEYS[1], 'rehomed')
+  if not rehomed or tonumber(ARGV[2]) > tonumber(rehomed) then
+    redis.call('HSET', KEYS[1], 'rehomed', ARGV[2])
   end
 end
 local reply = {'ok', applied, duplicates, skipped}

@@ -10,18 +10,21 @@
 -- (or what was applied before), so that readers do not take its gaps for
 -- absent users.
 --
--- KEYS[1] the partition's projection hash: `applied` (offset of the last
---         applied event), `rebuild` (log end to reach)
+-- KEYS[1] the partition's checkpoint hash: `applied` (offset of the last
+--         applied event), `rebuild` (log end to reach), `rehomed`
 -- ARGV[1] the partition's log end offset (high watermark), read just before
 -- ARGV[2] the floor: the highest offset known to have been applied before
 --         (the group's committed offset - 1, or this member's last
 --         checkpoint); -1 when none is known
 --
--- Returns {checkpoint, rebuild target or ''}; '-1' means nothing applied.
+-- Returns {checkpoint, rebuild target or '', rehomed or ''}; '-1' means
+-- nothing applied; `rehomed` is the highest offset whose copy to its id's
+-- partition was acknowledged (see apply.lua).
 local current = redis.call('HGET', KEYS[1], 'applied')
 local floor = tonumber(ARGV[2])
 if current and tonumber(current) >= floor then
-  return {current, redis.call('HGET', KEYS[1], 'rebuild') or ''}
+  return {current, redis.call('HGET', KEYS[1], 'rebuild') or '',
+    redis.call('HGET', KEYS[1], 'rehomed') or ''}
 end
 local target
 if current then
@@ -36,4 +39,5 @@ local held = tonumber(redis.call('HGET', KEYS[1], 'rebuild') or '-1')
 if target > held and target > tonumber(current) + 1 then
   redis.call('HSET', KEYS[1], 'rebuild', string.format('%d', target))
 end
-return {current, redis.call('HGET', KEYS[1], 'rebuild') or ''}
+return {current, redis.call('HGET', KEYS[1], 'rebuild') or '',
+  redis.call('HGET', KEYS[1], 'rehomed') or ''}
