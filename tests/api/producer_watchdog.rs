@@ -43,7 +43,10 @@ async fn a_replaced_producer_publishes_at_once() {
             tokio::spawn(async move { p.publish(&event(id), (id % 3) as i32).await })
         })
         .collect();
+    assert_eq!(publisher.client_health().replacements(), 0);
     publisher.replace();
+    // Counted, for user_service_kafka_client_replacements_total.
+    assert_eq!(publisher.client_health().replacements(), 1);
     for call in in_flight {
         let _ = tokio::time::timeout(Duration::from_secs(10), call)
             .await
