@@ -51,6 +51,10 @@ pub const PROJECTION_SERVICE_NAME: &str = "user.v1.ProjectionService";
 /// consumer group (and Kafka and Redis answer); registered only when the
 /// projector runs here.
 pub const PROJECTOR_HEALTH_NAME: &str = "projector";
+/// SERVING while the process serves, NOT_SERVING only while draining: it
+/// follows no dependency, so a liveness probe on it never restarts a healthy
+/// instance during a Kafka or Redis outage.
+pub const LIVENESS_HEALTH_NAME: &str = "liveness";
 /// SERVING while Redis answers.
 pub const REDIS_HEALTH_NAME: &str = "redis";
 /// SERVING while a Kafka broker answers (CreateUser can publish).
@@ -254,6 +258,7 @@ impl Application {
             (PROJECTION_SERVICE_NAME, Needs::KAFKA),
             (REDIS_HEALTH_NAME, Needs::REDIS),
             (KAFKA_HEALTH_NAME, Needs::KAFKA),
+            (LIVENESS_HEALTH_NAME, Needs::NOTHING),
         ];
         if config.projector_enabled {
             names.push((PROJECTOR_HEALTH_NAME, Needs::PROJECTOR));

@@ -27,6 +27,13 @@ pub struct Needs {
 }
 
 impl Needs {
+    /// Nothing but the process: SERVING from the start until draining (a
+    /// liveness probe's name, which no dependency's outage may fail).
+    pub const NOTHING: Self = Self {
+        redis: false,
+        kafka: false,
+        projector: false,
+    };
     pub const REDIS: Self = Self {
         redis: true,
         kafka: false,
@@ -75,15 +82,17 @@ impl State {
 
 impl HealthRegistry {
     /// Registers each name with what it needs, NOT_SERVING until the probes
-    /// say otherwise.
+    /// say otherwise (a name that needs nothing is SERVING at once).
     pub fn new(names: &[(&str, Needs)], shutdown: CancellationToken) -> Self {
         let services = names
             .iter()
             .map(|(n, needs)| {
-                (
-                    n.to_string(),
-                    (*needs, watch::Sender::new(ServingStatus::NotServing)),
-                )
+                let status = if State::default().serves(*needs) {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                (n.to_string(), (*needs, watch::Sender::new(status)))
             })
             .collect();
         Self {
@@ -215,6 +224,7 @@ mod tests {
                 ("", Needs::REDIS),
                 ("kafka", Needs::KAFKA),
                 ("projector", Needs::PROJECTOR),
+                ("liveness", Needs::NOTHING),
             ],
             CancellationToken::new(),
         )
@@ -224,6 +234,10 @@ mod tests {
     fn each_name_follows_what_it_needs() {
         let h = registry();
         let status = |n| h.status(n).unwrap();
+        assert_eq!(status(""), ServingStatus::NotServing, "until probed");
+        assert_eq!(status("liveness"), ServingStatus::Serving, "at once");
+        h.set_dependencies(false, false);
+        assert_eq!(status("liveness"), ServingStatus::Serving);
         h.set_dependencies(true, false);
         h.set_projector_in_group(true);
         assert_eq!(status(""), ServingStatus::Serving);
@@ -235,7 +249,7 @@ mod tests {
         h.set_dependencies(true, true);
         assert_eq!(status("projector"), ServingStatus::Serving);
         h.set_draining();
-        for n in ["", "kafka", "projector"] {
+        for n in ["", "kafka", "projector", "liveness"] {
             assert_eq!(status(n), ServingStatus::NotServing);
         }
     }

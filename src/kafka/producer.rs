@@ -14,7 +14,7 @@ use rdkafka::{
 use std::{
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -39,8 +39,6 @@ pub struct Published {
 pub struct EventPublisher {
     /// Replaced by [`EventPublisher::watch`] if librdkafka wedges.
     producer: Arc<RwLock<Client>>,
-    /// Times the client was replaced.
-    replacements: Arc<AtomicU64>,
     health: Arc<ClientHealth>,
     link: KafkaLink,
     linger: Duration,
@@ -65,7 +63,6 @@ impl EventPublisher {
         let producer = Self::client(link, timeout, linger, &health)?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
-            replacements: Arc::default(),
             health,
             link: link.clone(),
             linger,
@@ -158,7 +155,6 @@ impl EventPublisher {
             &mut *self.producer.write().expect("producer lock poisoned"),
             fresh,
         );
-        self.replacements.fetch_add(1, Ordering::Relaxed);
         // Closing a wedged client can block: off the async workers.
         std::thread::spawn(move || {
             old.purge(PurgeConfig::default().queue().inflight());
@@ -169,7 +165,7 @@ impl EventPublisher {
     /// Times the librdkafka client was replaced (by the watchdog, or
     /// [`EventPublisher::replace`]).
     pub fn replacements(&self) -> u64 {
-        self.replacements.load(Ordering::Relaxed)
+        self.health.replacements()
     }
 
     fn record_send(&self, ok: bool, timed_out: bool) {

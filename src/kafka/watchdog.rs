@@ -17,7 +17,10 @@ use rdkafka::{
     producer::{BaseProducer, Producer},
 };
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -26,6 +29,8 @@ use std::{
 #[derive(Debug, Default)]
 pub struct ClientHealth {
     inner: Mutex<Inner>,
+    /// Times the client this describes was replaced (kept across [`Self::reset`]).
+    replacements: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -147,9 +152,15 @@ impl ClientHealth {
             .map(|(_, r)| r)
     }
 
-    /// Forgets everything: the client it described was replaced.
+    /// Forgets everything: the client it described was replaced (counted).
     pub fn reset(&self) {
         *self.inner.lock().expect("client health lock poisoned") = Inner::default();
+        self.replacements.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times the client was replaced.
+    pub fn replacements(&self) -> u64 {
+        self.replacements.load(Ordering::Relaxed)
     }
 }
 

@@ -278,6 +278,7 @@ impl Projector {
                     }
                     self.state.set_assignment(Default::default());
                     self.state.set_membership(false);
+                    self.state.record_client_replaced();
                     // Closing a wedged consumer can block: let a thread do it.
                     std::thread::spawn(move || drop(consumer));
                 }

@@ -25,6 +25,8 @@ pub struct ProjectorState {
     /// librdkafka says this member is in its group (stats `cgrp.state` up,
     /// `join_state` steady); refreshed every statistics interval.
     in_group: AtomicBool,
+    /// Consumers the watchdog replaced (cut off from a reachable cluster).
+    client_replacements: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -118,6 +120,15 @@ impl ProjectorState {
 
     pub(super) fn record_checkpoint_moved(&self) {
         self.checkpoint_moves.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn record_client_replaced(&self) {
+        self.client_replacements.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times the watchdog replaced this instance's consumer.
+    pub fn client_replacements(&self) -> u64 {
+        self.client_replacements.load(Ordering::Relaxed)
     }
 
     pub(super) fn record_apply_failure(&self) {

@@ -80,6 +80,11 @@ impl Sources {
             m.gauge("user_service_user_cache_bytes", &[])
                 .set(bytes as f64);
         }
+        m.counter(
+            "user_service_kafka_client_replacements_total",
+            &[("client", "producer")],
+        )
+        .absolute(self.producer.replacements());
         if let Some(figures) = self.producer.figures() {
             m.gauge("kafka_producer_queue_messages", &[])
                 .set(figures.queue_messages as f64);
@@ -108,6 +113,11 @@ impl Sources {
                 .absolute(s.checkpoint_moves);
             m.counter("user_service_projector_rebalances_total", &[])
                 .absolute(s.rebalances);
+            m.counter(
+                "user_service_kafka_client_replacements_total",
+                &[("client", "projector")],
+            )
+            .absolute(state.client_replacements());
             m.gauge("user_service_projector_assigned_partitions", &[])
                 .set(s.assignment.len() as f64);
             m.gauge("user_service_projector_in_group", &[])

@@ -130,6 +130,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "times the read model held another checkpoint than the projector resumed from (Redis lost data): the partition is replayed",
     ),
     (
+        "user_service_kafka_client_replacements_total",
+        Kind::Counter,
+        "librdkafka clients the watchdog replaced for being cut off from a reachable cluster, by client (producer, projector)",
+    ),
+    (
         "user_service_projector_batch_records",
         Kind::Histogram,
         "records per partition per apply (one Lua script)",

@@ -12,6 +12,7 @@ use user_service::{
     domain::{RequestId, UserCreated, ids},
     kafka::ensure_topics,
     proto::user::v1::CreateUserRequest,
+    startup::LIVENESS_HEALTH_NAME,
     store::RedisClientKind,
 };
 
@@ -35,6 +36,10 @@ async fn redis_outage(kind: RedisClientKind) {
     app.wait_health(ServingStatus::Serving).await;
     assert_eq!(
         app.health_status("user.v1.UserService").await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        app.health_status(LIVENESS_HEALTH_NAME).await.unwrap(),
         ServingStatus::Serving
     );
     assert_eq!(
@@ -70,6 +75,13 @@ async fn redis_outage(kind: RedisClientKind) {
     assert_eq!(
         app.health_status("").await.unwrap(),
         ServingStatus::NotServing
+    );
+    // The liveness name follows no dependency: a probe on it never restarts
+    // an instance for a Redis outage, which a restart cannot heal.
+    assert_eq!(
+        app.health_status(LIVENESS_HEALTH_NAME).await.unwrap(),
+        ServingStatus::Serving,
+        "liveness must not follow Redis"
     );
     // Calls that need Redis say UNAVAILABLE, not INTERNAL.
     let err = app.create("Ada", "ada@example.com").await.unwrap_err();
@@ -159,6 +171,11 @@ async fn an_absent_broker_is_unavailable_within_the_publish_timeout_and_a_retry_
             .await
             .unwrap(),
         ServingStatus::NotServing
+    );
+    assert_eq!(
+        app.health_status(LIVENESS_HEALTH_NAME).await.unwrap(),
+        ServingStatus::Serving,
+        "liveness must not follow Kafka"
     );
     assert_eq!(
         log_end_offsets(&app.config.topic).values().sum::<i64>(),

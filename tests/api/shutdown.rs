@@ -86,6 +86,16 @@ async fn sigterm_drains_and_exits_cleanly() {
     // The sidecar sees NOT_SERVING while calls still work during the grace period.
     let next = watch.next().await.unwrap().unwrap();
     assert_eq!(next.status(), ServingStatus::NotServing);
+    // So does the liveness name: draining is the one thing it follows.
+    let liveness = health
+        .clone()
+        .check(HealthCheckRequest {
+            service: user_service::startup::LIVENESS_HEALTH_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(liveness.status(), ServingStatus::NotServing);
     let mut req = tonic::Request::new(GetUserRequest {
         id: created.user.as_ref().unwrap().id,
         min_position: created.position,

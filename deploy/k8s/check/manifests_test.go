@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"sort"
@@ -32,6 +33,7 @@ import (
 	"testing"
 	"time"
 
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -66,6 +68,7 @@ type rendered struct {
 	secrets     map[string]*corev1.Secret
 	pdbs        []*policyv1.PodDisruptionBudget
 	accounts    map[string]*corev1.ServiceAccount
+	rules       []*monitoringv1.PrometheusRule
 }
 
 // newObject: the k8s.io/api type of each kind the manifests may hold; any other kind fails.
@@ -83,6 +86,8 @@ func newObject(apiVersion, kind string) (any, bool) {
 		return &corev1.ServiceAccount{}, true
 	case "policy/v1/PodDisruptionBudget":
 		return &policyv1.PodDisruptionBudget{}, true
+	case "monitoring.coreos.com/v1/PrometheusRule":
+		return &monitoringv1.PrometheusRule{}, true
 	}
 	return nil, false
 }
@@ -139,6 +144,8 @@ func render(t *testing.T, dir string) *rendered {
 			r.accounts[o.Name] = o
 		case *policyv1.PodDisruptionBudget:
 			r.pdbs = append(r.pdbs, o)
+		case *monitoringv1.PrometheusRule:
+			r.rules = append(r.rules, o)
 		}
 		for _, msg := range validation.IsDNS1123Subdomain(res.GetName()) {
 			t.Errorf("%s: %s name %q: %s", dir, tm.Kind, res.GetName(), msg)
@@ -437,6 +444,61 @@ func TestRenderStrict(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPrometheusRuleIsTheRulesFile: every render holds one PrometheusRule (the Prometheus
+// Operator's type, decoded strictly above), and its spec is deploy/prometheus/rules.yml, the file
+// `promtool test rules` tests and scripts/check-operations loads, decoded strictly into the same
+// type: the two cannot drift apart.
+func TestPrometheusRuleIsTheRulesFile(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "..", "prometheus", "rules.yml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want monitoringv1.PrometheusRuleSpec
+	if err := yaml.UnmarshalStrict(data, &want); err != nil {
+		t.Fatalf("deploy/prometheus/rules.yml does not decode strictly as a PrometheusRule's spec: %v", err)
+	}
+	if len(want.Groups) == 0 || len(want.Groups[0].Rules) == 0 {
+		t.Fatalf("deploy/prometheus/rules.yml has no rules")
+	}
+	for _, dir := range kustomizations {
+		r := all(t)[dir]
+		if len(r.rules) != 1 {
+			t.Errorf("%s: %d PrometheusRules, want 1", dir, len(r.rules))
+			continue
+		}
+		if got := r.rules[0].Spec; !reflect.DeepEqual(got, want) {
+			gotYAML, _ := yaml.Marshal(got)
+			wantYAML, _ := yaml.Marshal(want)
+			t.Errorf("%s: the PrometheusRule's spec is not deploy/prometheus/rules.yml (write it again: see the comment atop deploy/k8s/base/prometheusrule.yaml); first difference:\n%s", dir, firstDifference(string(gotYAML), string(wantYAML)))
+		}
+		for _, g := range r.rules[0].Spec.Groups {
+			for _, rule := range g.Rules {
+				if rule.For == nil || rule.Labels["severity"] == "" || rule.Annotations["runbook_url"] == "" {
+					t.Errorf("%s: alert %s lacks a for:, a severity label or a runbook_url", dir, rule.Alert)
+				}
+			}
+		}
+	}
+}
+
+// firstDifference: the first line where got and want differ, with its number.
+func firstDifference(got, want string) string {
+	g, w := strings.Split(got, "\n"), strings.Split(want, "\n")
+	for i := 0; i < len(g) || i < len(w); i++ {
+		var gl, wl string
+		if i < len(g) {
+			gl = g[i]
+		}
+		if i < len(w) {
+			wl = w[i]
+		}
+		if gl != wl {
+			return fmt.Sprintf("line %d\n got: %s\nwant: %s", i+1, gl, wl)
+		}
+	}
+	return "(none in the YAML)"
 }
 
 // TestSecurityContext: non-root 65534, read-only root, no privilege escalation, no
