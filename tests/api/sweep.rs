@@ -17,7 +17,8 @@ use user_service::proto::user::v1::{
 /// The service as a process of its own, so its memory and threads are its
 /// own, and SIGTERM is real.
 struct Service {
-    child: std::process::Child,
+    /// Killed on drop, so a failed assertion leaves no process behind.
+    child: Option<std::process::Child>,
     users: UserServiceClient<Channel>,
     progress: ProjectionServiceClient<Channel>,
     metrics: std::net::SocketAddr,
@@ -210,6 +211,15 @@ async fn sweep(app: &Service, n: usize, bound: Duration) -> BTreeMap<String, usi
     by_code
 }
 
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A field of /proc/<pid>/status, as a number (kB for sizes).
 fn status(pid: u32, field: &str) -> usize {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -272,7 +282,7 @@ async fn start(kafka: &str, redis: &OwnRedis) -> Service {
     .await
     .expect("the service answers");
     Service {
-        child,
+        child: Some(child),
         users: UserServiceClient::new(channel.clone()),
         progress: ProjectionServiceClient::new(channel),
         metrics: format!("127.0.0.1:{metrics_port}").parse().unwrap(),
@@ -298,7 +308,7 @@ async fn every_field_at_its_extremes_with_each_dependency_down() {
             redis.stop();
         }
         let mut app = start(&kafka, &redis).await;
-        let pid = app.child.id();
+        let pid = app.child.as_ref().expect("running").id();
         // One pass makes every (method, code) series there is to make.
         let first = sweep(&app, calls("", "").len(), bound).await;
         let (threads_before, rss_before, series_before) = (
@@ -335,9 +345,10 @@ async fn every_field_at_its_extremes_with_each_dependency_down() {
             .status()
             .unwrap();
         assert!(kill.success());
+        let mut child = app.child.take().expect("running");
         let exit = tokio::time::timeout(
             Duration::from_secs(60),
-            tokio::task::spawn_blocking(move || app.child.wait()),
+            tokio::task::spawn_blocking(move || child.wait()),
         )
         .await
         .unwrap_or_else(|_| panic!("{state}: no exit within 60 s of SIGTERM"))
