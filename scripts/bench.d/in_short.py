@@ -5,12 +5,13 @@
     in_short.py --report docs/benchmarks.md --readme README.md --check  # exit 1 if it differs
     in_short.py --report RUN/benchmarks.md --print [--allow-smoke]      # print the paragraph
 
-Reads the report's header line and its tables (sections 1 to 5 and the
-machine) and writes one paragraph between the marker comments
+Reads the report's header line and its tables (sections 1 to 5, 8 (the Go
+peer) with the targets against it, and the machine) and writes one paragraph between the marker comments
 <!-- bench:in-short:start ...--> and <!-- bench:in-short:end --> in the README;
 nothing outside the markers changes. Every figure is the report's own text,
 copied as it is printed there; the only arithmetic is the ratio of two of its
-figures (GetUser / Check), said as such. Only a full run's report is copied
+figures (GetUser / Check), said as such, and the count of met targets. A
+report from before the peer's section 8 gets a sentence saying so. Only a full run's report is copied
 into the README (--allow-smoke lets --print read a smoke report, so that the
 smoke run checks this parser against the generator's current output).
 Standard library only.
@@ -95,6 +96,47 @@ class Report:
         raise ReportError(f"no memory row {service} / {phase}")
 
 
+PEER = "8. The Go peer"
+
+
+def peer_sentence(r):
+    """How the service compares with the Go peer of the same run, or None when
+    the report predates the comparison."""
+    if not any(h.startswith(PEER) for h in r.tables):
+        return None
+    svc, tuned, article = 1, 2, 3
+    c100, c1, get = "CreateUser, 100 callers", "CreateUser, 1 caller", "GetUser, 50 callers: calls/s"
+    met = total = 0
+    for heading, tables in r.tables.items():
+        if heading != "Targets":
+            continue
+        for header, rows in tables:
+            if "Go peer, tuned (same run)" in header and "verdict" in header:
+                i = header.index("verdict")
+                for row in rows:
+                    total += 1
+                    met += plain(row[i]).startswith("met")
+    if not total:
+        raise ReportError("no targets table against the Go peer under 'Targets'")
+    return (
+        f"Against the Go peer of the same run (the seed article's service in Go behind the same contract, "
+        f"kafka-go with a 1 ms batch timeout), {met} of its {total} targets met: CreateUser "
+        f"{r.cell(PEER, c100 + ': creates/s', index=svc)}/s against "
+        f"{r.cell(PEER, c100 + ': creates/s', index=tuned)}/s with 100 callers, at "
+        f"{r.cell(PEER, c100 + ': CPU µs/create', index=svc)} against "
+        f"{r.cell(PEER, c100 + ': CPU µs/create', index=tuned)} µs of CPU per create and p50 / p99 "
+        f"{r.cell(PEER, c100 + ': p50 / p99 ms', index=svc)} against "
+        f"{r.cell(PEER, c100 + ': p50 / p99 ms', index=tuned)} ms; a lone caller's p50 / p99 "
+        f"{r.cell(PEER, c1 + ': p50 / p99 ms', index=svc)} against "
+        f"{r.cell(PEER, c1 + ': p50 / p99 ms', index=tuned)} ms; GetUser {r.cell(PEER, get, index=svc)}/s "
+        f"against {r.cell(PEER, get, index=tuned)}/s, at {r.cell(PEER, 'GetUser: CPU µs/call', index=svc)} "
+        f"against {r.cell(PEER, 'GetUser: CPU µs/call', index=tuned)} µs per call. With the article's "
+        f"own 1 s batch timeout the peer made {r.cell(PEER, c100 + ': creates/s', index=article)} creates/s "
+        f"with 100 callers and a lone caller waited {r.cell(PEER, c1 + ': p50 / p99 ms', index=article).split(' / ')[0]} "
+        f"ms (p50)."
+    )
+
+
 def number(s):
     return float(re.sub(r"[^\d.]", "", s.split()[0]))
 
@@ -121,6 +163,10 @@ def paragraph(r):
     rate = r.cell(catch, "projector rate (applying)", index=1)
     idle = r.memory("A", "idle", "RSS at end MiB")
     cpus = r.cell("Machine", "CPUs (`nproc`)", index=1)
+    peer = peer_sentence(r) or (
+        "That report predates the comparison with the Go peer (the seed article's service in Go), which "
+        "`scripts/bench` now runs beside the service; its next full run's figures go here."
+    )
     return (
         f"In short, as that report has it ({'smoke' if r.smoke else 'full'} run of {r.date}, commit "
         f"`{r.commit}`, on {cpus} CPUs "
@@ -130,7 +176,7 @@ def paragraph(r):
         f"100 callers ({cr_cpu} µs per call) and p50 {one_p50} ms for a lone caller; freshness p99 "
         f"{fresh_p99} ms at {fresh_rate}; a new projector applied {events} events in {applied} from "
         f"the service's start ({rate} while applying), which is what rebuilding the read model after "
-        f"Redis lost its data takes here; {idle} MiB of RSS idle."
+        f"Redis lost its data takes here; {idle} MiB of RSS idle. {peer}"
     )
 
 

@@ -9,7 +9,10 @@
 //! - `get` (optionally waiting on `--min-position`), `create`, `health`: closed loop, `--concurrency` callers over
 //!   `--connections` channels, for `--duration` or `--max-requests`;
 //!   count, errors by code, rps, p50/p90/p99/p999/max latency in ms
-//!   (from an HdrHistogram of microseconds, 3 significant digits).
+//!   (from an HdrHistogram of microseconds, 3 significant digits); `create`
+//!   also the created users' average JSON size (`avg_user_json_bytes`, as
+//!   `produce-events` measures it). The Go peer (`../shared/peers`) speaks the
+//!   same contract, so `scripts/bench` drives it with these three modes too.
 //! - `freshness`: CreateUser at a fixed `--rate`, then the time from its answer
 //!   until GetUser returns the user (with the returned position, or by polling
 //!   without one).
@@ -373,18 +376,32 @@ async fn run_async(mode: Mode) -> anyhow::Result<Value> {
         Mode::Create(a) => {
             let run = a.run_id.clone();
             let with_req = !a.no_request_id;
-            closed_loop("create", &a.call, move |ch, seq, timeout| {
+            // The created users' JSON, summed over the answers: what the
+            // report weighs Redis' memory per created user against.
+            let json_bytes = Arc::new(AtomicU64::new(0));
+            let answered = Arc::new(AtomicU64::new(0));
+            let (sum, n) = (json_bytes.clone(), answered.clone());
+            let mut out = closed_loop("create", &a.call, move |ch, seq, timeout| {
                 let run = run.clone();
+                let (sum, n) = (sum.clone(), n.clone());
                 async move {
                     let mut req = Request::new(new_user(&run, seq, with_req));
                     req.set_timeout(timeout);
-                    UserServiceClient::new(ch)
-                        .create_user(req)
-                        .await
-                        .map(|_| ())
+                    let r = UserServiceClient::new(ch).create_user(req).await?;
+                    if let Some(u) = &r.get_ref().user {
+                        sum.fetch_add(user_json_len(u) as u64, Ordering::Relaxed);
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
                 }
             })
-            .await
+            .await?;
+            let n = answered.load(Ordering::Relaxed);
+            if n > 0 {
+                out["avg_user_json_bytes"] =
+                    json!(json_bytes.load(Ordering::Relaxed) as f64 / n as f64);
+            }
+            Ok(out)
         }
         Mode::Health(a) => {
             let service = a.service.clone();
@@ -429,6 +446,19 @@ fn new_user(run: &str, seq: u64, with_request_id: bool) -> CreateUserRequest {
             String::new()
         },
     }
+}
+
+/// The length of a user's JSON as `produce-events` writes it (`id`, `name`,
+/// `email`, `created_at_ms`), so that both memory figures of the report are
+/// weighed against the same measure.
+fn user_json_len(u: &user_service::proto::user::v1::User) -> usize {
+    let ms = u
+        .create_time
+        .as_ref()
+        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    json!({"id": u.id, "name": u.name, "email": u.email, "created_at_ms": ms})
+        .to_string()
+        .len()
 }
 
 // ------------------------------------------------------------------ channels
