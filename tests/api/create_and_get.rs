@@ -72,16 +72,7 @@ async fn created_user_is_readable_with_and_without_the_position() {
         .create()
         .unwrap();
     c.subscribe(&[&app.config.topic]).unwrap();
-    // The first record of partition 0 is the topic's partition map.
-    let m = loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if !crate::helpers::is_control(m.key()) {
-            break m;
-        }
-    };
+    let m = crate::helpers::first_user_event(&c).await;
     assert_eq!(m.key(), Some(user.id.to_string().as_bytes()));
     assert_eq!((m.partition(), m.offset()), (pos.partition, pos.offset));
     assert_eq!(

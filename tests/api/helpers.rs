@@ -608,6 +608,23 @@ pub fn is_control(key: Option<&[u8]>) -> bool {
     key == Some(MAP_KEY.as_bytes()) || key == Some(MOVE_KEY.as_bytes())
 }
 
+/// The first user event a subscribed consumer receives, past the control
+/// records (partition 0 of a topic the service made starts with its map).
+pub async fn first_user_event(
+    c: &rdkafka::consumer::StreamConsumer,
+) -> rdkafka::message::BorrowedMessage<'_> {
+    use rdkafka::Message;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
+            .await
+            .expect("a record within 30 s")
+            .expect("no consumer error");
+        if !is_control(m.key()) {
+            return m;
+        }
+    }
+}
+
 /// Every record of `topic`, control records included.
 pub fn read_log_all(topic: &str) -> Vec<LogRecord> {
     use rdkafka::{Message, Offset, TopicPartitionList, message::Headers};

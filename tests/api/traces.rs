@@ -49,16 +49,7 @@ async fn a_trace_follows_a_create_from_the_call_through_kafka_to_the_read_model(
         .create()
         .unwrap();
     c.subscribe(&[&app.config.topic]).unwrap();
-    // The first record of partition 0 is the topic's partition map.
-    let m = loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), c.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        if !crate::helpers::is_control(m.key()) {
-            break m;
-        }
-    };
+    let m = crate::helpers::first_user_event(&c).await;
     assert_eq!(
         (m.partition(), m.offset()),
         (position.partition, position.offset)
