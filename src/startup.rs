@@ -600,7 +600,7 @@ async fn probe_dependencies(
         topic,
     } = probed;
     let mut map_check = MapCheck::default();
-    let mut last: Option<(bool, bool)> = None;
+    let mut last: Option<((bool, bool), bool)> = None;
     let mut last_in_group = false;
     let mut layout_checked = false;
     // At least a second whatever the interval: a metadata round trip on a
@@ -619,6 +619,9 @@ async fn probe_dependencies(
             routing.set_topic_partitions(*n);
             store.record_partition_count(*n);
         }
+        // A refusal may be recognised only after the first failed probe (the
+        // handshake's error arrives later than a timeout): it is logged too.
+        let refused = matches!(kafka, Err(KafkaError::Refused(_)));
         let kafka = kafka.map(|_| ());
         if redis.is_ok() {
             map_check.run(&store, &routing, &link, &topic).await;
@@ -627,7 +630,7 @@ async fn probe_dependencies(
         // A map that cannot be honoured takes Kafka's names out: nothing
         // can be published where it belongs.
         let now = (redis.is_ok(), kafka.is_ok() && routing.refusal().is_none());
-        if last != Some(now) {
+        if last != Some((now, refused)) {
             match (&redis, &kafka) {
                 (Ok(()), Ok(())) => tracing::info!("Redis and Kafka reachable"),
                 _ => tracing::warn!(
@@ -636,7 +639,7 @@ async fn probe_dependencies(
                     "dependency unreachable"
                 ),
             }
-            last = Some(now);
+            last = Some((now, refused));
         }
         health.set_dependencies(now.0, now.1);
         if now.0 && !layout_checked {

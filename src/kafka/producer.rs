@@ -286,9 +286,11 @@ impl EventPublisher {
     }
 
     /// Turns a failed probe into the reason an operator can act on when the
-    /// brokers have been refusing this client (within the last 10 s).
+    /// brokers have been refusing this client (within the last 30 s: after a
+    /// few failed attempts librdkafka waits up to `reconnect.backoff.max.ms`,
+    /// 10 s plus 20 % jitter, before it tries the handshake again).
     fn blame_refusal(&self, e: KafkaError) -> KafkaError {
-        match self.health.refused_within(Duration::from_secs(10)) {
+        match self.health.refused_within(Duration::from_secs(30)) {
             Some(Refusal::Credentials) => KafkaError::Refused(format!(
                 "the brokers refused the SASL credentials ({})",
                 self.link.refusal_hint()

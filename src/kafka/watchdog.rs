@@ -143,8 +143,8 @@ impl ClientHealth {
     }
 
     /// The refusal seen within `within`, if any: librdkafka retries the
-    /// handshake every few hundred ms, so a refusal that stopped recurring
-    /// means the client got in.
+    /// handshake at most `reconnect.backoff.max.ms` apart, so a refusal that
+    /// stopped recurring for longer means the client got in.
     pub fn refused_within(&self, within: Duration) -> Option<Refusal> {
         let h = self.inner.lock().expect("client health lock poisoned");
         h.refused

@@ -4,7 +4,7 @@
 //! one and, for Kafka, a CA that did not sign the broker's certificate.
 
 use crate::helpers::{free_port, kafka_brokers, unique, wait_until};
-use std::{path::PathBuf, process::Stdio, sync::OnceLock, time::Duration};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -327,23 +327,26 @@ async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
 /// speak SASL_SSL with SCRAM-SHA-512, a TLS-only Redis with an ACL user),
 /// started once per test process; its settings as the script prints them.
 async fn secure_stack() -> Vec<(String, String)> {
-    static ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
-    if let Some(env) = ENV.get() {
-        return env.clone();
-    }
-    let out = tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
-        .args(["up", "--secure"])
-        .stderr(Stdio::inherit())
-        .output()
-        .await
-        .expect("scripts/stack runs");
-    assert!(out.status.success(), "scripts/stack up --secure failed");
-    let env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    ENV.get_or_init(|| env).clone()
+    // One start for all the tests that need it: two concurrent starts would
+    // each write the stack's certificates and secrets under the other.
+    static ENV: tokio::sync::OnceCell<Vec<(String, String)>> = tokio::sync::OnceCell::const_new();
+    ENV.get_or_init(|| async {
+        let out =
+            tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack"))
+                .args(["up", "--secure"])
+                .stderr(Stdio::inherit())
+                .output()
+                .await
+                .expect("scripts/stack runs");
+        assert!(out.status.success(), "scripts/stack up --secure failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+    .await
+    .clone()
 }
 
 fn setting<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
