@@ -151,3 +151,47 @@ cargo_target_dir() {
   (cd "$SCRIPTS_DIR/.." && cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 }
+
+# jaeger_config OTLP_PORT QUERY_PORT QUERY_GRPC_PORT: Jaeger all-in-one's
+# configuration (v2, an OpenTelemetry Collector), on stdout: OTLP/gRPC in,
+# traces kept in memory, every port of its own (its defaults are fixed ports).
+jaeger_config() {
+  cat <<EOF
+service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    metrics:
+      level: none
+    logs:
+      level: warn
+extensions:
+  jaeger_query:
+    storage:
+      traces: memstore
+    http:
+      endpoint: 127.0.0.1:$2
+    grpc:
+      endpoint: 127.0.0.1:$3
+  jaeger_storage:
+    backends:
+      memstore:
+        memory:
+          max_traces: 10000
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:$1
+processors:
+  batch:
+    timeout: 200ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: memstore
+EOF
+}

@@ -232,8 +232,15 @@ for _s in PEER_SETTINGS:
     STEPS[f"peer-{_s}-seed-produce"] = "loadgen"
     for _k in PEER_STEPS:
         STEPS[f"peer-{_s}-{_k}"] = "loadgen"
+# Tracing off and on, in rounds (a smoke run has one, a full run two): the
+# same loadgen steps on instances over A's topic (scripts/bench, "tracing").
+TRACE_ROUNDS = (1, 2)
+TRACE_KINDS = {"get": "GetUser, 50 callers", "create": "CreateUser, 100 callers", "create-single": "CreateUser, 1 caller"}
+TRACE_STEPS = [f"trace-{t}-{r}-{k}" for r in TRACE_ROUNDS for t in ("off", "on") for k in TRACE_KINDS]
+for _n in TRACE_STEPS:
+    STEPS[_n] = "loadgen"
 # Steps older runs lack (a missing one is not a failure; a failed one is).
-OPTIONAL = {"lg-get-pool", "lg-create-pool", "lg-create-single-pool"}
+OPTIONAL = {"lg-get-pool", "lg-create-pool", "lg-create-single-pool", *TRACE_STEPS}
 # What the profile in the notes says about a missed target against the peer
 # (docs/benchmarks-notes.md, "Against the Go peer").
 PEER_NOTES_ANCHOR = "against-the-go-peer-issue-24"
@@ -1311,6 +1318,9 @@ class Report:
         # ---- 8 the Go peer
         self.peer_section(L)
 
+        # ---- 9 tracing
+        self.tracing_section(L)
+
         # ---- the hand-written analysis: linked, never copied in
         rel = self.notes_rel(out_path)
         L.append("## Analysis\n")
@@ -1340,6 +1350,63 @@ class Report:
                 default=str,
             )
         return T
+
+    def tracing_section(self, L):
+        """What tracing costs: the same calls with spans exported and without."""
+        L.append("## 9. Tracing: what it costs per call\n")
+        ran = [n for n in TRACE_STEPS if self.r.get(n)]
+        if not ran:
+            L.append("Not measured in this run: it predates the tracing step.\n")
+            return
+        L.append(
+            "Instances over A's topic, consumer group and read model, one at a time: without tracing, then "
+            "with `OTEL_EXPORTER_OTLP_ENDPOINT` set to a Jaeger all-in-one of this run (in memory, on the "
+            "same machine). Every call is traced (the SDK's default sampler, parent-based always-on; set "
+            "`OTEL_TRACES_SAMPLER` to sample less): the server span, and for a create the publish span and "
+            "the projector's process span, batched and exported over OTLP/gRPC. Service CPU includes the "
+            "projector (each instance runs one); Jaeger's CPU is its own column, the cost of receiving the "
+            "spans, paid by the backend, not the service. Each round runs off then on, so the rounds show "
+            "the machine's noise.\n"
+        )
+        L.append(
+            "| step | calls | req/s | p50 ms | p99 ms | service CPU µs/call | Jaeger CPU µs/call |\n"
+            "|---|---|---|---|---|---|---|"
+        )
+        for n in ran:
+            d = self.r[n]
+            lm = d.get("latency_ms", {})
+            L.append(
+                f"| {n} | {d.get('count') or 0:,} | {fmt_num(d.get('rps'))} | {fmt_num(lm.get('p50'))} | "
+                f"{fmt_num(lm.get('p99'))} | {fmt_num(self.cpu_per_req(n))} | "
+                f"{fmt_num(self.cpu_per_req(n, 'jaeger'))} |"
+            )
+        L.append("")
+        L.append("| calls | service CPU µs/call, off → on | req/s, off → on | p50 ms, off → on |\n|---|---|---|---|")
+        for k, label in TRACE_KINDS.items():
+            agg = {}
+            for t in ("off", "on"):
+                names = [f"trace-{t}-{r}-{k}" for r in TRACE_ROUNDS if self.r.get(f"trace-{t}-{r}-{k}")]
+                calls = sum(self.r[n].get("count") or 0 for n in names)
+                cpu = sum((self.steps[n].get("svc_cpu_s") or 0) for n in names)
+                rps = [self.rps(n) for n in names if self.rps(n)]
+                p50 = [self.lat(n, "p50") for n in names if self.lat(n, "p50") is not None]
+                agg[t] = (
+                    cpu / calls * 1e6 if calls else None,
+                    sum(rps) / len(rps) if rps else None,
+                    sum(p50) / len(p50) if p50 else None,
+                )
+            (c0, r0, l0), (c1, r1, l1) = agg["off"], agg["on"]
+
+            def delta(a, b, unit=""):
+                if a is None or b is None or not a:
+                    return "—"
+                return f"{fmt_num(a)} → {fmt_num(b)}{unit} ({(b - a) / a * 100:+.0f} %)"
+
+            L.append(f"| {label} | {delta(c0, c1)} | {delta(r0, r1)} | {delta(l0, l1)} |")
+        L.append(
+            "\nThe second table sums the rounds: CPU is all rounds' service CPU over all their calls; "
+            "req/s and p50 are the rounds' means.\n"
+        )
 
     def chart(self, L, name, fig):
         self.charts[name] = fig
