@@ -236,7 +236,8 @@ for _s in PEER_SETTINGS:
 # same loadgen steps on instances over A's topic (scripts/bench, "tracing").
 TRACE_ROUNDS = (1, 2)
 TRACE_KINDS = {"get": "GetUser, 50 callers", "create": "CreateUser, 100 callers", "create-single": "CreateUser, 1 caller"}
-TRACE_STEPS = [f"trace-{t}-{r}-{k}" for r in TRACE_ROUNDS for t in ("off", "on") for k in TRACE_KINDS]
+TRACE_MODES = ("off", "on", "sampled")
+TRACE_STEPS = [f"trace-{t}-{r}-{k}" for r in TRACE_ROUNDS for t in TRACE_MODES for k in TRACE_KINDS]
 for _n in TRACE_STEPS:
     STEPS[_n] = "loadgen"
 # Steps older runs lack (a missing one is not a failure; a failed one is).
@@ -1361,12 +1362,13 @@ class Report:
         L.append(
             "Instances over A's topic, consumer group and read model, one at a time: without tracing, then "
             "with `OTEL_EXPORTER_OTLP_ENDPOINT` set to a Jaeger all-in-one of this run (in memory, on the "
-            "same machine). Every call is traced (the SDK's default sampler, parent-based always-on; set "
-            "`OTEL_TRACES_SAMPLER` to sample less): the server span, and for a create the publish span and "
-            "the projector's process span, batched and exported over OTLP/gRPC. Service CPU includes the "
+            "same machine). \"on\" traces every call (the SDK's default sampler, parent-based always-on): "
+            "the server span, and for a create the publish span and the projector's process span, batched "
+            "and exported over OTLP/gRPC. \"sampled\" keeps 1 % of the calls that arrive without a trace "
+            "(`OTEL_TRACES_SAMPLER=parentbased_traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.01`). Service CPU includes the "
             "projector (each instance runs one); Jaeger's CPU is its own column, the cost of receiving the "
-            "spans, paid by the backend, not the service. Each round runs off then on, so the rounds show "
-            "the machine's noise.\n"
+            "spans, paid by the backend, not the service. Each round runs off, on, sampled, so the rounds "
+            "show the machine's noise.\n"
         )
         L.append(
             "| step | calls | req/s | p50 ms | p99 ms | service CPU µs/call | Jaeger CPU µs/call |\n"
@@ -1381,10 +1383,13 @@ class Report:
                 f"{fmt_num(self.cpu_per_req(n, 'jaeger'))} |"
             )
         L.append("")
-        L.append("| calls | service CPU µs/call, off → on | req/s, off → on | p50 ms, off → on |\n|---|---|---|---|")
+        L.append(
+            "| calls | mode | service CPU µs/call | vs off | req/s | vs off | p50 ms | vs off |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         for k, label in TRACE_KINDS.items():
             agg = {}
-            for t in ("off", "on"):
+            for t in TRACE_MODES:
                 names = [f"trace-{t}-{r}-{k}" for r in TRACE_ROUNDS if self.r.get(f"trace-{t}-{r}-{k}")]
                 calls = sum(self.r[n].get("count") or 0 for n in names)
                 cpu = sum((self.steps[n].get("svc_cpu_s") or 0) for n in names)
@@ -1395,14 +1400,19 @@ class Report:
                     sum(rps) / len(rps) if rps else None,
                     sum(p50) / len(p50) if p50 else None,
                 )
-            (c0, r0, l0), (c1, r1, l1) = agg["off"], agg["on"]
 
-            def delta(a, b, unit=""):
-                if a is None or b is None or not a:
-                    return "—"
-                return f"{fmt_num(a)} → {fmt_num(b)}{unit} ({(b - a) / a * 100:+.0f} %)"
+            def vs(i, t):
+                a, b = agg["off"][i], agg[t][i]
+                if t == "off" or a is None or b is None or not a:
+                    return ""
+                return f"{(b - a) / a * 100:+.0f} %"
 
-            L.append(f"| {label} | {delta(c0, c1)} | {delta(r0, r1)} | {delta(l0, l1)} |")
+            for t in TRACE_MODES:
+                c, r_, l_ = agg[t]
+                L.append(
+                    f"| {label if t == 'off' else ''} | {t} | {fmt_num(c)} | {vs(0, t)} | {fmt_num(r_)} | "
+                    f"{vs(1, t)} | {fmt_num(l_)} | {vs(2, t)} |"
+                )
         L.append(
             "\nThe second table sums the rounds: CPU is all rounds' service CPU over all their calls; "
             "req/s and p50 are the rounds' means.\n"
