@@ -53,6 +53,7 @@ pub mod move_topic;
 pub mod progress;
 pub mod projector;
 pub mod proto;
+pub mod retry;
 pub mod startup;
 pub mod store;
 pub mod tasks;

@@ -200,6 +200,36 @@ fn classify(m: &OwnedMessage, map: PartitionMap, topic: &str) -> Record {
     }
 }
 
+/// What became of a batch in [`Projector::process`].
+enum Processed {
+    /// In Redis, the cursors past it, its offsets stored for the commit.
+    Applied,
+    /// Redis' checkpoint was not the one this member resumed from (Redis
+    /// lost data, or another member applied): nothing was stored, and the
+    /// partitions resume from what Redis holds.
+    Resumed,
+    /// The service stopped first: nothing stored, the batch will replay.
+    Cancelled,
+}
+
+/// A batch made ready for Redis by [`Projector::prepare`].
+struct Prepared {
+    ops: Vec<ApplyOp>,
+    /// Per operation: an event written by the article's service.
+    legacy: Vec<bool>,
+    /// Per source partition, the highest offset copied to its id's partition.
+    rehomed: BTreeMap<i32, i64>,
+    /// Records sent to the dead-letter topic.
+    dead: u64,
+}
+
+/// Redis applies: retried quickly, since waiting creates wait on them.
+const APPLY_RETRY: crate::retry::Schedule =
+    crate::retry::Schedule::new(Duration::from_millis(50), Duration::from_secs(2));
+/// Records the projector writes to Kafka (copies, dead letters).
+const SIDE_RETRY: crate::retry::Schedule =
+    crate::retry::Schedule::new(Duration::from_millis(100), Duration::from_secs(5));
+
 /// Why [`Projector::consume`] returned.
 enum Ended {
     /// Shutdown: commit and leave the group.
@@ -365,13 +395,15 @@ impl Projector {
                 .drain(..)
                 .filter(|m| cursors.admit(m.partition(), m.offset()))
                 .collect();
-            if !fresh.is_empty()
-                && !self
+            if !fresh.is_empty() {
+                match self
                     .process(&consumer, &mut cursors, &fresh, map, token)
                     .await
-            {
-                // Cancelled before the batch was applied: not stored, will replay.
-                return Ended::Stopped;
+                {
+                    Processed::Applied | Processed::Resumed => {}
+                    // Not stored: replayed by whoever resumes the partition.
+                    Processed::Cancelled => return Ended::Stopped,
+                }
             }
         }
     }
@@ -391,8 +423,10 @@ impl Projector {
         cluster_reachable(&self.link).await
     }
 
-    /// Applies one batch and stores its offsets. Returns false if cancelled
-    /// before Redis took it.
+    /// Applies one batch and stores its offsets, in four steps: the records
+    /// become operations (copies and dead letters sent first), each
+    /// partition's operations go to Redis in one atomic call, the verdicts
+    /// and side records follow, then the cursors and the offsets to commit.
     async fn process(
         &self,
         consumer: &Consumer_,
@@ -400,69 +434,19 @@ impl Projector {
         batch: &[OwnedMessage],
         map: PartitionMap,
         token: &CancellationToken,
-    ) -> bool {
-        let mut ops = Vec::with_capacity(batch.len());
-        let mut dead = 0u64;
+    ) -> Processed {
         // With tracing on, one span per record, child of the publish span its
         // headers carry; each ends once its batch is in Redis.
-        let _spans: Vec<tracing::Span> = if crate::telemetry::trace::enabled() {
-            batch
-                .iter()
-                .map(|m| {
-                    crate::telemetry::trace::process_span(
-                        m.headers(),
-                        &self.topic,
-                        m.partition(),
-                        m.offset(),
-                    )
-                })
-                .collect()
-        } else {
-            Vec::new()
+        let _spans = self.process_spans(batch);
+        let Some(Prepared {
+            ops,
+            legacy,
+            rehomed,
+            dead,
+        }) = self.prepare(batch, map, cursors, token).await
+        else {
+            return Processed::Cancelled;
         };
-        let records: Vec<Record> = batch
-            .iter()
-            .map(|m| classify(m, map, &self.topic))
-            .collect();
-        // The copies first: a partition's checkpoint passes an event only
-        // once its copy is in its id's partition.
-        let Some(rehomed) = self.rehome(batch, &records, cursors, token).await else {
-            return false;
-        };
-        let mut legacy = Vec::with_capacity(batch.len());
-        for (m, record) in batch.iter().zip(records) {
-            let position = EventPosition {
-                partition: m.partition(),
-                offset: m.offset(),
-            };
-            legacy.push(matches!(record, Record::Event { legacy: true, .. }));
-            let (user, request_id, sealed_to) = match record {
-                Record::Event { event, .. } => (Some(event.user), event.request_id, None),
-                Record::Rehome { .. } | Record::Control => (None, None, None),
-                Record::Seal(to) => {
-                    tracing::warn!(
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        moved_to = %to,
-                        "the topic's users moved to another topic: later events here create nothing"
-                    );
-                    (None, None, Some(to))
-                }
-                Record::Dead(reason) => {
-                    if !self.dead_letter(m, &reason, token).await {
-                        return false;
-                    }
-                    dead += 1;
-                    (None, None, None)
-                }
-            };
-            ops.push(ApplyOp {
-                position,
-                user,
-                request_id,
-                sealed_to,
-            });
-        }
         let expected = cursors.expected(ops.iter().map(|o| o.position.partition));
         // Tests make this panic (FAILPOINTS=projector-apply=panic) to check
         // that a panicking task stops the service with a non-zero exit; on a
@@ -485,68 +469,38 @@ impl Projector {
         let mut superseded = Vec::new();
         for (&partition, (part_ops, part_legacy)) in &by_partition {
             let resumed_from = expected.get(&partition).copied().unwrap_or(-1);
-            let rehomed = rehomed.get(&partition).copied();
-            let mut backoff = Duration::from_millis(50);
-            let done = loop {
-                let began = std::time::Instant::now();
-                match self
-                    .store
-                    .apply(partition, part_ops, resumed_from, rehomed)
-                    .await
-                {
-                    Ok(ApplyResult::Applied(o)) => {
-                        self.metrics.projector_applied(
-                            partition,
-                            part_ops.len(),
-                            o.applied,
-                            began.elapsed(),
-                        );
-                        break o;
-                    }
-                    Ok(ApplyResult::Moved { checkpoint, .. }) => {
-                        tracing::warn!(
-                            partition,
-                            redis = ?checkpoint,
-                            resumed_from,
-                            "the read model's checkpoint moved (Redis lost data, or another member applied): resuming from Redis"
-                        );
-                        self.state.record_checkpoint_moved();
-                        // Partitions applied before this one are resumed
-                        // from Redis too: past what they just applied.
-                        cursors.forget(expected.keys().copied());
-                        self.watch.poke();
-                        return true;
-                    }
-                    Err(e) => {
-                        self.state.record_apply_failure();
-                        tracing::warn!(partition, error = %e, retry_in = ?backoff, "cannot apply batch to Redis");
-                        tokio::select! {
-                            _ = token.cancelled() => return false,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
+            let applied = match self
+                .apply_partition(
+                    partition,
+                    part_ops,
+                    resumed_from,
+                    rehomed.get(&partition).copied(),
+                    token,
+                )
+                .await
+            {
+                None => return Processed::Cancelled,
+                Some(ApplyResult::Moved { checkpoint, .. }) => {
+                    tracing::warn!(
+                        partition,
+                        redis = ?checkpoint,
+                        resumed_from,
+                        "the read model's checkpoint moved (Redis lost data, or another member applied): resuming from Redis"
+                    );
+                    self.state.record_checkpoint_moved();
+                    // Partitions applied before this one are resumed
+                    // from Redis too: past what they just applied.
+                    cursors.forget(expected.keys().copied());
+                    self.watch.poke();
+                    return Processed::Resumed;
                 }
+                Some(ApplyResult::Applied(o)) => o,
             };
-            outcome.applied += done.applied;
-            outcome.duplicates += done.duplicates;
-            outcome.skipped += done.skipped;
-            // Only "created" is a verdict; anything else sends the waiting
-            // create to read the user from Redis.
-            let last = part_ops.last().map_or(-1, |op| op.position.offset);
-            self.verdicts.decided(
-                partition,
-                last,
-                part_ops.iter().enumerate().map(|(i, op)| {
-                    let d = if done.created.binary_search(&i).is_ok() {
-                        Decided::Created
-                    } else {
-                        Decided::NotCreated
-                    };
-                    (op.position.offset, d)
-                }),
-            );
-            created.extend(done.created.iter().filter_map(|e| part_ops.get(*e)));
+            outcome.applied += applied.applied;
+            outcome.duplicates += applied.duplicates;
+            outcome.skipped += applied.skipped;
+            self.hand_verdicts(partition, part_ops, &applied.created);
+            created.extend(applied.created.iter().filter_map(|e| part_ops.get(*e)));
             // The article's events past the checkpoint that created nothing.
             superseded.extend(
                 part_ops
@@ -557,7 +511,7 @@ impl Projector {
                         **legacy
                             && op.user.is_some()
                             && op.position.offset > resumed_from
-                            && !done.created.contains(i)
+                            && !applied.created.contains(i)
                     })
                     .map(|(_, (op, _))| op),
             );
@@ -565,21 +519,7 @@ impl Projector {
         self.remember_requests(&created).await;
         self.report_superseded(&superseded).await;
         self.watch.poke();
-
-        // The last offset of each partition in the batch: the new checkpoint,
-        // and stored so the next auto-commit (or the final one) commits it.
-        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-        for op in &ops {
-            last.insert(op.position.partition, op.position.offset);
-        }
-        for (&partition, &offset) in &last {
-            cursors.advance(partition, offset, rehomed.get(&partition).copied());
-            // rd_kafka_offset_store stores offset + 1, the next to read. It fails
-            // for a partition revoked meanwhile; its new owner resumes from Redis.
-            if let Err(e) = consumer.store_offset(&self.topic, partition, offset) {
-                tracing::debug!(partition, offset, error = %e, "offset not stored");
-            }
-        }
+        let last = Self::advance(consumer, &self.topic, cursors, &ops, &rehomed);
         self.state.record_batch(outcome.clone(), dead, &last);
         tracing::debug!(
             records = ops.len(),
@@ -589,7 +529,166 @@ impl Projector {
             dead_lettered = dead,
             "batch applied"
         );
-        true
+        Processed::Applied
+    }
+
+    /// One `process` span per record when tracing is on (none otherwise).
+    fn process_spans(&self, batch: &[OwnedMessage]) -> Vec<tracing::Span> {
+        if !crate::telemetry::trace::enabled() {
+            return Vec::new();
+        }
+        batch
+            .iter()
+            .map(|m| {
+                crate::telemetry::trace::process_span(
+                    m.headers(),
+                    &self.topic,
+                    m.partition(),
+                    m.offset(),
+                )
+            })
+            .collect()
+    }
+
+    /// The batch as operations for Redis. The copies go first (a partition's
+    /// checkpoint passes an event only once its copy is in its id's
+    /// partition), and the records that apply nowhere go to the dead-letter
+    /// topic. `None` if the service stops first.
+    async fn prepare(
+        &self,
+        batch: &[OwnedMessage],
+        map: PartitionMap,
+        cursors: &Cursors,
+        token: &CancellationToken,
+    ) -> Option<Prepared> {
+        let records: Vec<Record> = batch
+            .iter()
+            .map(|m| classify(m, map, &self.topic))
+            .collect();
+        let rehomed = self.rehome(batch, &records, cursors, token).await?;
+        let mut prepared = Prepared {
+            ops: Vec::with_capacity(batch.len()),
+            legacy: Vec::with_capacity(batch.len()),
+            rehomed,
+            dead: 0,
+        };
+        for (m, record) in batch.iter().zip(records) {
+            let position = EventPosition {
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            prepared
+                .legacy
+                .push(matches!(record, Record::Event { legacy: true, .. }));
+            let (user, request_id, sealed_to) = match record {
+                Record::Event { event, .. } => (Some(event.user), event.request_id, None),
+                Record::Rehome { .. } | Record::Control => (None, None, None),
+                Record::Seal(to) => {
+                    tracing::warn!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        moved_to = %to,
+                        "the topic's users moved to another topic: later events here create nothing"
+                    );
+                    (None, None, Some(to))
+                }
+                Record::Dead(reason) => {
+                    if !self.dead_letter(m, &reason, token).await {
+                        return None;
+                    }
+                    prepared.dead += 1;
+                    (None, None, None)
+                }
+            };
+            prepared.ops.push(ApplyOp {
+                position,
+                user,
+                request_id,
+                sealed_to,
+            });
+        }
+        Some(prepared)
+    }
+
+    /// One partition's operations in one atomic call, retried while Redis
+    /// fails; `None` if the service stops first.
+    async fn apply_partition(
+        &self,
+        partition: i32,
+        ops: &[ApplyOp],
+        resumed_from: i64,
+        rehomed: Option<i64>,
+        token: &CancellationToken,
+    ) -> Option<ApplyResult> {
+        crate::retry::until_done(
+            token,
+            APPLY_RETRY,
+            || async {
+                let began = std::time::Instant::now();
+                let result = self
+                    .store
+                    .apply(partition, ops, resumed_from, rehomed)
+                    .await;
+                if let Ok(ApplyResult::Applied(o)) = &result {
+                    self.metrics.projector_applied(
+                        partition,
+                        ops.len(),
+                        o.applied,
+                        began.elapsed(),
+                    );
+                }
+                result
+            },
+            |e, retry_in| {
+                self.state.record_apply_failure();
+                tracing::warn!(partition, error = %e, ?retry_in, "cannot apply batch to Redis");
+            },
+        )
+        .await
+    }
+
+    /// Hands this instance's waiting creates what the apply decided. Only
+    /// "created" is a verdict; anything else sends the waiting create to
+    /// read the user from Redis.
+    fn hand_verdicts(&self, partition: i32, ops: &[ApplyOp], created: &[usize]) {
+        let last = ops.last().map_or(-1, |op| op.position.offset);
+        self.verdicts.decided(
+            partition,
+            last,
+            ops.iter().enumerate().map(|(i, op)| {
+                let d = if created.binary_search(&i).is_ok() {
+                    Decided::Created
+                } else {
+                    Decided::NotCreated
+                };
+                (op.position.offset, d)
+            }),
+        );
+    }
+
+    /// Moves each partition's cursor past the batch and stores the offsets,
+    /// so the next auto-commit (or the final one) commits them. Returns the
+    /// last offset of each partition: the new checkpoint.
+    fn advance(
+        consumer: &Consumer_,
+        topic: &str,
+        cursors: &mut Cursors,
+        ops: &[ApplyOp],
+        rehomed: &BTreeMap<i32, i64>,
+    ) -> BTreeMap<i32, i64> {
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for op in ops {
+            last.insert(op.position.partition, op.position.offset);
+        }
+        for (&partition, &offset) in &last {
+            cursors.advance(partition, offset, rehomed.get(&partition).copied());
+            // rd_kafka_offset_store stores offset + 1, the next to read. It fails
+            // for a partition revoked meanwhile; its new owner resumes from Redis.
+            if let Err(e) = consumer.store_offset(topic, partition, offset) {
+                tracing::debug!(partition, offset, error = %e, "offset not stored");
+            }
+        }
+        last
     }
 
     /// Copies the article's events that sit outside their id's partition to
@@ -618,7 +717,7 @@ impl Projector {
             })
             .collect();
         let mut copied = BTreeMap::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut delays = SIDE_RETRY.delays();
         while !pending.is_empty() {
             // Queued in log order (an idempotent producer keeps it per
             // partition), acknowledged together.
@@ -659,12 +758,11 @@ impl Projector {
             }
             pending = failed;
             if let Some(e) = error {
-                tracing::warn!(error = %e, left = pending.len(), retry_in = ?backoff, "cannot re-home events to their ids' partitions");
-                tokio::select! {
-                    _ = token.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
+                let retry_in = delays.next().unwrap_or(SIDE_RETRY.max);
+                tracing::warn!(error = %e, left = pending.len(), ?retry_in, "cannot re-home events to their ids' partitions");
+                if !crate::retry::pause(token, retry_in).await {
+                    return None;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
         Some(copied)
@@ -710,44 +808,39 @@ impl Projector {
     /// and its origin in headers; retries until it lands or the service stops.
     async fn dead_letter(&self, m: &OwnedMessage, reason: &str, token: &CancellationToken) -> bool {
         tracing::warn!(partition = m.partition(), offset = m.offset(), %reason, "dead-lettering record");
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "dlq.reason",
-                    value: Some(reason),
-                })
-                .insert(Header {
-                    key: "dlq.topic",
-                    value: Some(m.topic()),
-                })
-                .insert(Header {
-                    key: "dlq.partition",
-                    value: Some(&m.partition().to_string()),
-                })
-                .insert(Header {
-                    key: "dlq.offset",
-                    value: Some(&m.offset().to_string()),
-                })
-                .insert(Header {
-                    key: "dlq.group",
-                    value: Some(&self.group),
-                });
-            let sent: Result<_, KafkaError> = self
-                .publisher
-                .publish_raw(&self.dlq_topic, None, m.key(), m.payload(), headers)
-                .await;
-            match sent {
-                Ok(_) => return true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot publish to the dead-letter topic");
-                    tokio::select! {
-                        _ = token.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let sent = crate::retry::until_done(
+            token,
+            SIDE_RETRY,
+            || {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "dlq.reason",
+                        value: Some(reason),
+                    })
+                    .insert(Header {
+                        key: "dlq.topic",
+                        value: Some(m.topic()),
+                    })
+                    .insert(Header {
+                        key: "dlq.partition",
+                        value: Some(&m.partition().to_string()),
+                    })
+                    .insert(Header {
+                        key: "dlq.offset",
+                        value: Some(&m.offset().to_string()),
+                    })
+                    .insert(Header {
+                        key: "dlq.group",
+                        value: Some(&self.group),
+                    });
+                self.publisher
+                    .publish_raw(&self.dlq_topic, None, m.key(), m.payload(), headers)
+            },
+            |e: &KafkaError, retry_in| {
+                tracing::warn!(error = %e, ?retry_in, "cannot publish to the dead-letter topic");
+            },
+        )
+        .await;
+        sent.is_some()
     }
 }
