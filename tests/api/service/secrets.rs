@@ -271,7 +271,7 @@ async fn redis_credentials_from_a_file_work_and_no_secret_is_ever_shown() {
 
 #[tokio::test]
 async fn redis_over_tls_with_an_acl_user_and_only_with_the_right_ca() {
-    let files = crate::tls::Files::redis_server();
+    let files = crate::helpers::certs::Files::redis_server();
     let secret = format!("tls-{}", unique("pw"));
     let redis = AclRedis::start_with(
         &secret,
@@ -431,8 +431,11 @@ async fn kafka_over_sasl_ssl_needs_the_right_credentials_and_ca_and_no_secret_is
 
     // A CA that did not sign the broker's certificate: the handshake fails,
     // and the log says to check the CA setting.
-    let files = crate::tls::Files::new();
-    files.write("other-ca.pem", &crate::tls::Ca::new("another CA").pem());
+    let files = crate::helpers::certs::Files::new();
+    files.write(
+        "other-ca.pem",
+        &crate::helpers::certs::Ca::new("another CA").pem(),
+    );
     let other_ca = files.path("other-ca.pem").display().to_string();
     let untrusted = start_binary(&with(&stack, "KAFKA_TLS_CA_FILE", Some(&other_ca)));
     wait_until(Duration::from_secs(30), || {

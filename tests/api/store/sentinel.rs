@@ -315,7 +315,7 @@ async fn the_service_follows_a_sentinel_failover() {
 
 #[tokio::test]
 async fn sentinel_over_tls_with_the_right_ca_only() {
-    let files = crate::tls::Files::redis_server();
+    let files = crate::helpers::certs::Files::redis_server();
     let tls = SetTls {
         cert: files.path("redis.pem"),
         key: files.path("redis.key"),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
+
 use clap::Parser;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -918,4 +920,30 @@ pub async fn wait_probed_down_at(addr: SocketAddr, dependency: &str, n: f64) {
     })
     .await
     .unwrap_or_else(|()| panic!("{n} probes of {dependency} at {addr}, the last one down"));
+}
+
+/// Reads `conn` until the server closes it (EOF or a reset): everything the
+/// server sent; `None` if it is still open after `limit`.
+pub async fn read_until_closed(
+    conn: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(bytes)
+}
+
+/// The sum of `name`'s samples with all of `with`, in the app's metrics.
+pub fn metric(app: &TestApp, name: &str, with: &[&str]) -> f64 {
+    sum_of(&samples(&app.handle.metrics.render()), name, with)
 }

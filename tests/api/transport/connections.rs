@@ -5,8 +5,8 @@
 //! EOF, a frame, a metric); the time limits only bound a failure.
 
 use crate::helpers::{
-    TestApp, producer, publish_user_created, samples, spawn_app_with, sum_of, test_config,
-    wait_until,
+    TestApp, metric, producer, publish_user_created, read_until_closed, spawn_app_with,
+    test_config, wait_until,
 };
 use futures::future::join_all;
 use std::time::{Duration, Instant};
@@ -24,23 +24,6 @@ use user_service::transport::is_transport_error;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame: what a client sends after its preface.
 const SETTINGS: &[u8] = &[0, 0, 0, 0x4, 0, 0, 0, 0, 0];
-
-/// Reads `conn` until the server closes it (EOF or a reset): everything the
-/// server sent; `None` if it is still open after `limit`.
-pub async fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut bytes = Vec::new();
-    let read = async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(limit, read).await.ok()?;
-    Some(bytes)
-}
 
 /// The frames in `bytes` (server to client): (type, stream, payload).
 fn frames(mut bytes: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
@@ -69,11 +52,6 @@ async fn served_connection(app: &TestApp) -> TcpStream {
     let mut payload = vec![0u8; u32::from_be_bytes([0, first[0], first[1], first[2]]) as usize];
     conn.read_exact(&mut payload).await.unwrap();
     conn
-}
-
-/// The sum of `name`'s samples with all of `with`, in the app's metrics.
-pub fn metric(app: &TestApp, name: &str, with: &[&str]) -> f64 {
-    sum_of(&samples(&app.handle.metrics.render()), name, with)
 }
 
 /// Many connections that never send HTTP/2's preface are all closed by the

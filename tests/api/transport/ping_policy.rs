@@ -12,8 +12,8 @@
 //!   Go and Python clients among them, do by default) is not punished under
 //!   the default policy: a proxy between counts its pings and the GOAWAYs.
 
+use crate::helpers::certs::{Ca, Files};
 use crate::helpers::{spawn_app_with, test_config, wait_until};
-use crate::tls::{Ca, Files};
 use futures::StreamExt;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use std::{

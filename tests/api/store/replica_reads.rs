@@ -5,7 +5,7 @@
 
 use crate::{
     helpers::{TestApp, redis_cluster_nodes, spawn_app_with, test_config, unique, wait_until},
-    sentinel::{SentinelSet, cmd},
+    store::sentinel::{SentinelSet, cmd},
 };
 use std::time::Duration;
 use tonic::Code;

@@ -2,101 +2,17 @@
 //! right CA gets in, anything else fails the handshake, and a rotated
 //! certificate serves new connections while an open stream goes on.
 
-use crate::helpers::{TestApp, spawn_app_with, test_config, unique, wait_until};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
+use crate::helpers::{
+    TestApp,
+    certs::{Ca, Files},
+    spawn_app_with, test_config, wait_until,
 };
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use user_service::proto::user::v1::{
     WatchProgressRequest, projection_service_client::ProjectionServiceClient,
 };
-
-/// A CA that signs server and client certificates.
-pub struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    pub fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    pub fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// (certificate PEM, key PEM) for `name`, a server (localhost,
-    /// 127.0.0.1) or a client.
-    pub fn leaf(&self, name: &str, server: bool) -> (String, String) {
-        let sans = if server {
-            vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
-        } else {
-            vec![]
-        };
-        let mut params = CertificateParams::new(sans).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-pub struct Files {
-    dir: PathBuf,
-}
-
-impl Files {
-    pub fn new() -> Self {
-        let dir = std::env::temp_dir().join(unique("tls"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self { dir }
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Writes a file whole at once (rename), as a Secret update does.
-    pub fn write(&self, name: &str, contents: &str) {
-        let tmp = self.path(&format!(".{name}.tmp"));
-        std::fs::write(&tmp, contents).unwrap();
-        std::fs::rename(&tmp, self.path(name)).unwrap();
-    }
-}
-
-impl Files {
-    /// A Redis server's files: `redis.pem` and `redis.key` signed by one CA
-    /// (`ca.pem`), and `other-ca.pem`, a CA that signed nothing here.
-    pub fn redis_server() -> Self {
-        let (ca, other) = (Ca::new("redis CA"), Ca::new("another CA"));
-        let files = Self::new();
-        let (cert, key) = ca.leaf("redis", true);
-        files.write("redis.pem", &cert);
-        files.write("redis.key", &key);
-        files.write("ca.pem", &ca.pem());
-        files.write("other-ca.pem", &other.pem());
-        files
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 async fn tls_app(files: &Files, mutual: bool) -> TestApp {
     let mut config = test_config();
@@ -267,7 +183,7 @@ async fn a_certificate_without_its_key_stops_the_start() {
 /// client gets in once places are free again.
 #[tokio::test]
 async fn half_open_tls_connections_past_the_handshake_cap_are_closed_and_counted() {
-    use crate::connections::{metric, read_until_closed};
+    use crate::helpers::{metric, read_until_closed};
     const MAX: usize = 8;
     let ca = Ca::new("service CA");
     let files = Files::new();
