@@ -7,8 +7,11 @@
 
 use crate::kafka::{KafkaLink, SaslMechanism, SecurityProtocol};
 use crate::store::{RedisClientKind, RedisTarget};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use std::{net::SocketAddr, time::Duration};
+
+/// Log output format; telemetry's (it sets up the logs), named here too.
+pub use crate::telemetry::LogFormat;
 
 /// How the service finds its engines and behaves; parsed once in `main`, built
 /// by hand in tests.
@@ -344,13 +347,6 @@ pub enum Command {
         #[arg(long)]
         partitions: i32,
     },
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 fn parse_secret(s: &str) -> Result<secrecy::SecretString, String> {

@@ -34,12 +34,13 @@
 //! - [`config`]: flags and environment variables (`KAFKA_BROKER_URL`,
 //!   `REDIS_SERVER_URL`, ...).
 //! - [`startup`]: `Application::build` binds the listener and starts the server,
-//!   the projector and the dependency probe under one cancellation token.
+//!   the projector and the dependency probe under one cancellation token;
+//!   beside it, the `/metrics` endpoint and its scrape-time collector.
 //! - [`tasks`]: every task the service starts, tracked and joined at
 //!   shutdown; a panic in any of them stops the service.
-//! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics and
-//!   their `/metrics` endpoint, traces propagated from the call through Kafka
-//!   to the projector.
+//! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics,
+//!   traces propagated from the call through Kafka to the projector. A leaf:
+//!   it imports nothing of the crate, every layer records through it.
 //! - [`tls`]: gRPC over TLS or mutual TLS, certificates reloaded on change.
 //! - [`transport`]: for the tools' clients, whether a failed call failed on
 //!   its connection.

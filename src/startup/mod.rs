@@ -5,6 +5,12 @@
 //! One cancellation token is shared by the server, the projector, the health
 //! probe and every stream; [`Tasks`] joins them all at shutdown, and stops
 //! the service if one panics.
+//!
+//! [`metrics_endpoint`] is the `/metrics` endpoint and the collector that
+//! copies the parts' own figures into the metrics at each scrape: it sits
+//! here, beside the wiring, because it reads every part.
+
+pub mod metrics_endpoint;
 
 use crate::{
     api::{
@@ -32,11 +38,16 @@ use crate::{
     config::MetricsAddr,
     telemetry::{
         Metrics,
-        endpoint::{self, Sources},
-        grpc::GrpcTelemetryLayer,
+        grpc::{GrpcTelemetryLayer, Served},
     },
 };
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use metrics_endpoint::Sources;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -63,6 +74,18 @@ pub const KAFKA_HEALTH_NAME: &str = "kafka";
 /// Largest response message: a progress snapshot of a big group is the
 /// largest; a user is a few hundred bytes.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The methods of every service the server serves, by service: ours, health
+/// and reflection (both versions), from their descriptor sets; the calls'
+/// metrics are labelled by them (see [`GrpcTelemetryLayer`]).
+static SERVED: LazyLock<Served> = LazyLock::new(|| {
+    Served::from_descriptor_sets(&[
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
+});
 
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -389,7 +412,7 @@ impl Application {
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_keepalive_interval(Some(config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-            .layer(GrpcTelemetryLayer::new(metrics.clone()))
+            .layer(GrpcTelemetryLayer::new(metrics.clone(), &SERVED))
             .layer(CatchPanicLayer::custom(on_panic))
             // RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, past MAX_REQUEST_BYTES.
             .layer(crate::api::oversize::OversizeLayer)
@@ -467,7 +490,7 @@ impl Application {
             tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
             tasks.spawn(
                 "metrics endpoint",
-                endpoint::serve(listener, sources, token.clone()),
+                metrics_endpoint::serve(listener, sources, token.clone()),
             );
         }
         let checkpoint_watch = watch;
@@ -804,6 +827,59 @@ async fn learn_partition_map(
                 tracing::debug!(error = %e, "the topic's partition map is not known yet");
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SERVED;
+
+    #[test]
+    fn calls_are_labelled_by_the_services_served() {
+        for (path, want) in [
+            (
+                "/user.v1.UserService/GetUser",
+                ("user.v1.UserService", "GetUser"),
+            ),
+            (
+                "/user.v1.ProjectionService/WatchProgress",
+                ("user.v1.ProjectionService", "WatchProgress"),
+            ),
+            (
+                "/grpc.health.v1.Health/Check",
+                ("grpc.health.v1.Health", "Check"),
+            ),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1alpha.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            // A served service, a method it does not have.
+            (
+                "/user.v1.UserService/Nope",
+                ("user.v1.UserService", "unknown"),
+            ),
+            (
+                "/user.v1.UserService/GetUser/x",
+                ("user.v1.UserService", "unknown"),
+            ),
+            ("/random.Svc/GetUser", ("unknown", "unknown")),
+            ("/user.v1.UserService", ("unknown", "unknown")),
+            ("user.v1.UserService/GetUser", ("unknown", "unknown")),
+            ("/", ("unknown", "unknown")),
+            ("", ("unknown", "unknown")),
+        ] {
+            assert_eq!(SERVED.labels(path), want, "{path}");
         }
     }
 }
