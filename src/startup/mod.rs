@@ -6,11 +6,16 @@
 //! probe and every stream; [`Tasks`] joins them all at shutdown, and stops
 //! the service if one panics.
 //!
-//! [`metrics_endpoint`] is the `/metrics` endpoint and the collector that
-//! copies the parts' own figures into the metrics at each scrape: it sits
-//! here, beside the wiring, because it reads every part.
+//! Beside it: [`metrics_endpoint`], the `/metrics` endpoint and the
+//! collector that copies the parts' own figures into the metrics at each
+//! scrape (here because it reads every part), and `settings`, which turns
+//! the [`Config`]'s plain values into what the adapters take
+//! ([`Config::kafka_link`], [`Config::redis_target`], [`Config::redis_auth`]).
 
 pub mod metrics_endpoint;
+mod settings;
+
+pub use settings::KafkaLinkError;
 
 use crate::{
     api::{
@@ -108,7 +113,7 @@ pub enum StartupError {
     #[error(transparent)]
     Secret(#[from] crate::config::SecretFileError),
     #[error(transparent)]
-    KafkaSettings(#[from] crate::config::KafkaLinkError),
+    KafkaSettings(#[from] KafkaLinkError),
     #[error("a task panicked ({0}); the service stopped")]
     Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
