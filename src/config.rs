@@ -276,7 +276,7 @@ pub struct Config {
     /// A client PING sooner than this after its previous one is a strike;
     /// past HTTP2_MAX_PING_STRIKES the connection gets GOAWAY
     /// ENHANCE_YOUR_CALM "too_many_pings" and is closed (grpc-go's keepalive
-    /// enforcement, its `MinTime`; see api::ping_policy). A call in either
+    /// enforcement, its `MinTime`; see transport::ping_policy). A call in either
     /// direction resets the strikes. Well under the clients' keepalive
     /// (30 s, as HTTP2_KEEPALIVE_INTERVAL), so they are never struck, and
     /// not above grpc-go's floor for a client's keepalive (10 s); the

@@ -41,9 +41,10 @@
 //! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics,
 //!   traces propagated from the call through Kafka to the projector. A leaf:
 //!   it imports nothing of the crate, every layer records through it.
-//! - [`tls`]: gRPC over TLS or mutual TLS, certificates reloaded on change.
-//! - [`transport`]: for the tools' clients, whether a failed call failed on
-//!   its connection.
+//! - [`transport`]: the connection level: connection caps, gRPC over TLS or
+//!   mutual TLS (certificates reloaded on change), the HTTP/2 frame watcher
+//!   (client pings, silent and idle connections); and, for the tools'
+//!   clients, whether a failed call failed on its connection.
 
 pub mod api;
 pub mod command;
@@ -58,5 +59,4 @@ pub mod startup;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
-pub mod tls;
 pub mod transport;

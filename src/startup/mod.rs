@@ -19,8 +19,7 @@ pub use settings::KafkaLinkError;
 
 use crate::{
     api::{
-        HealthRegistry, Needs, ProjectionApi, UserApi, connections::Cap, health::HealthService,
-        limit::CallBudget,
+        HealthRegistry, Needs, ProjectionApi, UserApi, health::HealthService, limit::CallBudget,
     },
     command::CreateUser,
     config::Config,
@@ -38,6 +37,7 @@ use crate::{
         ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache, Verdicts,
     },
     tasks::Tasks,
+    transport::{self, connections::Cap, ping_policy::PingPolicy, tls},
 };
 use crate::{
     config::MetricsAddr,
@@ -109,7 +109,7 @@ pub enum StartupError {
     #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Secret(#[from] crate::config::SecretFileError),
     #[error(transparent)]
@@ -191,12 +191,12 @@ impl Application {
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = Metrics::new();
         // TLS files are read before anything starts: a bad one stops here.
-        let tls = crate::tls::TlsFiles::from_settings(
+        let tls = tls::TlsFiles::from_settings(
             config.tls_cert_file.as_deref(),
             config.tls_key_file.as_deref(),
             config.tls_client_ca_file.as_deref(),
         )?
-        .map(crate::tls::ReloadingTls::new)
+        .map(tls::ReloadingTls::new)
         .transpose()?;
 
         let token = CancellationToken::new();
@@ -439,11 +439,11 @@ impl Application {
                 ),
             );
         let stop = token.clone().cancelled_owned();
-        // A client that pings too often is sent GOAWAY (see api::ping_policy);
+        // A client that pings too often is sent GOAWAY (see transport::ping_policy);
         // each accepted connection is wrapped, plaintext or decrypted TLS.
         // It also closes silent and idle connections; each holds its place
-        // under MAX_CONNECTIONS (see api::connections).
-        let pings = crate::api::ping_policy::PingPolicy::new(
+        // under MAX_CONNECTIONS (see transport::connections).
+        let pings = PingPolicy::new(
             config.http2_min_ping_interval,
             config.http2_max_ping_strikes,
         )
@@ -454,7 +454,7 @@ impl Application {
             match &tls {
                 None => {
                     tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
-                    let incoming = crate::api::connections::plaintext(listener, connections, pings);
+                    let incoming = transport::connections::plaintext(listener, connections, pings);
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
                 }
                 Some(tls) => {
@@ -463,10 +463,10 @@ impl Application {
                         "TLS reload",
                         tls.clone().watch(config.tls_reload_interval, token.clone()),
                     );
-                    let incoming = crate::tls::incoming(
+                    let incoming = tls::incoming(
                         listener,
                         tls.clone(),
-                        crate::tls::Accepting {
+                        tls::Accepting {
                             handshake_timeout: config.tls_handshake_timeout,
                             connections,
                             handshakes: Cap::handshakes(config.tls_max_handshakes, metrics.clone()),
