@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! Read this list first, then [`startup::Application`], which wires it all.
+//! The modules are in layers, each importing only the layers below it
+//! (docs/design.md, "Architecture"; checked by `tests/layers.rs`).
 //!
 //! - [`proto`]: the generated gRPC contract (`proto/user/v1/user.proto`).
 //! - [`api`]: gRPC handlers. They decode requests, validate them into domain
