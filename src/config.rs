@@ -4,11 +4,19 @@
 //! Defaults keep the names of the Go service this one replaces (topic
 //! `topic-user-creating`, cache key `user_<id>`) and point at the local stack
 //! that `scripts/stack up` starts.
+//!
+//! Plain values only: this module names no other part of the service but
+//! telemetry (the log format). The few kinds of setting that are more than a
+//! string or a number ([`SecurityProtocol`], [`SaslMechanism`],
+//! [`RedisClientKind`]) are defined here and used by the adapters, and
+//! startup turns the settings into what the adapters take (`kafka_link`,
+//! `redis_target`, `redis_auth`, in `startup::settings`).
 
-use crate::kafka::{KafkaLink, SaslMechanism, SecurityProtocol};
-use crate::store::{RedisClientKind, RedisTarget};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use std::{net::SocketAddr, time::Duration};
+
+/// Log output format; telemetry's (it sets up the logs), named here too.
+pub use crate::telemetry::LogFormat;
 
 /// How the service finds its engines and behaves; parsed once in `main`, built
 /// by hand in tests.
@@ -268,7 +276,7 @@ pub struct Config {
     /// A client PING sooner than this after its previous one is a strike;
     /// past HTTP2_MAX_PING_STRIKES the connection gets GOAWAY
     /// ENHANCE_YOUR_CALM "too_many_pings" and is closed (grpc-go's keepalive
-    /// enforcement, its `MinTime`; see api::ping_policy). A call in either
+    /// enforcement, its `MinTime`; see transport::ping_policy). A call in either
     /// direction resets the strikes. Well under the clients' keepalive
     /// (30 s, as HTTP2_KEEPALIVE_INTERVAL), so they are never struck, and
     /// not above grpc-go's floor for a client's keepalive (10 s); the
@@ -346,11 +354,44 @@ pub enum Command {
     },
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// librdkafka's `security.protocol`: how the bytes travel and who vouches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No encryption, no authentication: local development.
+    #[default]
+    Plaintext,
+    /// TLS, the broker's certificate checked against the CA.
+    Ssl,
+    /// SASL credentials in the clear (only inside a trusted network).
+    SaslPlaintext,
+    /// SASL credentials over TLS: what a production cluster asks for.
+    SaslSsl,
+}
+
+/// The SASL mechanisms librdkafka has built in (GSSAPI and OAUTHBEARER need
+/// more than a user and a password, and are not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SaslMechanism {
+    #[default]
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[value(name = "PLAIN")]
+    Plain,
+}
+
+/// How calls reach Redis. Every call the service makes is a single command, a
+/// pipeline or a Lua script (atomic by itself), so none needs a connection to
+/// itself: both kinds serve all of them, and the benchmarks compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisClientKind {
+    /// A bb8 pool of multiplexed connections: each call takes one.
+    Pool,
+    /// One shared multiplexed connection (redis-rs `ConnectionManager`, which
+    /// reconnects): concurrent calls pipeline on it.
+    Shared,
 }
 
 fn parse_secret(s: &str) -> Result<secrecy::SecretString, String> {
@@ -380,16 +421,6 @@ pub fn read_secret_file(
     })?;
     let line = raw.lines().next().unwrap_or_default();
     Ok(secrecy::SecretString::from(line.to_owned()))
-}
-
-/// Kafka settings that cannot work together, or a secret file that cannot
-/// be read; names settings, never values.
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaLinkError {
-    #[error(transparent)]
-    Secret(#[from] SecretFileError),
-    #[error(transparent)]
-    Link(#[from] crate::kafka::LinkError),
 }
 
 /// Where the metrics endpoint listens, if anywhere.
@@ -427,31 +458,6 @@ impl Config {
             .unwrap_or_else(|| format!("{}.dlq", self.topic))
     }
 
-    /// Where Redis is: Sentinel when sentinels are given, else the server URL.
-    pub fn redis_target(&self) -> RedisTarget {
-        let cluster: Vec<String> = self
-            .redis_cluster_nodes
-            .iter()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect();
-        if !cluster.is_empty() {
-            return RedisTarget::Cluster(cluster);
-        }
-        if self.redis_sentinels.iter().any(|s| !s.trim().is_empty()) {
-            RedisTarget::Sentinel {
-                sentinels: self
-                    .redis_sentinels
-                    .iter()
-                    .map(|s| s.trim().to_owned())
-                    .collect(),
-                master: self.redis_sentinel_master.clone(),
-            }
-        } else {
-            RedisTarget::Server(self.redis_url())
-        }
-    }
-
     /// The longest any unary call may run, whatever deadline its caller sends:
     /// CreateUser's publish and its wait for the verdict, with a margin. A
     /// call cut there (one that never sent its message, say) frees its slot
@@ -479,45 +485,6 @@ impl Config {
     }
 
     /// The Redis URL with a scheme, accepting the Go service's bare `host:port`.
-    /// The Redis credentials: `REDIS_USERNAME` and the password from
-    /// `REDIS_PASSWORD_FILE` or `REDIS_PASSWORD`.
-    pub fn redis_auth(&self) -> Result<crate::store::RedisAuth, SecretFileError> {
-        let password = match &self.redis_password_file {
-            Some(path) => Some(read_secret_file("REDIS_PASSWORD_FILE", path)?),
-            None => self.redis_password.clone(),
-        };
-        let tls_ca = match &self.redis_tls_ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|source| SecretFileError {
-                setting: "REDIS_TLS_CA_FILE",
-                path: path.clone(),
-                source,
-            })?),
-            None => None,
-        };
-        Ok(crate::store::RedisAuth {
-            username: self.redis_username.clone(),
-            password,
-            tls_ca,
-        })
-    }
-
-    /// How every Kafka client of the service reaches the brokers; the
-    /// settings are checked together here, before anything starts.
-    pub fn kafka_link(&self) -> Result<KafkaLink, KafkaLinkError> {
-        let password = match &self.kafka_sasl_password_file {
-            Some(path) => Some(read_secret_file("KAFKA_SASL_PASSWORD_FILE", path)?),
-            None => self.kafka_sasl_password.clone(),
-        };
-        Ok(KafkaLink::new(
-            &self.kafka_broker_url,
-            self.kafka_security_protocol,
-            self.kafka_sasl_mechanism,
-            self.kafka_sasl_username.clone(),
-            password,
-            self.kafka_tls_ca_file.clone(),
-        )?)
-    }
-
     pub fn redis_url(&self) -> String {
         if self.redis_server_url.contains("://") {
             self.redis_server_url.clone()

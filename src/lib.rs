@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! Read this list first, then [`startup::Application`], which wires it all.
+//! The modules are in layers, each importing only the layers below it
+//! (docs/design.md, "Architecture"; checked by `tests/layers.rs`).
 //!
 //! - [`proto`]: the generated gRPC contract (`proto/user/v1/user.proto`).
 //! - [`api`]: gRPC handlers. They decode requests, validate them into domain
@@ -34,15 +36,17 @@
 //! - [`config`]: flags and environment variables (`KAFKA_BROKER_URL`,
 //!   `REDIS_SERVER_URL`, ...).
 //! - [`startup`]: `Application::build` binds the listener and starts the server,
-//!   the projector and the dependency probe under one cancellation token.
+//!   the projector and the dependency probe under one cancellation token;
+//!   beside it, the `/metrics` endpoint and its scrape-time collector.
 //! - [`tasks`]: every task the service starts, tracked and joined at
 //!   shutdown; a panic in any of them stops the service.
-//! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics and
-//!   their `/metrics` endpoint, traces propagated from the call through Kafka
-//!   to the projector.
-//! - [`tls`]: gRPC over TLS or mutual TLS, certificates reloaded on change.
-//! - [`transport`]: for the tools' clients, whether a failed call failed on
-//!   its connection.
+//! - [`telemetry`]: logs (`RUST_LOG`, text or JSON), Prometheus metrics,
+//!   traces propagated from the call through Kafka to the projector. A leaf:
+//!   it imports nothing of the crate, every layer records through it.
+//! - [`transport`]: the connection level: connection caps, gRPC over TLS or
+//!   mutual TLS (certificates reloaded on change), the HTTP/2 frame watcher
+//!   (client pings, silent and idle connections); and, for the tools'
+//!   clients, whether a failed call failed on its connection.
 
 pub mod api;
 pub mod command;
@@ -58,5 +62,4 @@ pub mod startup;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
-pub mod tls;
 pub mod transport;

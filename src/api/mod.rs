@@ -1,12 +1,10 @@
 //! gRPC handlers: decode, validate into domain types, call the adapters, and
 //! map every error to a `tonic::Status` (in [`error`]).
 
-pub mod connections;
 pub mod error;
 pub mod health;
 pub mod limit;
 pub mod oversize;
-pub mod ping_policy;
 mod projection_service;
 mod user_service;
 

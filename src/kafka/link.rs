@@ -11,20 +11,9 @@ use rdkafka::ClientConfig;
 use secrecy::{ExposeSecret, SecretString};
 use std::path::PathBuf;
 
-/// librdkafka's `security.protocol`: how the bytes travel and who vouches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-#[value(rename_all = "snake_case")]
-pub enum SecurityProtocol {
-    /// No encryption, no authentication: local development.
-    #[default]
-    Plaintext,
-    /// TLS, the broker's certificate checked against the CA.
-    Ssl,
-    /// SASL credentials in the clear (only inside a trusted network).
-    SaslPlaintext,
-    /// SASL credentials over TLS: what a production cluster asks for.
-    SaslSsl,
-}
+/// The settings' values are plain configuration (config parses them); what
+/// librdkafka calls them, and what each one asks of the link, is here.
+pub use crate::config::{SaslMechanism, SecurityProtocol};
 
 impl SecurityProtocol {
     fn as_librdkafka(self) -> &'static str {
@@ -43,19 +32,6 @@ impl SecurityProtocol {
     fn uses_tls(self) -> bool {
         matches!(self, Self::Ssl | Self::SaslSsl)
     }
-}
-
-/// The SASL mechanisms librdkafka has built in (GSSAPI and OAUTHBEARER need
-/// more than a user and a password, and are not offered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum SaslMechanism {
-    #[default]
-    #[value(name = "SCRAM-SHA-512")]
-    ScramSha512,
-    #[value(name = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[value(name = "PLAIN")]
-    Plain,
 }
 
 impl SaslMechanism {

@@ -17,17 +17,7 @@ pub(super) struct Scripts {
     pub(super) open: Script,
 }
 
-/// How calls reach Redis. Every call the service makes is a single command, a
-/// pipeline or a Lua script (atomic by itself), so none needs a connection to
-/// itself: both kinds serve all of them, and the benchmarks compare them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RedisClientKind {
-    /// A bb8 pool of multiplexed connections: each call takes one.
-    Pool,
-    /// One shared multiplexed connection (redis-rs `ConnectionManager`, which
-    /// reconnects): concurrent calls pipeline on it.
-    Shared,
-}
+pub use crate::config::RedisClientKind;
 
 /// The Redis ACL credentials every connection authenticates with (in every
 /// mode); the password never leaves its `SecretString` but to the connection.

@@ -6,8 +6,9 @@
 //! the call runs in its server span, child of the caller's `traceparent`.
 //!
 //! The service and method labels come from a closed set, the names the server
-//! serves; any other path counts as `unknown`, so that callers making up
-//! names cannot grow the metrics without bound.
+//! serves ([`Served`], given by whoever wires the server); any other path
+//! counts as `unknown`, so that callers making up names cannot grow the
+//! metrics without bound.
 
 use super::{Metrics, metrics::code_name};
 use futures::future::BoxFuture;
@@ -16,7 +17,6 @@ use prost::Message;
 use std::{
     collections::{HashMap, HashSet},
     pin::Pin,
-    sync::LazyLock,
     task::{Context, Poll},
     time::Instant,
 };
@@ -27,11 +27,13 @@ use tracing::Instrument;
 #[derive(Clone)]
 pub struct GrpcTelemetryLayer {
     metrics: Metrics,
+    served: &'static Served,
 }
 
 impl GrpcTelemetryLayer {
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    /// Labels the calls by the services and methods in `served`.
+    pub fn new(metrics: Metrics, served: &'static Served) -> Self {
+        Self { metrics, served }
     }
 }
 
@@ -42,6 +44,7 @@ impl<S> Layer<S> for GrpcTelemetryLayer {
         GrpcTelemetry {
             inner,
             metrics: self.metrics.clone(),
+            served: self.served,
         }
     }
 }
@@ -50,6 +53,7 @@ impl<S> Layer<S> for GrpcTelemetryLayer {
 pub struct GrpcTelemetry<S> {
     inner: S,
     metrics: Metrics,
+    served: &'static Served,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for GrpcTelemetry<S>
@@ -68,7 +72,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = service_and_method(request.uri().path());
+        let (service, method) = self.served.labels(request.uri().path());
         self.metrics.grpc_started(service, method);
         let mut call = CallEnd {
             metrics: self.metrics.clone(),
@@ -103,42 +107,44 @@ where
 /// The label of a service or method the server does not serve.
 const UNKNOWN: &str = "unknown";
 
-/// The methods of every service the server serves, by service: ours, health
-/// and reflection (both versions), from their descriptor sets.
-static SERVED: LazyLock<HashMap<String, HashSet<String>>> = LazyLock::new(|| {
-    let sets = [
-        crate::proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-    ];
-    let mut served = HashMap::new();
-    for set in sets {
-        let set = prost_types::FileDescriptorSet::decode(set).expect("a valid descriptor set");
-        for file in set.file {
-            for service in &file.service {
-                let name = format!("{}.{}", file.package(), service.name());
-                let methods = service.method.iter().map(|m| m.name().to_owned());
-                served
-                    .entry(name)
-                    .or_insert_with(HashSet::new)
-                    .extend(methods);
+/// The methods of every service the server serves, by service, read from
+/// their descriptor sets: the closed set of label values.
+#[derive(Debug, Default)]
+pub struct Served(HashMap<String, HashSet<String>>);
+
+impl Served {
+    /// The services (and their methods) of these encoded descriptor sets.
+    pub fn from_descriptor_sets(sets: &[&[u8]]) -> Self {
+        let mut served = HashMap::new();
+        for set in sets {
+            let set = prost_types::FileDescriptorSet::decode(*set).expect("a valid descriptor set");
+            for file in set.file {
+                for service in &file.service {
+                    let name = format!("{}.{}", file.package(), service.name());
+                    let methods = service.method.iter().map(|m| m.name().to_owned());
+                    served
+                        .entry(name)
+                        .or_insert_with(HashSet::new)
+                        .extend(methods);
+                }
             }
         }
+        Self(served)
     }
-    served
-});
 
-/// `/user.v1.UserService/GetUser` → (`user.v1.UserService`, `GetUser`); a
-/// service or method the server does not serve → `unknown`.
-fn service_and_method(path: &str) -> (&'static str, &'static str) {
-    let (service, method) = path
-        .strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .unwrap_or_default();
-    match SERVED.get_key_value(service) {
-        Some((service, methods)) => (service, methods.get(method).map_or(UNKNOWN, String::as_str)),
-        None => (UNKNOWN, UNKNOWN),
+    /// `/user.v1.UserService/GetUser` → (`user.v1.UserService`, `GetUser`); a
+    /// service or method the server does not serve → `unknown`.
+    pub fn labels<'a>(&'a self, path: &str) -> (&'a str, &'a str) {
+        let (service, method) = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .unwrap_or_default();
+        match self.0.get_key_value(service) {
+            Some((service, methods)) => {
+                (service, methods.get(method).map_or(UNKNOWN, String::as_str))
+            }
+            None => (UNKNOWN, UNKNOWN),
+        }
     }
 }
 
@@ -243,49 +249,28 @@ mod tests {
 
     #[test]
     fn paths_split_into_service_and_method() {
+        let served = Served::from_descriptor_sets(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
         for (path, want) in [
-            (
-                "/user.v1.UserService/GetUser",
-                ("user.v1.UserService", "GetUser"),
-            ),
-            (
-                "/user.v1.ProjectionService/WatchProgress",
-                ("user.v1.ProjectionService", "WatchProgress"),
-            ),
             (
                 "/grpc.health.v1.Health/Check",
                 ("grpc.health.v1.Health", "Check"),
             ),
-            (
-                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                (
-                    "grpc.reflection.v1.ServerReflection",
-                    "ServerReflectionInfo",
-                ),
-            ),
-            (
-                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-                (
-                    "grpc.reflection.v1alpha.ServerReflection",
-                    "ServerReflectionInfo",
-                ),
-            ),
             // A served service, a method it does not have.
             (
-                "/user.v1.UserService/Nope",
-                ("user.v1.UserService", "unknown"),
+                "/grpc.health.v1.Health/Nope",
+                ("grpc.health.v1.Health", "unknown"),
             ),
             (
-                "/user.v1.UserService/GetUser/x",
-                ("user.v1.UserService", "unknown"),
+                "/grpc.health.v1.Health/Check/x",
+                ("grpc.health.v1.Health", "unknown"),
             ),
-            ("/random.Svc/GetUser", ("unknown", "unknown")),
-            ("/user.v1.UserService", ("unknown", "unknown")),
-            ("user.v1.UserService/GetUser", ("unknown", "unknown")),
+            ("/random.Svc/Check", ("unknown", "unknown")),
+            ("/grpc.health.v1.Health", ("unknown", "unknown")),
+            ("grpc.health.v1.Health/Check", ("unknown", "unknown")),
             ("/", ("unknown", "unknown")),
             ("", ("unknown", "unknown")),
         ] {
-            assert_eq!(service_and_method(path), want, "{path}");
+            assert_eq!(served.labels(path), want, "{path}");
         }
     }
 }

@@ -7,8 +7,9 @@
 //! they happen, through this module's helpers. Those that the service already
 //! keeps for its own use (the projector's counters, the call budget, health,
 //! the progress snapshot the progress RPC serves) are copied in at scrape
-//! time by [`Metrics::collect`], from the same structures, so the metrics and
-//! the RPCs never disagree.
+//! time, from the same structures, so the metrics and the RPCs never
+//! disagree; the collector lives where those parts are wired
+//! (`startup::metrics_endpoint`), so that this module imports none of them.
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};

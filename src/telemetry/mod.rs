@@ -1,18 +1,26 @@
 //! What the service tells operators: `tracing` set-up (`RUST_LOG` filters,
 //! text or JSON output), distributed traces ([`trace`]), Prometheus metrics
-//! ([`metrics`]) and their endpoint ([`endpoint`]); [`grpc`] is the layer
-//! that meters and traces every call.
+//! ([`metrics`]); [`grpc`] is the layer that meters and traces every call.
+//!
+//! A leaf: it imports nothing of the crate, so every layer may record
+//! through it. The figures the parts keep for themselves are collected at
+//! scrape time where the parts are wired (`startup::metrics_endpoint`).
 
-pub mod endpoint;
 pub mod grpc;
 pub mod metrics;
 pub mod trace;
 
 pub use metrics::Metrics;
 
-use crate::config::LogFormat;
 use std::io::IsTerminal;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Log output format (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber; later calls (tests) are no-ops.
 pub fn init(format: LogFormat, default_filter: &str) {

@@ -1,4 +1,4 @@
-//! The client-ping policy (src/api/ping_policy.rs) on a running service,
+//! The client-ping policy (src/transport/ping_policy.rs) on a running service,
 //! spoken to in raw HTTP/2 so that the pings are exactly the test's:
 //!
 //! - pings spaced wider than `HTTP2_MIN_PING_INTERVAL`, with the server's own

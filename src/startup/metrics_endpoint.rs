@@ -1,15 +1,17 @@
 //! The metrics endpoint: `GET /metrics` on its own port (`METRICS_ADDR`),
 //! off the gRPC port so a mesh can leave it out of its traffic rules. At each
 //! scrape the figures the service keeps for itself are copied in first
-//! ([`Sources::collect`]).
+//! ([`Sources::collect`]). It reads every part (the call budget, health, the
+//! projector, progress, the store, the producer), so it lives beside the
+//! wiring; telemetry, which every part records through, imports none of them.
 
-use super::Metrics;
-use crate::kafka::{Routing, watchdog::ClientHealth};
 use crate::{
     api::{health::HealthRegistry, limit::CallBudget},
+    kafka::{Routing, watchdog::ClientHealth},
     progress::{PartitionStatus, ProgressHub},
     projector::ProjectorState,
     store::{CheckpointWatch, RedisStore, UserCache},
+    telemetry::Metrics,
 };
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use std::{sync::Arc, time::Duration};

@@ -5,11 +5,21 @@
 //! One cancellation token is shared by the server, the projector, the health
 //! probe and every stream; [`Tasks`] joins them all at shutdown, and stops
 //! the service if one panics.
+//!
+//! Beside it: [`metrics_endpoint`], the `/metrics` endpoint and the
+//! collector that copies the parts' own figures into the metrics at each
+//! scrape (here because it reads every part), and `settings`, which turns
+//! the [`Config`]'s plain values into what the adapters take
+//! ([`Config::kafka_link`], [`Config::redis_target`], [`Config::redis_auth`]).
+
+pub mod metrics_endpoint;
+mod settings;
+
+pub use settings::KafkaLinkError;
 
 use crate::{
     api::{
-        HealthRegistry, Needs, ProjectionApi, UserApi, connections::Cap, health::HealthService,
-        limit::CallBudget,
+        HealthRegistry, Needs, ProjectionApi, UserApi, health::HealthService, limit::CallBudget,
     },
     command::CreateUser,
     config::Config,
@@ -27,16 +37,22 @@ use crate::{
         ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache, Verdicts,
     },
     tasks::Tasks,
+    transport::{self, connections::Cap, ping_policy::PingPolicy, tls},
 };
 use crate::{
     config::MetricsAddr,
     telemetry::{
         Metrics,
-        endpoint::{self, Sources},
-        grpc::GrpcTelemetryLayer,
+        grpc::{GrpcTelemetryLayer, Served},
     },
 };
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use metrics_endpoint::Sources;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -64,6 +80,18 @@ pub const KAFKA_HEALTH_NAME: &str = "kafka";
 /// largest; a user is a few hundred bytes.
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The methods of every service the server serves, by service: ours, health
+/// and reflection (both versions), from their descriptor sets; the calls'
+/// metrics are labelled by them (see [`GrpcTelemetryLayer`]).
+static SERVED: LazyLock<Served> = LazyLock::new(|| {
+    Served::from_descriptor_sets(&[
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
+});
+
 /// Why the service could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -81,11 +109,11 @@ pub enum StartupError {
     #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Secret(#[from] crate::config::SecretFileError),
     #[error(transparent)]
-    KafkaSettings(#[from] crate::config::KafkaLinkError),
+    KafkaSettings(#[from] KafkaLinkError),
     #[error("a task panicked ({0}); the service stopped")]
     Panicked(String),
     #[error("shutdown did not finish within {0:?}")]
@@ -163,12 +191,12 @@ impl Application {
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let metrics = Metrics::new();
         // TLS files are read before anything starts: a bad one stops here.
-        let tls = crate::tls::TlsFiles::from_settings(
+        let tls = tls::TlsFiles::from_settings(
             config.tls_cert_file.as_deref(),
             config.tls_key_file.as_deref(),
             config.tls_client_ca_file.as_deref(),
         )?
-        .map(crate::tls::ReloadingTls::new)
+        .map(tls::ReloadingTls::new)
         .transpose()?;
 
         let token = CancellationToken::new();
@@ -389,7 +417,7 @@ impl Application {
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_keepalive_interval(Some(config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-            .layer(GrpcTelemetryLayer::new(metrics.clone()))
+            .layer(GrpcTelemetryLayer::new(metrics.clone(), &SERVED))
             .layer(CatchPanicLayer::custom(on_panic))
             // RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, past MAX_REQUEST_BYTES.
             .layer(crate::api::oversize::OversizeLayer)
@@ -411,11 +439,11 @@ impl Application {
                 ),
             );
         let stop = token.clone().cancelled_owned();
-        // A client that pings too often is sent GOAWAY (see api::ping_policy);
+        // A client that pings too often is sent GOAWAY (see transport::ping_policy);
         // each accepted connection is wrapped, plaintext or decrypted TLS.
         // It also closes silent and idle connections; each holds its place
-        // under MAX_CONNECTIONS (see api::connections).
-        let pings = crate::api::ping_policy::PingPolicy::new(
+        // under MAX_CONNECTIONS (see transport::connections).
+        let pings = PingPolicy::new(
             config.http2_min_ping_interval,
             config.http2_max_ping_strikes,
         )
@@ -426,7 +454,7 @@ impl Application {
             match &tls {
                 None => {
                     tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
-                    let incoming = crate::api::connections::plaintext(listener, connections, pings);
+                    let incoming = transport::connections::plaintext(listener, connections, pings);
                     Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
                 }
                 Some(tls) => {
@@ -435,10 +463,10 @@ impl Application {
                         "TLS reload",
                         tls.clone().watch(config.tls_reload_interval, token.clone()),
                     );
-                    let incoming = crate::tls::incoming(
+                    let incoming = tls::incoming(
                         listener,
                         tls.clone(),
-                        crate::tls::Accepting {
+                        tls::Accepting {
                             handshake_timeout: config.tls_handshake_timeout,
                             connections,
                             handshakes: Cap::handshakes(config.tls_max_handshakes, metrics.clone()),
@@ -467,7 +495,7 @@ impl Application {
             tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
             tasks.spawn(
                 "metrics endpoint",
-                endpoint::serve(listener, sources, token.clone()),
+                metrics_endpoint::serve(listener, sources, token.clone()),
             );
         }
         let checkpoint_watch = watch;
@@ -804,6 +832,59 @@ async fn learn_partition_map(
                 tracing::debug!(error = %e, "the topic's partition map is not known yet");
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SERVED;
+
+    #[test]
+    fn calls_are_labelled_by_the_services_served() {
+        for (path, want) in [
+            (
+                "/user.v1.UserService/GetUser",
+                ("user.v1.UserService", "GetUser"),
+            ),
+            (
+                "/user.v1.ProjectionService/WatchProgress",
+                ("user.v1.ProjectionService", "WatchProgress"),
+            ),
+            (
+                "/grpc.health.v1.Health/Check",
+                ("grpc.health.v1.Health", "Check"),
+            ),
+            (
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                (
+                    "grpc.reflection.v1alpha.ServerReflection",
+                    "ServerReflectionInfo",
+                ),
+            ),
+            // A served service, a method it does not have.
+            (
+                "/user.v1.UserService/Nope",
+                ("user.v1.UserService", "unknown"),
+            ),
+            (
+                "/user.v1.UserService/GetUser/x",
+                ("user.v1.UserService", "unknown"),
+            ),
+            ("/random.Svc/GetUser", ("unknown", "unknown")),
+            ("/user.v1.UserService", ("unknown", "unknown")),
+            ("user.v1.UserService/GetUser", ("unknown", "unknown")),
+            ("/", ("unknown", "unknown")),
+            ("", ("unknown", "unknown")),
+        ] {
+            assert_eq!(SERVED.labels(path), want, "{path}");
         }
     }
 }

@@ -7,7 +7,7 @@
 //! more than `TLS_MAX_HANDSHAKES` run at once, so half-open connections
 //! cannot pile up.
 
-use crate::api::{
+use super::{
     connections::Cap,
     ping_policy::{PingPolicy, Policed},
 };
@@ -223,7 +223,7 @@ pub struct Accepting {
     pub connections: Cap,
     /// Each handshake's place, while it runs.
     pub handshakes: Cap,
-    /// Each decrypted stream is under it (see [`crate::api::ping_policy`]).
+    /// Each decrypted stream is under it (see [`super::ping_policy`]).
     pub pings: PingPolicy,
 }
 
