@@ -62,25 +62,26 @@ use rdkafka::{
 use serde_json::{Value, json};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    ops::ControlFlow,
     os::{fd::AsFd, unix::process::CommandExt},
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
-use tonic::{
-    Code, Request, Status,
-    transport::{Channel, Endpoint},
-};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use tonic::{Code, Request, Status, transport::Channel};
+use tools_common::{
+    health::{self, NotServing},
+    pool::Pool,
+    retry::{self, is_transport_error},
 };
 use user_service::proto::user::v1::{
-    CreateUserRequest, GetProgressRequest, GetUserRequest, GroupState, Position,
-    projection_service_client::ProjectionServiceClient, user_service_client::UserServiceClient,
+    CreateUserRequest, CreateUserResponse, GetProgressRequest, GetUserRequest, GroupState,
+    Position, projection_service_client::ProjectionServiceClient,
+    user_service_client::UserServiceClient,
 };
 
 #[derive(Parser, Debug)]
@@ -272,104 +273,24 @@ fn round1(x: f64) -> f64 {
 
 // ------------------------------------------------------------------ channels
 
-/// `--connections` lazily connected channels per target; a slot whose
-/// connection looks dead is replaced by a fresh one.
-struct Pool {
-    slots: Vec<Slot>,
-    /// The slots `pick` chooses from: the load's targets (after a switch,
-    /// the ones it moved to).
-    active: RwLock<Vec<usize>>,
-    next: AtomicUsize,
-}
-
-struct Slot {
-    target: usize,
-    endpoint: Endpoint,
-    ch: RwLock<(u64, Channel)>,
-}
-
-impl Pool {
-    fn new(targets: &[String], per_target: usize) -> anyhow::Result<Self> {
-        let mut slots = Vec::new();
-        for (t, addr) in targets.iter().enumerate() {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(2));
-            for _ in 0..per_target.max(1) {
-                let ch = endpoint.connect_lazy();
-                slots.push(Slot {
-                    target: t,
-                    endpoint: endpoint.clone(),
-                    ch: RwLock::new((0, ch)),
-                });
-            }
-        }
-        Ok(Self {
-            active: RwLock::new((0..slots.len()).collect()),
-            slots,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// `pick` chooses among the targets `from..to` only (their slots).
-    fn activate(&self, from: usize, to: usize) {
-        let slots: Vec<usize> = (0..self.slots.len())
-            .filter(|i| (from..to).contains(&self.slots[*i].target))
-            .collect();
-        assert!(!slots.is_empty(), "no slot among targets {from}..{to}");
-        *self.active.write().expect("active lock") = slots;
-    }
-
-    /// The next slot among the active ones, round-robin: (slot, generation,
-    /// channel).
-    fn pick(&self) -> (usize, u64, Channel) {
-        let i = {
-            let active = self.active.read().expect("active lock");
-            active[self.next.fetch_add(1, Ordering::Relaxed) % active.len()]
-        };
-        let s = self.slots[i].ch.read().expect("slot lock");
-        (i, s.0, s.1.clone())
-    }
-
-    /// The target a slot belongs to.
-    fn target_of(&self, slot: usize) -> usize {
-        self.slots[slot].target
-    }
-
-    /// A slot of target `t` (round-robin over its connections).
-    fn pick_target(&self, t: usize) -> (usize, u64, Channel) {
-        let of_t: Vec<usize> = (0..self.slots.len())
-            .filter(|i| self.slots[*i].target == t)
-            .collect();
-        let i = of_t[self.next.fetch_add(1, Ordering::Relaxed) % of_t.len()];
-        let s = self.slots[i].ch.read().expect("slot lock");
-        (i, s.0, s.1.clone())
-    }
-
-    fn for_target(&self, t: usize) -> Channel {
-        let slot = self
-            .slots
-            .iter()
-            .find(|s| s.target == t)
-            .expect("every target has a slot");
-        slot.ch.read().expect("slot lock").1.clone()
-    }
-
-    /// Replaces slot `i` with a new lazy connection unless someone already did
-    /// since generation `seen`.
-    fn replace(&self, i: usize, seen: u64) {
-        let slot = &self.slots[i];
-        let mut s = slot.ch.write().expect("slot lock");
-        if s.0 == seen {
-            *s = (seen + 1, slot.endpoint.connect_lazy());
-        }
-    }
+/// `--connections` lazily connected channels per target (`127.0.0.1:PORT`);
+/// a slot whose connection looks dead is replaced by a fresh one.
+fn lazy_pool(targets: &[String], per_target: usize) -> anyhow::Result<Pool> {
+    let uris: Vec<String> = targets.iter().map(|a| format!("http://{a}")).collect();
+    Pool::lazy(&uris, per_target, |e| {
+        e.connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+    })
 }
 
 // ------------------------------------------------------------------ errors
 
+/// A code as gRPC's spec spells it (`UNAVAILABLE`): the summary line's and
+/// the JSON's, which docs/faults.md and scripts/faults read. Not a copy of
+/// the other two spellings: loadgen writes tonic's (`Unavailable`, what its
+/// `--expect-codes` takes), the service's metrics grpc-go's (`Canceled`).
 fn code_name(c: Code) -> &'static str {
     match c {
         Code::Ok => "OK",
@@ -392,40 +313,19 @@ fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// Whether the connection failed rather than the service answering (see
-/// [`user_service::transport`]); our own guard's timeout counts (a hung
-/// connection), as [`guard_expired`] marks it.
-fn looks_like_transport(s: &Status) -> bool {
-    user_service::transport::is_transport_error(s)
-}
-
-/// What a call gets when our guard beyond its deadline ran out: marked as
-/// a transport error (its source), so the caller's slot gets a new
-/// connection.
-fn guard_expired() -> Status {
-    let mut s = Status::deadline_exceeded("client-side timeout");
-    s.set_source(std::sync::Arc::new(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "no answer within the deadline and the guard",
-    )));
-    s
-}
-
-/// Errors a client retries with the same request id.
-fn retryable(s: &Status) -> bool {
-    match s.code() {
-        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded | Code::Cancelled => true,
-        Code::Internal | Code::Unknown => looks_like_transport(s),
-        _ => false,
-    }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let base = 50u64.saturating_mul(1 << attempt.min(5)).min(1000);
-    // ±20 % jitter so the callers do not retry in lockstep.
-    let jitter = rand::random_range(0.8..1.2);
-    Duration::from_millis((base as f64 * jitter) as u64)
-}
+/// Errors a client retries with the same request id (INTERNAL and UNKNOWN
+/// when the connection failed rather than the service answering; our own
+/// guard's timeout counts, a hung connection, as [`retry::guard_expired`]
+/// marks it). Each retry waits [`retry::doubling`]: 50 ms to 1 s.
+const RETRY: retry::Rule = retry::Rule {
+    always: &[
+        Code::Unavailable,
+        Code::Aborted,
+        Code::DeadlineExceeded,
+        Code::Cancelled,
+    ],
+    on_transport: &[Code::Internal, Code::Unknown],
+};
 
 /// What calls met after the first fault started (--max-retries-after-fault):
 /// every failed attempt by kind of call and code, and how many times one call
@@ -516,6 +416,30 @@ impl AfterFault {
     }
 }
 
+/// One call's retried failures: how many counted after the fault started
+/// (see [`AfterFault::failed`]), and the last one.
+struct Failures {
+    n: u32,
+    last: String,
+}
+
+impl Failures {
+    fn new(last: &str) -> Self {
+        Self {
+            n: 0,
+            last: last.to_owned(),
+        }
+    }
+
+    /// A failed attempt of a call of `kind`, to be retried.
+    fn note(&mut self, after_fault: &AfterFault, kind: &'static str, s: &Status) {
+        if after_fault.failed(kind, s.code()) {
+            self.n += 1;
+        }
+        self.last = format!("{} {}", code_name(s.code()), s.message());
+    }
+}
+
 // ------------------------------------------------------------------ the load
 
 #[derive(Debug, Clone)]
@@ -571,6 +495,16 @@ struct Load {
 }
 
 const ERROR_LOG_CAP: usize = 1_000_000;
+
+/// What a create's attempts keep count of: failures after the fault
+/// started and the last one's code, and whether one failed before the
+/// switch (--switch-to-late-targets).
+#[derive(Default)]
+struct CreateTries {
+    after_fault: u32,
+    last: &'static str,
+    held: bool,
+}
 
 impl Load {
     fn request(&self, seq: u64) -> (CreateUserRequest, bool) {
@@ -628,130 +562,131 @@ impl Load {
     /// One request, retried as a client would until a final answer or giving up.
     async fn one(&self, seq: u64) {
         let (req, client_id) = self.request(seq);
-        let mut attempt = 0u32;
-        // Failed attempts after the fault started, and the last one's code.
-        let mut after = (0u32, "");
-        // Failed before the switch (--switch-to-late-targets).
-        let mut held = false;
-        let done = |after: (u32, &str), held: bool, acked: bool| {
-            self.after_fault
-                .done("create", &req.request_id, after.0, after.1);
-            if held {
-                let n = if acked {
-                    &self.held_acked
-                } else {
-                    &self.held_failed
-                };
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        loop {
+        let req = &req;
+        let step = |mut tries: CreateTries, attempt: u32| async move {
             let (slot, generation, ch) = self.pool.pick();
             let mut r = Request::new(req.clone());
             r.set_timeout(self.call_timeout);
-            let answer = tokio::time::timeout(
+            let answer = retry::guarded(
                 self.call_timeout + Duration::from_secs(1),
                 UserServiceClient::new(ch).create_user(r),
             )
-            .await
-            .unwrap_or_else(|_| Err(guard_expired()));
-            match answer {
+            .await;
+            let s = match answer {
                 Ok(resp) => {
-                    let resp = resp.into_inner();
-                    let user = resp.user.unwrap_or_default();
-                    let answer_ok = user.name == req.name
-                        && user.email == req.email
-                        && req.id.is_none_or(|id| id == user.id)
-                        && user.id > 0;
-                    if !answer_ok {
-                        self.sample(
-                            "answer",
-                            format!(
-                                "{}: CreateUser answered another user: {user:?}",
-                                req.request_id
-                            ),
-                        );
-                    }
-                    let target = self.pool.target_of(slot);
-                    self.acks.lock().expect("acks lock").push(Ack {
-                        request_id: req.request_id.clone(),
-                        id: user.id,
-                        name: req.name.clone(),
-                        email: req.email.clone(),
-                        client_id,
-                        position: resp.position.map(|p| (p.partition, p.offset)),
-                        at: Instant::now(),
-                        answer_ok,
-                        target,
-                        old_topic: self.after_fault.switch.is_some() && target < self.load_targets,
-                    });
-                    done(after, held, true);
-                    return;
+                    self.acknowledged(req, client_id, slot, resp.into_inner());
+                    return ControlFlow::Break((true, tries));
                 }
-                Err(s) => {
-                    if self.after_fault.before_switch() {
-                        held = true;
-                    }
-                    if self.after_fault.failed("create", s.code()) {
-                        after = (after.0 + 1, code_name(s.code()));
-                    }
-                    {
-                        let mut log = self.error_log.lock().expect("error log lock");
-                        if log.len() < ERROR_LOG_CAP {
-                            log.push((Instant::now(), code_name(s.code())));
-                        }
-                    }
-                    let first = {
-                        let mut errors = self.errors.lock().expect("errors lock");
-                        let n = errors.entry(code_name(s.code())).or_default();
-                        *n += 1;
-                        *n == 1
-                    };
-                    if first {
-                        self.sample("error", format!("{}: {}", code_name(s.code()), s.message()));
-                    }
-                    if !retryable(&s) {
-                        *self
-                            .rejected
-                            .lock()
-                            .expect("rejected lock")
-                            .entry(code_name(s.code()))
-                            .or_default() += 1;
-                        self.sample(
-                            "rejected",
-                            format!(
-                                "{} rejected: {} {}",
-                                req.request_id,
-                                code_name(s.code()),
-                                s.message()
-                            ),
-                        );
-                        done(after, held, false);
-                        return;
-                    }
-                    if looks_like_transport(&s) {
-                        self.pool.replace(slot, generation);
-                    }
-                    if self.gave_up() {
-                        self.unacked.fetch_add(1, Ordering::Relaxed);
-                        self.sample(
-                            "gave-up",
-                            format!(
-                                "{} gave up after {} attempts, last {} {}",
-                                req.request_id,
-                                attempt + 1,
-                                code_name(s.code()),
-                                s.message()
-                            ),
-                        );
-                        done(after, held, false);
-                        return;
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
+                Err(s) => s,
+            };
+            if self.after_fault.before_switch() {
+                tries.held = true;
+            }
+            if self.after_fault.failed("create", s.code()) {
+                tries.after_fault += 1;
+                tries.last = code_name(s.code());
+            }
+            {
+                let mut log = self.error_log.lock().expect("error log lock");
+                if log.len() < ERROR_LOG_CAP {
+                    log.push((Instant::now(), code_name(s.code())));
                 }
             }
+            let first = {
+                let mut errors = self.errors.lock().expect("errors lock");
+                let n = errors.entry(code_name(s.code())).or_default();
+                *n += 1;
+                *n == 1
+            };
+            if first {
+                self.sample("error", format!("{}: {}", code_name(s.code()), s.message()));
+            }
+            if !RETRY.retries(&s) {
+                *self
+                    .rejected
+                    .lock()
+                    .expect("rejected lock")
+                    .entry(code_name(s.code()))
+                    .or_default() += 1;
+                self.sample(
+                    "rejected",
+                    format!(
+                        "{} rejected: {} {}",
+                        req.request_id,
+                        code_name(s.code()),
+                        s.message()
+                    ),
+                );
+                return ControlFlow::Break((false, tries));
+            }
+            if is_transport_error(&s) {
+                self.pool.replace(slot, generation);
+            }
+            if self.gave_up() {
+                self.unacked.fetch_add(1, Ordering::Relaxed);
+                self.sample(
+                    "gave-up",
+                    format!(
+                        "{} gave up after {} attempts, last {} {}",
+                        req.request_id,
+                        attempt + 1,
+                        code_name(s.code()),
+                        s.message()
+                    ),
+                );
+                return ControlFlow::Break((false, tries));
+            }
+            ControlFlow::Continue(tries)
+        };
+        let first = CreateTries::default();
+        let (acked, tries) = retry::with_backoff(first, retry::doubling, step).await;
+        self.after_fault
+            .done("create", &req.request_id, tries.after_fault, tries.last);
+        if tries.held {
+            let n = if acked {
+                &self.held_acked
+            } else {
+                &self.held_failed
+            };
+            n.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records CreateUser's answer to `req`, sent on `slot`.
+    fn acknowledged(
+        &self,
+        req: &CreateUserRequest,
+        client_id: bool,
+        slot: usize,
+        resp: CreateUserResponse,
+    ) {
+        let user = resp.user.unwrap_or_default();
+        let answer_ok = user.name == req.name
+            && user.email == req.email
+            && req.id.is_none_or(|id| id == user.id)
+            && user.id > 0;
+        if !answer_ok {
+            self.sample(
+                "answer",
+                format!(
+                    "{}: CreateUser answered another user: {user:?}",
+                    req.request_id
+                ),
+            );
+        }
+        let target = self.pool.target_of(slot);
+        self.acks.lock().expect("acks lock").push(Ack {
+            request_id: req.request_id.clone(),
+            id: user.id,
+            name: req.name.clone(),
+            email: req.email.clone(),
+            client_id,
+            position: resp.position.map(|p| (p.partition, p.offset)),
+            at: Instant::now(),
+            answer_ok,
+            target,
+            old_topic: self.after_fault.switch.is_some() && target < self.load_targets,
+        });
     }
 }
 
@@ -908,22 +843,12 @@ async fn reads_during(
                 r.failed += 1;
             }
         }
-        let mut req = Request::new(HealthCheckRequest {
-            service: "user.v1.UserService".into(),
-        });
-        req.set_timeout(Duration::from_secs(1));
-        match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
-            Ok(Ok(h)) if h.get_ref().status == ServingStatus::Serving as i32 => r.serving += 1,
-            other => {
+        match serving(ch, "user.v1.UserService", "timed out").await {
+            Ok(()) => r.serving += 1,
+            Err(e) => {
                 if r.not_serving == 0 {
-                    r.samples.push(format!(
-                        "health of user.v1.UserService: {}",
-                        match other {
-                            Ok(Ok(h)) => format!("status {}", h.get_ref().status),
-                            Ok(Err(s)) => format!("{} {}", code_name(s.code()), s.message()),
-                            Err(_) => "timed out".into(),
-                        }
-                    ));
+                    r.samples
+                        .push(format!("health of user.v1.UserService: {e}"));
                 }
                 r.not_serving += 1;
             }
@@ -1287,16 +1212,15 @@ fn window_problems(w: &Window, writes: bool, no_acks: bool) -> Vec<String> {
 
 // ------------------------------------------------------------------ health
 
-async fn serving(ch: Channel) -> Result<(), String> {
-    let mut req = Request::new(HealthCheckRequest {
-        service: String::new(),
-    });
-    req.set_timeout(Duration::from_secs(1));
-    match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
-        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
-        Ok(Ok(r)) => Err(format!("status {}", r.get_ref().status)),
-        Ok(Err(s)) => Err(format!("{} {}", code_name(s.code()), s.message())),
-        Err(_) => Err("health check timed out".into()),
+/// Whether `service` ("" = the server) says SERVING within 2 s (a deadline
+/// of 1 s); if not, what it said, or `timed_out`.
+async fn serving(ch: Channel, service: &str, timed_out: &str) -> Result<(), String> {
+    let check = health::check(ch, service, Duration::from_secs(1));
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(NotServing::Status(n))) => Err(format!("status {n}")),
+        Ok(Err(NotServing::Failed(s))) => Err(format!("{} {}", code_name(s.code()), s.message())),
+        Err(_) => Err(timed_out.into()),
     }
 }
 
@@ -1307,7 +1231,7 @@ async fn wait_serving(pool: &Pool, targets: &[String], deadline: Instant) -> Vec
         let mut last = String::new();
         let mut ok = false;
         while Instant::now() < deadline {
-            match serving(pool.for_target(t)).await {
+            match serving(pool.for_target(t), "", "health check timed out").await {
                 Ok(()) => {
                     ok = true;
                     break;
@@ -1352,12 +1276,11 @@ async fn read_back(
     deadline: Instant,
     after_fault: &AfterFault,
 ) -> Read {
-    let mut attempt = 0u32;
-    let mut failures = 0u32;
-    let mut last = String::from("no answer before the heal timeout");
-    let read = loop {
+    let first = Failures::new("no answer before the heal timeout");
+    let step = |mut failed: Failures, _| async move {
         if Instant::now() >= deadline {
-            break Read::Failing(last.clone());
+            let read = Read::Failing(failed.last.clone());
+            return ControlFlow::Break((read, failed));
         }
         let (slot, generation, ch) = match how.target {
             Some(t) => pool.pick_target(t),
@@ -1371,38 +1294,35 @@ async fn read_back(
                 .map(|(partition, offset)| Position { partition, offset }),
         });
         req.set_timeout(Duration::from_secs(3));
-        let r = tokio::time::timeout(
+        let r = retry::guarded(
             Duration::from_secs(4),
             UserServiceClient::new(ch).get_user(req),
         )
-        .await
-        .unwrap_or_else(|_| Err(guard_expired()));
-        match r {
+        .await;
+        let read = match r {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let user = resp.user.unwrap_or_default();
-                break Read::Found {
+                Read::Found {
                     id: user.id,
                     name: user.name,
                     email: user.email,
                     position: resp.position.map(|p| (p.partition, p.offset)),
-                };
-            }
-            Err(s) if s.code() == Code::NotFound => break Read::NotFound,
-            Err(s) if retryable(&s) => {
-                if after_fault.failed("read", s.code()) {
-                    failures += 1;
                 }
-                last = format!("{} {}", code_name(s.code()), s.message());
-                if looks_like_transport(&s) {
+            }
+            Err(s) if s.code() == Code::NotFound => Read::NotFound,
+            Err(s) if RETRY.retries(&s) => {
+                failed.note(after_fault, "read", &s);
+                if is_transport_error(&s) {
                     pool.replace(slot, generation);
                 }
+                return ControlFlow::Continue(failed);
             }
-            Err(s) => break Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
-        }
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt += 1;
+            Err(s) => Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
+        };
+        ControlFlow::Break((read, failed))
     };
+    let (read, failed) = retry::with_backoff(first, retry::doubling, step).await;
     let what = format!(
         "of id {}{} {}",
         ack.id,
@@ -1415,7 +1335,7 @@ async fn read_back(
             "without a position"
         }
     );
-    after_fault.done("read", &what, failures, &last);
+    after_fault.done("read", &what, failed.n, &failed.last);
     read
 }
 
@@ -1444,44 +1364,36 @@ async fn recreate(
     until: Instant,
     after_fault: &AfterFault,
 ) -> Recreate {
-    let mut attempt = 0u32;
-    let mut failures = 0u32;
-    let mut last = String::new();
-    let answer = loop {
+    let step = |mut failed: Failures, _| async move {
         let (slot, generation, ch) = pool.pick_target(target);
         let mut r = Request::new(req.clone());
         r.set_timeout(call_timeout);
-        let answer = tokio::time::timeout(
+        let answer = retry::guarded(
             call_timeout + Duration::from_secs(1),
             UserServiceClient::new(ch).create_user(r),
         )
-        .await
-        .unwrap_or_else(|_| Err(guard_expired()));
-        match answer {
+        .await;
+        let answer = match answer {
             Ok(resp) => {
-                break Recreate::Created(
-                    resp.into_inner().position.map(|p| (p.partition, p.offset)),
-                );
+                Recreate::Created(resp.into_inner().position.map(|p| (p.partition, p.offset)))
             }
-            Err(s) if s.code() == Code::AlreadyExists => break Recreate::AlreadyExists,
-            Err(s) if retryable(&s) => {
-                if after_fault.failed("recreate", s.code()) {
-                    failures += 1;
-                }
-                last = format!("{} {}", code_name(s.code()), s.message());
-                if looks_like_transport(&s) {
+            Err(s) if s.code() == Code::AlreadyExists => Recreate::AlreadyExists,
+            Err(s) if RETRY.retries(&s) => {
+                failed.note(after_fault, "recreate", &s);
+                if is_transport_error(&s) {
                     pool.replace(slot, generation);
                 }
-                if Instant::now() >= until {
-                    break Recreate::GaveUp(last.clone());
+                if Instant::now() < until {
+                    return ControlFlow::Continue(failed);
                 }
+                Recreate::GaveUp(failed.last.clone())
             }
-            Err(s) => break Recreate::Other(format!("{} {}", code_name(s.code()), s.message())),
-        }
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt += 1;
+            Err(s) => Recreate::Other(format!("{} {}", code_name(s.code()), s.message())),
+        };
+        ControlFlow::Break((answer, failed))
     };
-    after_fault.done("recreate", &req.request_id, failures, &last);
+    let (answer, failed) = retry::with_backoff(Failures::new(""), retry::doubling, step).await;
+    after_fault.done("recreate", &req.request_id, failed.n, &failed.last);
     answer
 }
 
@@ -1972,11 +1884,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         "--switch-to-late-targets: no --late-targets"
     );
     let pool = if switch {
-        let pool = Pool::new(&all_targets, cli.connections)?;
+        let pool = lazy_pool(&all_targets, cli.connections)?;
         pool.activate(0, targets.len());
         pool
     } else {
-        Pool::new(&targets, cli.connections)?
+        lazy_pool(&targets, cli.connections)?
     };
 
     say!(
@@ -2227,7 +2139,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let late_pool = if late_targets.is_empty() || switch {
         None
     } else {
-        Some(Pool::new(&all_targets, cli.connections)?)
+        Some(lazy_pool(&all_targets, cli.connections)?)
     };
     let check_pool = late_pool.as_ref().unwrap_or(&load.pool);
     let bad = wait_serving(check_pool, &all_targets, deadline).await;
@@ -2996,32 +2908,6 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_picks_only_the_active_targets() {
-        let targets = [
-            "127.0.0.1:1".to_owned(),
-            "127.0.0.1:2".to_owned(),
-            "127.0.0.1:3".to_owned(),
-        ];
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        // connect_lazy wants a runtime.
-        let _guard = rt.enter();
-        let pool = Pool::new(&targets, 2).expect("a pool");
-        pool.activate(0, 2);
-        for _ in 0..12 {
-            let (slot, _, _) = pool.pick();
-            assert!(pool.target_of(slot) < 2);
-        }
-        pool.activate(2, 3);
-        for _ in 0..12 {
-            let (slot, _, _) = pool.pick();
-            assert_eq!(pool.target_of(slot), 2);
-        }
-    }
-
-    #[test]
     fn the_recreate_sample_spreads_over_client_ids_before_the_fault() {
         let t0 = Instant::now();
         let acks: Vec<Ack> = (0..100u64)
@@ -3197,6 +3083,7 @@ mod tests {
 
     #[test]
     fn retry_classes() {
+        let retryable = |s: &Status| RETRY.retries(s);
         assert!(retryable(&Status::unavailable("x")));
         assert!(retryable(&Status::aborted("x")));
         assert!(retryable(&Status::deadline_exceeded("x")));
@@ -3209,8 +3096,8 @@ mod tests {
         assert!(!retryable(&Status::internal("internal error")));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(retryable(&Status::from_error(Box::new(reset))));
-        assert!(looks_like_transport(&guard_expired()));
-        assert!(!looks_like_transport(&Status::unavailable(
+        assert!(is_transport_error(&retry::guard_expired()));
+        assert!(!is_transport_error(&Status::unavailable(
             "the read model (Redis) is unavailable; retry later"
         )));
         assert!(!retryable(&Status::already_exists("x")));
