@@ -45,8 +45,9 @@ use serde_json::{Value, json};
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
+    ops::ControlFlow,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -55,8 +56,10 @@ use tonic::{
     Code, Request, Status,
     transport::{Channel, Endpoint},
 };
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use tools_common::{
+    health::{self, NotServing},
+    pool::Pool,
+    retry,
 };
 use user_service::proto::user::v1::{
     CreateUserRequest, GetProgressRequest, GetUserRequest, Position,
@@ -408,13 +411,12 @@ async fn run_async(mode: Mode) -> anyhow::Result<Value> {
             closed_loop("health", &a.call, move |ch, _seq, timeout| {
                 let service = service.clone();
                 async move {
-                    let mut req = Request::new(HealthCheckRequest { service });
-                    req.set_timeout(timeout);
-                    let r = HealthClient::new(ch).check(req).await?;
-                    if r.get_ref().status == ServingStatus::Serving as i32 {
-                        Ok(())
-                    } else {
-                        Err(Status::unavailable("health: not SERVING"))
+                    match health::check(ch, &service, timeout).await {
+                        Ok(()) => Ok(()),
+                        Err(NotServing::Status(_)) => {
+                            Err(Status::unavailable("health: not SERVING"))
+                        }
+                        Err(NotServing::Failed(s)) => Err(s),
                     }
                 }
             })
@@ -463,56 +465,15 @@ fn user_json_len(u: &user_service::proto::user::v1::User) -> usize {
 
 // ------------------------------------------------------------------ channels
 
-/// A few HTTP/2 connections shared by all callers; a slot is replaced when a
-/// call fails in a way that means its connection is gone (GOAWAY from a proxy).
-struct Conns {
-    endpoint: Endpoint,
-    slots: Vec<RwLock<(u64, Channel)>>,
-    reconnects: AtomicU64,
-}
-
-impl Conns {
-    async fn connect(addr: &str, n: usize) -> anyhow::Result<Arc<Self>> {
-        let endpoint = Endpoint::from_shared(addr.to_owned())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let mut slots = Vec::new();
-        for _ in 0..n.max(1) {
-            let ch = tokio::time::timeout(Duration::from_secs(5), endpoint.connect())
-                .await
-                .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))??;
-            slots.push(RwLock::new((0, ch)));
-        }
-        Ok(Arc::new(Self {
-            endpoint,
-            slots,
-            reconnects: AtomicU64::new(0),
-        }))
-    }
-
-    fn get(&self, i: usize) -> (u64, Channel) {
-        let s = self.slots[i % self.slots.len()].read().expect("slot lock");
-        (s.0, s.1.clone())
-    }
-
-    /// Replaces slot `i` with a new connection unless another caller already
-    /// did since generation `seen`.
-    async fn reconnect(&self, i: usize, seen: u64) {
-        let slot = &self.slots[i % self.slots.len()];
-        if slot.read().expect("slot lock").0 != seen {
-            return;
-        }
-        let Ok(Ok(ch)) =
-            tokio::time::timeout(Duration::from_secs(3), self.endpoint.connect()).await
-        else {
-            return; // the retry goes to the old channel, which reconnects lazily
-        };
-        let mut s = slot.write().expect("slot lock");
-        if s.0 == seen {
-            *s = (seen + 1, ch);
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-    }
+/// A few HTTP/2 connections to `addr` shared by all callers, connected now; a
+/// slot is replaced when a call fails in a way that means its connection is
+/// gone (GOAWAY from a proxy).
+async fn connect(addr: &str, n: usize) -> anyhow::Result<Arc<Pool>> {
+    let pool = Pool::connect(addr, n, Duration::from_secs(5), |e| {
+        e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true)
+    })
+    .await?;
+    Ok(Arc::new(pool))
 }
 
 /// UNAVAILABLE, or an INTERNAL or CANCELLED that the connection caused (a
@@ -520,18 +481,16 @@ impl Conns {
 /// a connection that went away, as behind nginx, which sends GOAWAY after
 /// `keepalive_requests` calls), told by the error's source chain (see
 /// `user_service::transport`), not its message.
-fn retryable(s: &Status) -> bool {
-    match s.code() {
-        Code::Unavailable => true,
-        Code::Internal | Code::Cancelled => user_service::transport::is_transport_error(s),
-        _ => false,
-    }
-}
+const RETRY: retry::Rule = retry::Rule {
+    always: &[Code::Unavailable],
+    on_transport: &[Code::Internal, Code::Cancelled],
+};
 
-/// One call with bounded retries on a fresh connection; returns its result and
-/// its latency as the caller saw it (retries included).
+/// One call with bounded retries on a fresh connection, pausing 5 ms, then
+/// 10 ms, ...; returns its result and its latency as the caller saw it
+/// (retries included).
 async fn call_with_retries<F, Fut, T>(
-    conns: &Conns,
+    conns: &Pool,
     slot: usize,
     retries: u32,
     timeout: Duration,
@@ -542,23 +501,22 @@ where
     F: Fn(Channel) -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let mut attempt = 0;
-    loop {
+    let pause = retry::growing(Duration::from_millis(5));
+    retry::with_backoff((), pause, |(), attempt| async move {
         let (generation, ch) = conns.get(slot);
         // A guard beyond the deadline the server sees, so nothing hangs.
-        let r = tokio::time::timeout(timeout + Duration::from_secs(1), f(ch))
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("client-side timeout")));
-        match r {
-            Err(s) if retryable(&s) && attempt < retries => {
-                attempt += 1;
+        match retry::guarded(timeout + Duration::from_secs(1), f(ch)).await {
+            Err(s) if RETRY.retries(&s) && attempt < retries => {
                 retried.fetch_add(1, Ordering::Relaxed);
-                conns.reconnect(slot, generation).await;
-                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                conns
+                    .reconnect(slot, generation, Duration::from_secs(3))
+                    .await;
+                ControlFlow::Continue(())
             }
-            r => return r,
+            r => ControlFlow::Break(r),
         }
-    }
+    })
+    .await
 }
 
 // ------------------------------------------------------------------ stats
@@ -693,7 +651,7 @@ where
     F: Fn(Channel, u64, Duration) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), Status>> + Send,
 {
-    let conns = Conns::connect(&o.addr, o.connections).await?;
+    let conns = connect(&o.addr, o.connections).await?;
     let f = Arc::new(f);
     let next = Arc::new(AtomicU64::new(0));
     let retried = Arc::new(AtomicU64::new(0));
@@ -739,7 +697,7 @@ where
         "errors": all.errors,
         "error_samples": all.sample_errors,
         "retries": retried.load(Ordering::Relaxed),
-        "reconnects": conns.reconnects.load(Ordering::Relaxed),
+        "reconnects": conns.reconnects(),
         "elapsed_s": elapsed.as_secs_f64(),
         "rps": count as f64 / elapsed.as_secs_f64().max(1e-9),
         "ok_rps": all.ok as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -765,7 +723,7 @@ struct FreshSample {
 }
 
 async fn freshness(a: FreshnessArgs) -> anyhow::Result<Value> {
-    let conns = Conns::connect(&a.addr, a.connections).await?;
+    let conns = connect(&a.addr, a.connections).await?;
     let retried = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicUsize::new(0));
     let total = (a.rate * a.duration.as_secs_f64()).round().max(1.0) as u64;
@@ -848,7 +806,7 @@ async fn freshness(a: FreshnessArgs) -> anyhow::Result<Value> {
         "get_calls": polls,
         "freshness_ms": latency_json(&fresh),
         "retries": retried.load(Ordering::Relaxed),
-        "reconnects": conns.reconnects.load(Ordering::Relaxed),
+        "reconnects": conns.reconnects(),
         "elapsed_s": elapsed.as_secs_f64(),
         "client_cpu_s": self_cpu_seconds() - cpu0,
         "failed": seen == 0,
@@ -857,7 +815,7 @@ async fn freshness(a: FreshnessArgs) -> anyhow::Result<Value> {
 
 #[allow(clippy::too_many_arguments)]
 async fn fresh_one(
-    conns: &Conns,
+    conns: &Pool,
     slot: usize,
     run: &str,
     seq: u64,
@@ -1078,19 +1036,15 @@ async fn wait_ready(addr: &str, timeout: Duration) -> anyhow::Result<Value> {
         )
         .await
         {
-            let mut req = Request::new(HealthCheckRequest {
-                service: String::new(),
-            });
-            req.set_timeout(Duration::from_secs(1));
-            match HealthClient::new(ch).check(req).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => {
+            match health::check(ch, "", Duration::from_secs(1)).await {
+                Ok(()) => {
                     return Ok(json!({
                         "tool": "loadgen", "mode": "wait-ready",
                         "ready_after_s": start.elapsed().as_secs_f64(),
                     }));
                 }
-                Ok(r) => last = format!("status {}", r.get_ref().status),
-                Err(s) => last = format!("{:?}: {}", s.code(), s.message()),
+                Err(NotServing::Status(n)) => last = format!("status {n}"),
+                Err(NotServing::Failed(s)) => last = format!("{:?}: {}", s.code(), s.message()),
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

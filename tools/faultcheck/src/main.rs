@@ -62,25 +62,26 @@ use rdkafka::{
 use serde_json::{Value, json};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    ops::ControlFlow,
     os::{fd::AsFd, unix::process::CommandExt},
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
-        Arc, Mutex, RwLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
-use tonic::{
-    Code, Request, Status,
-    transport::{Channel, Endpoint},
-};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use tonic::{Code, Request, Status, transport::Channel};
+use tools_common::{
+    health::{self, NotServing},
+    pool::Pool,
+    retry::{self, is_transport_error},
 };
 use user_service::proto::user::v1::{
-    CreateUserRequest, GetProgressRequest, GetUserRequest, GroupState, Position,
-    projection_service_client::ProjectionServiceClient, user_service_client::UserServiceClient,
+    CreateUserRequest, CreateUserResponse, GetProgressRequest, GetUserRequest, GroupState,
+    Position, projection_service_client::ProjectionServiceClient,
+    user_service_client::UserServiceClient,
 };
 
 #[derive(Parser, Debug)]
@@ -272,104 +273,24 @@ fn round1(x: f64) -> f64 {
 
 // ------------------------------------------------------------------ channels
 
-/// `--connections` lazily connected channels per target; a slot whose
-/// connection looks dead is replaced by a fresh one.
-struct Pool {
-    slots: Vec<Slot>,
-    /// The slots `pick` chooses from: the load's targets (after a switch,
-    /// the ones it moved to).
-    active: RwLock<Vec<usize>>,
-    next: AtomicUsize,
-}
-
-struct Slot {
-    target: usize,
-    endpoint: Endpoint,
-    ch: RwLock<(u64, Channel)>,
-}
-
-impl Pool {
-    fn new(targets: &[String], per_target: usize) -> anyhow::Result<Self> {
-        let mut slots = Vec::new();
-        for (t, addr) in targets.iter().enumerate() {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(2));
-            for _ in 0..per_target.max(1) {
-                let ch = endpoint.connect_lazy();
-                slots.push(Slot {
-                    target: t,
-                    endpoint: endpoint.clone(),
-                    ch: RwLock::new((0, ch)),
-                });
-            }
-        }
-        Ok(Self {
-            active: RwLock::new((0..slots.len()).collect()),
-            slots,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// `pick` chooses among the targets `from..to` only (their slots).
-    fn activate(&self, from: usize, to: usize) {
-        let slots: Vec<usize> = (0..self.slots.len())
-            .filter(|i| (from..to).contains(&self.slots[*i].target))
-            .collect();
-        assert!(!slots.is_empty(), "no slot among targets {from}..{to}");
-        *self.active.write().expect("active lock") = slots;
-    }
-
-    /// The next slot among the active ones, round-robin: (slot, generation,
-    /// channel).
-    fn pick(&self) -> (usize, u64, Channel) {
-        let i = {
-            let active = self.active.read().expect("active lock");
-            active[self.next.fetch_add(1, Ordering::Relaxed) % active.len()]
-        };
-        let s = self.slots[i].ch.read().expect("slot lock");
-        (i, s.0, s.1.clone())
-    }
-
-    /// The target a slot belongs to.
-    fn target_of(&self, slot: usize) -> usize {
-        self.slots[slot].target
-    }
-
-    /// A slot of target `t` (round-robin over its connections).
-    fn pick_target(&self, t: usize) -> (usize, u64, Channel) {
-        let of_t: Vec<usize> = (0..self.slots.len())
-            .filter(|i| self.slots[*i].target == t)
-            .collect();
-        let i = of_t[self.next.fetch_add(1, Ordering::Relaxed) % of_t.len()];
-        let s = self.slots[i].ch.read().expect("slot lock");
-        (i, s.0, s.1.clone())
-    }
-
-    fn for_target(&self, t: usize) -> Channel {
-        let slot = self
-            .slots
-            .iter()
-            .find(|s| s.target == t)
-            .expect("every target has a slot");
-        slot.ch.read().expect("slot lock").1.clone()
-    }
-
-    /// Replaces slot `i` with a new lazy connection unless someone already did
-    /// since generation `seen`.
-    fn replace(&self, i: usize, seen: u64) {
-        let slot = &self.slots[i];
-        let mut s = slot.ch.write().expect("slot lock");
-        if s.0 == seen {
-            *s = (seen + 1, slot.endpoint.connect_lazy());
-        }
-    }
+/// `--connections` lazily connected channels per target (`127.0.0.1:PORT`);
+/// a slot whose connection looks dead is replaced by a fresh one.
+fn lazy_pool(targets: &[String], per_target: usize) -> anyhow::Result<Pool> {
+    let uris: Vec<String> = targets.iter().map(|a| format!("http://{a}")).collect();
+    Pool::lazy(&uris, per_target, |e| {
+        e.connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+    })
 }
 
 // ------------------------------------------------------------------ errors
 
+/// A code as gRPC's spec spells it (`UNAVAILABLE`): the summary line's and
+/// the JSON's, which docs/faults.md and scripts/faults read. Not a copy of
+/// the other two spellings: loadgen writes tonic's (`Unavailable`, what its
+/// `--expect-codes` takes), the service's metrics grpc-go's (`Canceled`).
 fn code_name(c: Code) -> &'static str {
     match c {
         Code::Ok => "OK",
@@ -392,40 +313,19 @@ fn code_name(c: Code) -> &'static str {
     }
 }
 
-/// Whether the connection failed rather than the service answering (see
-/// [`user_service::transport`]); our own guard's timeout counts (a hung
-/// connection), as [`guard_expired`] marks it.
-fn looks_like_transport(s: &Status) -> bool {
-    user_service::transport::is_transport_error(s)
-}
-
-/// What a call gets when our guard beyond its deadline ran out: marked as
-/// a transport error (its source), so the caller's slot gets a new
-/// connection.
-fn guard_expired() -> Status {
-    let mut s = Status::deadline_exceeded("client-side timeout");
-    s.set_source(std::sync::Arc::new(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "no answer within the deadline and the guard",
-    )));
-    s
-}
-
-/// Errors a client retries with the same request id.
-fn retryable(s: &Status) -> bool {
-    match s.code() {
-        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded | Code::Cancelled => true,
-        Code::Internal | Code::Unknown => looks_like_transport(s),
-        _ => false,
-    }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let base = 50u64.saturating_mul(1 << attempt.min(5)).min(1000);
-    // ±20 % jitter so the callers do not retry in lockstep.
-    let jitter = rand::random_range(0.8..1.2);
-    Duration::from_millis((base as f64 * jitter) as u64)
-}
+/// Errors a client retries with the same request id (INTERNAL and UNKNOWN
+/// when the connection failed rather than the service answering; our own
+/// guard's timeout counts, a hung connection, as [`retry::guard_expired`]
+/// marks it). Each retry waits [`retry::doubling`]: 50 ms to 1 s.
+const RETRY: retry::Rule = retry::Rule {
+    always: &[
+        Code::Unavailable,
+        Code::Aborted,
+        Code::DeadlineExceeded,
+        Code::Cancelled,
+    ],
+    on_transport: &[Code::Internal, Code::Unknown],
+};
 
 /// What calls met after the first fault started (--max-retries-after-fault):
 /// every failed attempt by kind of call and code, and how many times one call
@@ -516,6 +416,30 @@ impl AfterFault {
     }
 }
 
+/// One call's retried failures: how many counted after the fault started
+/// (see [`AfterFault::failed`]), and the last one.
+struct Failures {
+    n: u32,
+    last: String,
+}
+
+impl Failures {
+    fn new(last: &str) -> Self {
+        Self {
+            n: 0,
+            last: last.to_owned(),
+        }
+    }
+
+    /// A failed attempt of a call of `kind`, to be retried.
+    fn note(&mut self, after_fault: &AfterFault, kind: &'static str, s: &Status) {
+        if after_fault.failed(kind, s.code()) {
+            self.n += 1;
+        }
+        self.last = format!("{} {}", code_name(s.code()), s.message());
+    }
+}
+
 // ------------------------------------------------------------------ the load
 
 #[derive(Debug, Clone)]
@@ -571,6 +495,16 @@ struct Load {
 }
 
 const ERROR_LOG_CAP: usize = 1_000_000;
+
+/// What a create's attempts keep count of: failures after the fault
+/// started and the last one's code, and whether one failed before the
+/// switch (--switch-to-late-targets).
+#[derive(Default)]
+struct CreateTries {
+    after_fault: u32,
+    last: &'static str,
+    held: bool,
+}
 
 impl Load {
     fn request(&self, seq: u64) -> (CreateUserRequest, bool) {
@@ -628,130 +562,131 @@ impl Load {
     /// One request, retried as a client would until a final answer or giving up.
     async fn one(&self, seq: u64) {
         let (req, client_id) = self.request(seq);
-        let mut attempt = 0u32;
-        // Failed attempts after the fault started, and the last one's code.
-        let mut after = (0u32, "");
-        // Failed before the switch (--switch-to-late-targets).
-        let mut held = false;
-        let done = |after: (u32, &str), held: bool, acked: bool| {
-            self.after_fault
-                .done("create", &req.request_id, after.0, after.1);
-            if held {
-                let n = if acked {
-                    &self.held_acked
-                } else {
-                    &self.held_failed
-                };
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        loop {
+        let req = &req;
+        let step = |mut tries: CreateTries, attempt: u32| async move {
             let (slot, generation, ch) = self.pool.pick();
             let mut r = Request::new(req.clone());
             r.set_timeout(self.call_timeout);
-            let answer = tokio::time::timeout(
+            let answer = retry::guarded(
                 self.call_timeout + Duration::from_secs(1),
                 UserServiceClient::new(ch).create_user(r),
             )
-            .await
-            .unwrap_or_else(|_| Err(guard_expired()));
-            match answer {
+            .await;
+            let s = match answer {
                 Ok(resp) => {
-                    let resp = resp.into_inner();
-                    let user = resp.user.unwrap_or_default();
-                    let answer_ok = user.name == req.name
-                        && user.email == req.email
-                        && req.id.is_none_or(|id| id == user.id)
-                        && user.id > 0;
-                    if !answer_ok {
-                        self.sample(
-                            "answer",
-                            format!(
-                                "{}: CreateUser answered another user: {user:?}",
-                                req.request_id
-                            ),
-                        );
-                    }
-                    let target = self.pool.target_of(slot);
-                    self.acks.lock().expect("acks lock").push(Ack {
-                        request_id: req.request_id.clone(),
-                        id: user.id,
-                        name: req.name.clone(),
-                        email: req.email.clone(),
-                        client_id,
-                        position: resp.position.map(|p| (p.partition, p.offset)),
-                        at: Instant::now(),
-                        answer_ok,
-                        target,
-                        old_topic: self.after_fault.switch.is_some() && target < self.load_targets,
-                    });
-                    done(after, held, true);
-                    return;
+                    self.acknowledged(req, client_id, slot, resp.into_inner());
+                    return ControlFlow::Break((true, tries));
                 }
-                Err(s) => {
-                    if self.after_fault.before_switch() {
-                        held = true;
-                    }
-                    if self.after_fault.failed("create", s.code()) {
-                        after = (after.0 + 1, code_name(s.code()));
-                    }
-                    {
-                        let mut log = self.error_log.lock().expect("error log lock");
-                        if log.len() < ERROR_LOG_CAP {
-                            log.push((Instant::now(), code_name(s.code())));
-                        }
-                    }
-                    let first = {
-                        let mut errors = self.errors.lock().expect("errors lock");
-                        let n = errors.entry(code_name(s.code())).or_default();
-                        *n += 1;
-                        *n == 1
-                    };
-                    if first {
-                        self.sample("error", format!("{}: {}", code_name(s.code()), s.message()));
-                    }
-                    if !retryable(&s) {
-                        *self
-                            .rejected
-                            .lock()
-                            .expect("rejected lock")
-                            .entry(code_name(s.code()))
-                            .or_default() += 1;
-                        self.sample(
-                            "rejected",
-                            format!(
-                                "{} rejected: {} {}",
-                                req.request_id,
-                                code_name(s.code()),
-                                s.message()
-                            ),
-                        );
-                        done(after, held, false);
-                        return;
-                    }
-                    if looks_like_transport(&s) {
-                        self.pool.replace(slot, generation);
-                    }
-                    if self.gave_up() {
-                        self.unacked.fetch_add(1, Ordering::Relaxed);
-                        self.sample(
-                            "gave-up",
-                            format!(
-                                "{} gave up after {} attempts, last {} {}",
-                                req.request_id,
-                                attempt + 1,
-                                code_name(s.code()),
-                                s.message()
-                            ),
-                        );
-                        done(after, held, false);
-                        return;
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
+                Err(s) => s,
+            };
+            if self.after_fault.before_switch() {
+                tries.held = true;
+            }
+            if self.after_fault.failed("create", s.code()) {
+                tries.after_fault += 1;
+                tries.last = code_name(s.code());
+            }
+            {
+                let mut log = self.error_log.lock().expect("error log lock");
+                if log.len() < ERROR_LOG_CAP {
+                    log.push((Instant::now(), code_name(s.code())));
                 }
             }
+            let first = {
+                let mut errors = self.errors.lock().expect("errors lock");
+                let n = errors.entry(code_name(s.code())).or_default();
+                *n += 1;
+                *n == 1
+            };
+            if first {
+                self.sample("error", format!("{}: {}", code_name(s.code()), s.message()));
+            }
+            if !RETRY.retries(&s) {
+                *self
+                    .rejected
+                    .lock()
+                    .expect("rejected lock")
+                    .entry(code_name(s.code()))
+                    .or_default() += 1;
+                self.sample(
+                    "rejected",
+                    format!(
+                        "{} rejected: {} {}",
+                        req.request_id,
+                        code_name(s.code()),
+                        s.message()
+                    ),
+                );
+                return ControlFlow::Break((false, tries));
+            }
+            if is_transport_error(&s) {
+                self.pool.replace(slot, generation);
+            }
+            if self.gave_up() {
+                self.unacked.fetch_add(1, Ordering::Relaxed);
+                self.sample(
+                    "gave-up",
+                    format!(
+                        "{} gave up after {} attempts, last {} {}",
+                        req.request_id,
+                        attempt + 1,
+                        code_name(s.code()),
+                        s.message()
+                    ),
+                );
+                return ControlFlow::Break((false, tries));
+            }
+            ControlFlow::Continue(tries)
+        };
+        let first = CreateTries::default();
+        let (acked, tries) = retry::with_backoff(first, retry::doubling, step).await;
+        self.after_fault
+            .done("create", &req.request_id, tries.after_fault, tries.last);
+        if tries.held {
+            let n = if acked {
+                &self.held_acked
+            } else {
+                &self.held_failed
+            };
+            n.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records CreateUser's answer to `req`, sent on `slot`.
+    fn acknowledged(
+        &self,
+        req: &CreateUserRequest,
+        client_id: bool,
+        slot: usize,
+        resp: CreateUserResponse,
+    ) {
+        let user = resp.user.unwrap_or_default();
+        let answer_ok = user.name == req.name
+            && user.email == req.email
+            && req.id.is_none_or(|id| id == user.id)
+            && user.id > 0;
+        if !answer_ok {
+            self.sample(
+                "answer",
+                format!(
+                    "{}: CreateUser answered another user: {user:?}",
+                    req.request_id
+                ),
+            );
+        }
+        let target = self.pool.target_of(slot);
+        self.acks.lock().expect("acks lock").push(Ack {
+            request_id: req.request_id.clone(),
+            id: user.id,
+            name: req.name.clone(),
+            email: req.email.clone(),
+            client_id,
+            position: resp.position.map(|p| (p.partition, p.offset)),
+            at: Instant::now(),
+            answer_ok,
+            target,
+            old_topic: self.after_fault.switch.is_some() && target < self.load_targets,
+        });
     }
 }
 
@@ -908,22 +843,12 @@ async fn reads_during(
                 r.failed += 1;
             }
         }
-        let mut req = Request::new(HealthCheckRequest {
-            service: "user.v1.UserService".into(),
-        });
-        req.set_timeout(Duration::from_secs(1));
-        match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
-            Ok(Ok(h)) if h.get_ref().status == ServingStatus::Serving as i32 => r.serving += 1,
-            other => {
+        match serving(ch, "user.v1.UserService", "timed out").await {
+            Ok(()) => r.serving += 1,
+            Err(e) => {
                 if r.not_serving == 0 {
-                    r.samples.push(format!(
-                        "health of user.v1.UserService: {}",
-                        match other {
-                            Ok(Ok(h)) => format!("status {}", h.get_ref().status),
-                            Ok(Err(s)) => format!("{} {}", code_name(s.code()), s.message()),
-                            Err(_) => "timed out".into(),
-                        }
-                    ));
+                    r.samples
+                        .push(format!("health of user.v1.UserService: {e}"));
                 }
                 r.not_serving += 1;
             }
@@ -1287,16 +1212,15 @@ fn window_problems(w: &Window, writes: bool, no_acks: bool) -> Vec<String> {
 
 // ------------------------------------------------------------------ health
 
-async fn serving(ch: Channel) -> Result<(), String> {
-    let mut req = Request::new(HealthCheckRequest {
-        service: String::new(),
-    });
-    req.set_timeout(Duration::from_secs(1));
-    match tokio::time::timeout(Duration::from_secs(2), HealthClient::new(ch).check(req)).await {
-        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
-        Ok(Ok(r)) => Err(format!("status {}", r.get_ref().status)),
-        Ok(Err(s)) => Err(format!("{} {}", code_name(s.code()), s.message())),
-        Err(_) => Err("health check timed out".into()),
+/// Whether `service` ("" = the server) says SERVING within 2 s (a deadline
+/// of 1 s); if not, what it said, or `timed_out`.
+async fn serving(ch: Channel, service: &str, timed_out: &str) -> Result<(), String> {
+    let check = health::check(ch, service, Duration::from_secs(1));
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(NotServing::Status(n))) => Err(format!("status {n}")),
+        Ok(Err(NotServing::Failed(s))) => Err(format!("{} {}", code_name(s.code()), s.message())),
+        Err(_) => Err(timed_out.into()),
     }
 }
 
@@ -1307,7 +1231,7 @@ async fn wait_serving(pool: &Pool, targets: &[String], deadline: Instant) -> Vec
         let mut last = String::new();
         let mut ok = false;
         while Instant::now() < deadline {
-            match serving(pool.for_target(t)).await {
+            match serving(pool.for_target(t), "", "health check timed out").await {
                 Ok(()) => {
                     ok = true;
                     break;
@@ -1352,12 +1276,11 @@ async fn read_back(
     deadline: Instant,
     after_fault: &AfterFault,
 ) -> Read {
-    let mut attempt = 0u32;
-    let mut failures = 0u32;
-    let mut last = String::from("no answer before the heal timeout");
-    let read = loop {
+    let first = Failures::new("no answer before the heal timeout");
+    let step = |mut failed: Failures, _| async move {
         if Instant::now() >= deadline {
-            break Read::Failing(last.clone());
+            let read = Read::Failing(failed.last.clone());
+            return ControlFlow::Break((read, failed));
         }
         let (slot, generation, ch) = match how.target {
             Some(t) => pool.pick_target(t),
@@ -1371,38 +1294,35 @@ async fn read_back(
                 .map(|(partition, offset)| Position { partition, offset }),
         });
         req.set_timeout(Duration::from_secs(3));
-        let r = tokio::time::timeout(
+        let r = retry::guarded(
             Duration::from_secs(4),
             UserServiceClient::new(ch).get_user(req),
         )
-        .await
-        .unwrap_or_else(|_| Err(guard_expired()));
-        match r {
+        .await;
+        let read = match r {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let user = resp.user.unwrap_or_default();
-                break Read::Found {
+                Read::Found {
                     id: user.id,
                     name: user.name,
                     email: user.email,
                     position: resp.position.map(|p| (p.partition, p.offset)),
-                };
-            }
-            Err(s) if s.code() == Code::NotFound => break Read::NotFound,
-            Err(s) if retryable(&s) => {
-                if after_fault.failed("read", s.code()) {
-                    failures += 1;
                 }
-                last = format!("{} {}", code_name(s.code()), s.message());
-                if looks_like_transport(&s) {
+            }
+            Err(s) if s.code() == Code::NotFound => Read::NotFound,
+            Err(s) if RETRY.retries(&s) => {
+                failed.note(after_fault, "read", &s);
+                if is_transport_error(&s) {
                     pool.replace(slot, generation);
                 }
+                return ControlFlow::Continue(failed);
             }
-            Err(s) => break Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
-        }
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt += 1;
+            Err(s) => Read::Failing(format!("{} {}", code_name(s.code()), s.message())),
+        };
+        ControlFlow::Break((read, failed))
     };
+    let (read, failed) = retry::with_backoff(first, retry::doubling, step).await;
     let what = format!(
         "of id {}{} {}",
         ack.id,
@@ -1415,7 +1335,7 @@ async fn read_back(
             "without a position"
         }
     );
-    after_fault.done("read", &what, failures, &last);
+    after_fault.done("read", &what, failed.n, &failed.last);
     read
 }
 
@@ -1444,44 +1364,36 @@ async fn recreate(
     until: Instant,
     after_fault: &AfterFault,
 ) -> Recreate {
-    let mut attempt = 0u32;
-    let mut failures = 0u32;
-    let mut last = String::new();
-    let answer = loop {
+    let step = |mut failed: Failures, _| async move {
         let (slot, generation, ch) = pool.pick_target(target);
         let mut r = Request::new(req.clone());
         r.set_timeout(call_timeout);
-        let answer = tokio::time::timeout(
+        let answer = retry::guarded(
             call_timeout + Duration::from_secs(1),
             UserServiceClient::new(ch).create_user(r),
         )
-        .await
-        .unwrap_or_else(|_| Err(guard_expired()));
-        match answer {
+        .await;
+        let answer = match answer {
             Ok(resp) => {
-                break Recreate::Created(
-                    resp.into_inner().position.map(|p| (p.partition, p.offset)),
-                );
+                Recreate::Created(resp.into_inner().position.map(|p| (p.partition, p.offset)))
             }
-            Err(s) if s.code() == Code::AlreadyExists => break Recreate::AlreadyExists,
-            Err(s) if retryable(&s) => {
-                if after_fault.failed("recreate", s.code()) {
-                    failures += 1;
-                }
-                last = format!("{} {}", code_name(s.code()), s.message());
-                if looks_like_transport(&s) {
+            Err(s) if s.code() == Code::AlreadyExists => Recreate::AlreadyExists,
+            Err(s) if RETRY.retries(&s) => {
+                failed.note(after_fault, "recreate", &s);
+                if is_transport_error(&s) {
                     pool.replace(slot, generation);
                 }
-                if Instant::now() >= until {
-                    break Recreate::GaveUp(last.clone());
+                if Instant::now() < until {
+                    return ControlFlow::Continue(failed);
                 }
+                Recreate::GaveUp(failed.last.clone())
             }
-            Err(s) => break Recreate::Other(format!("{} {}", code_name(s.code()), s.message())),
-        }
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt += 1;
+            Err(s) => Recreate::Other(format!("{} {}", code_name(s.code()), s.message())),
+        };
+        ControlFlow::Break((answer, failed))
     };
-    after_fault.done("recreate", &req.request_id, failures, &last);
+    let (answer, failed) = retry::with_backoff(Failures::new(""), retry::doubling, step).await;
+    after_fault.done("recreate", &req.request_id, failed.n, &failed.last);
     answer
 }
 
@@ -1924,65 +1836,166 @@ fn main() {
     }
 }
 
+/// The run, phase by phase: each phase returns what it found, and the
+/// verdict is made from those values.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let targets: Vec<String> = cli
-        .targets
-        .iter()
-        .map(|t| t.trim().trim_start_matches("http://").to_owned())
-        .filter(|t| !t.is_empty())
-        .collect();
-    anyhow::ensure!(!targets.is_empty(), "--targets: none given");
-    loopback_only("target", &targets)?;
-    let late_targets: Vec<String> = cli
-        .late_targets
-        .iter()
-        .map(|t| t.trim().trim_start_matches("http://").to_owned())
-        .filter(|t| !t.is_empty())
-        .collect();
-    loopback_only("late target", &late_targets)?;
-    // The load's targets, then the late ones.
-    let all_targets: Vec<String> = targets.iter().chain(&late_targets).cloned().collect();
-    if let Some(b) = &cli.brokers {
-        let brokers: Vec<String> = b.split(',').map(|s| s.trim().to_owned()).collect();
-        loopback_only("broker", &brokers)?;
-    }
-    anyhow::ensure!(cli.repeat >= 1, "--repeat must be at least 1");
-    anyhow::ensure!(
-        cli.max_requests < (1 << 20),
-        "--max-requests must stay below 2^20 (the client-chosen id range)"
+    let setup = Setup::new(&cli)?;
+    let load = ready_load(&cli, &setup).await?;
+    let loaded = load_under_faults(&cli, &setup, &load).await;
+    let cycles = judge_cycles(&cli, &loaded);
+    let mut samples = std::mem::take(&mut *load.samples.lock().expect("samples lock"));
+    let reads = read_back_all(&cli, &setup, &load, &loaded.acks).await?;
+    let read_back = judge_reads(&cli, &setup, &loaded.acks, &reads.reads, &mut samples);
+    let recreated = recreate_acked(&cli, &setup, &load, &loaded.acks, &reads, &mut samples).await;
+    let twice = acknowledged_twice(&loaded.acks, &mut samples);
+    say!(
+        "read back: {} NOT_FOUND, {} still failing, {} corrupted, {} without a position",
+        read_back.not_found,
+        read_back.still_failing,
+        read_back.corrupted.len(),
+        read_back.unverified
     );
-
-    let run = cli
-        .run_id
-        .clone()
-        .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
-    // Client-chosen ids: base + seq, a range of 2^20 unique to the run.
-    let id_base = i64::from(rand::random_range(1..=u32::MAX)) << 20;
-    let share = cli.client_id_share.clamp(0.0, 1.0);
-    let client_every = if share > 0.0 {
-        (1.0 / share).round().max(1.0) as u64
-    } else {
-        0
+    let log = check_the_log(
+        &cli,
+        &setup,
+        &loaded.acks,
+        &read_back.moved_positions,
+        &mut samples,
+    )
+    .await?;
+    let verdict = judge(
+        &cli,
+        &setup,
+        &load,
+        &loaded,
+        [&cycles.failures, &reads.failures],
+        &read_back,
+        recreated.as_ref(),
+        &twice,
+        &log,
+    );
+    if !samples.is_empty() {
+        say!("examples:");
+        for (kind, v) in &samples {
+            for s in v {
+                eprintln!("    {kind}: {s}");
+            }
+        }
+    }
+    for f in &verdict.failures {
+        say!("FAIL: {f}");
+    }
+    let report = Report {
+        cli: &cli,
+        setup: &setup,
+        loaded: &loaded,
+        cycles: &cycles,
+        read_back: &read_back,
+        recreated: recreated.as_ref(),
+        twice: &twice,
+        log: &log,
+        verdict: &verdict,
     };
+    let line = report.line();
+    println!("{line}");
+    if let Some(path) = &cli.json {
+        let out = report.json(&line, &samples);
+        std::fs::write(path, format!("{out:#}\n"))?;
+    }
+    Ok(verdict.pass())
+}
+
+// ------------------------------------------------------------------ set-up
+
+/// The run's targets, checked, and what tells its requests apart.
+struct Setup {
+    /// The load's targets (`127.0.0.1:PORT`).
+    targets: Vec<String>,
+    /// Instances a heal starts.
+    late_targets: Vec<String>,
+    /// The load's targets, then the late ones.
+    all_targets: Vec<String>,
+    /// Prefix of request ids, names and emails.
+    run: String,
+    /// Client-chosen ids: base + seq, a range of 2^20 unique to the run.
+    id_base: i64,
+    /// Every this-many requests carries a client-chosen id (0: none).
+    client_every: u64,
+    /// --switch-to-late-targets.
+    switch: bool,
+}
+
+impl Setup {
+    fn new(cli: &Cli) -> anyhow::Result<Self> {
+        // `127.0.0.1:PORT`, given with or without `http://`.
+        let addresses = |given: &[String]| -> Vec<String> {
+            given
+                .iter()
+                .map(|t| t.trim().trim_start_matches("http://").to_owned())
+                .filter(|t| !t.is_empty())
+                .collect()
+        };
+        let targets = addresses(&cli.targets);
+        anyhow::ensure!(!targets.is_empty(), "--targets: none given");
+        loopback_only("target", &targets)?;
+        let late_targets = addresses(&cli.late_targets);
+        loopback_only("late target", &late_targets)?;
+        let all_targets: Vec<String> = targets.iter().chain(&late_targets).cloned().collect();
+        if let Some(b) = &cli.brokers {
+            let brokers: Vec<String> = b.split(',').map(|s| s.trim().to_owned()).collect();
+            loopback_only("broker", &brokers)?;
+        }
+        anyhow::ensure!(cli.repeat >= 1, "--repeat must be at least 1");
+        anyhow::ensure!(
+            cli.max_requests < (1 << 20),
+            "--max-requests must stay below 2^20 (the client-chosen id range)"
+        );
+
+        let run = cli
+            .run_id
+            .clone()
+            .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+        let id_base = i64::from(rand::random_range(1..=u32::MAX)) << 20;
+        let share = cli.client_id_share.clamp(0.0, 1.0);
+        let client_every = if share > 0.0 {
+            (1.0 / share).round().max(1.0) as u64
+        } else {
+            0
+        };
+        let switch = cli.switch_to_late_targets;
+        anyhow::ensure!(
+            !switch || !late_targets.is_empty(),
+            "--switch-to-late-targets: no --late-targets"
+        );
+        Ok(Self {
+            targets,
+            late_targets,
+            all_targets,
+            run,
+            id_base,
+            client_every,
+            switch,
+        })
+    }
+}
+
+/// The load, its pool's targets SERVING, not started yet.
+async fn ready_load(cli: &Cli, setup: &Setup) -> anyhow::Result<Arc<Load>> {
     // With a switch the load's pool holds the late targets too, unused
     // until the switch.
-    let switch = cli.switch_to_late_targets;
-    anyhow::ensure!(
-        !switch || !late_targets.is_empty(),
-        "--switch-to-late-targets: no --late-targets"
-    );
-    let pool = if switch {
-        let pool = Pool::new(&all_targets, cli.connections)?;
-        pool.activate(0, targets.len());
+    let pool = if setup.switch {
+        let pool = lazy_pool(&setup.all_targets, cli.connections)?;
+        pool.activate(0, setup.targets.len());
         pool
     } else {
-        Pool::new(&targets, cli.connections)?
+        lazy_pool(&setup.targets, cli.connections)?
     };
 
     say!(
-        "run {run}: {} callers over {:?} for {:?}; fault {:?} at {:?}, heal {:?} after {:?}, {} cycle(s) every {:?}",
+        "run {}: {} callers over {:?} for {:?}; fault {:?} at {:?}, heal {:?} after {:?}, {} cycle(s) every {:?}",
+        setup.run,
         cli.concurrency,
-        targets,
+        setup.targets,
         cli.duration,
         cli.fault.as_deref().unwrap_or("none"),
         cli.fault_at,
@@ -1991,14 +2004,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cli.repeat,
         cli.every
     );
-    let bad = wait_serving(&pool, &targets, Instant::now() + cli.heal_timeout).await;
+    let bad = wait_serving(&pool, &setup.targets, Instant::now() + cli.heal_timeout).await;
     anyhow::ensure!(bad.is_empty(), "not SERVING before the load: {bad:?}");
 
-    let load = Arc::new(Load {
+    Ok(Arc::new(Load {
         pool,
-        run: run.clone(),
-        id_base,
-        client_every,
+        run: setup.run.clone(),
+        id_base: setup.id_base,
+        client_every: setup.client_every,
         call_timeout: cli.call_timeout,
         retry_for: cli.retry_for,
         max_requests: cli.max_requests,
@@ -2012,13 +2025,41 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         unacked: AtomicU64::new(0),
         error_log: Mutex::new(Vec::new()),
         extra: Mutex::new(Vec::new()),
-        after_fault: AfterFault::new(cli.max_retries_after_fault, switch),
-        load_targets: targets.len(),
+        after_fault: AfterFault::new(cli.max_retries_after_fault, setup.switch),
+        load_targets: setup.targets.len(),
         held_acked: AtomicU64::new(0),
         held_failed: AtomicU64::new(0),
-    });
+    }))
+}
 
-    // ---- load and fault
+// ------------------------------------------------------------------ load and faults
+
+/// What the load left once every request had its final answer.
+struct Loaded {
+    cycles: Vec<Cycle>,
+    acks: Vec<Ack>,
+    attempted: u64,
+    /// Failed attempts by code.
+    errors: BTreeMap<&'static str, u64>,
+    /// Requests that got a final error, by code.
+    rejected: BTreeMap<&'static str, u64>,
+    /// Requests given up (still failing `--retry-for` after the load).
+    unacked: u64,
+    error_log: Vec<(Instant, &'static str)>,
+    /// Seconds from the load's start until every request was over.
+    load_s: f64,
+}
+
+impl Loaded {
+    fn rejected_n(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// Runs the load for `--duration` (and past the last heal by
+/// `--after-heal`) with the fault cycles beside it, then lets every request
+/// in flight get its final answer.
+async fn load_under_faults(cli: &Cli, setup: &Setup, load: &Arc<Load>) -> Loaded {
     let start = Instant::now();
     let workers: Vec<_> = (0..cli.concurrency.max(1))
         .map(|_| tokio::spawn(load.clone().worker()))
@@ -2043,8 +2084,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     .no_acks_during_fault
                     .then(|| cli.brokers.clone().zip(cli.topic.clone()))
                     .flatten(),
-                switch,
-                all_targets: all_targets.len(),
+                switch: setup.switch,
+                all_targets: setup.all_targets.len(),
             },
             load.clone(),
             start,
@@ -2072,31 +2113,61 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     for h in extra {
         let _ = h.await;
     }
-    let load_s = start.elapsed().as_secs_f64();
-    let acks = std::mem::take(&mut *load.acks.lock().expect("acks lock"));
-    let attempted = load.seq.load(Ordering::Relaxed).min(cli.max_requests);
-    let errors = load.errors.lock().expect("errors lock").clone();
-    let rejected = load.rejected.lock().expect("rejected lock").clone();
-    let rejected_n: u64 = rejected.values().sum();
-    let unacked = load.unacked.load(Ordering::Relaxed);
+    let loaded = Loaded {
+        load_s: start.elapsed().as_secs_f64(),
+        cycles,
+        acks: std::mem::take(&mut *load.acks.lock().expect("acks lock")),
+        attempted: load.seq.load(Ordering::Relaxed).min(cli.max_requests),
+        errors: load.errors.lock().expect("errors lock").clone(),
+        rejected: load.rejected.lock().expect("rejected lock").clone(),
+        unacked: load.unacked.load(Ordering::Relaxed),
+        error_log: std::mem::take(&mut *load.error_log.lock().expect("error log lock")),
+    };
     say!(
-        "{attempted} requests, {} acknowledged, {unacked} gave up, {rejected_n} rejected; errors {errors:?}",
-        acks.len()
+        "{} requests, {} acknowledged, {} gave up, {} rejected; errors {:?}",
+        loaded.attempted,
+        loaded.acks.len(),
+        loaded.unacked,
+        loaded.rejected_n(),
+        loaded.errors
     );
+    loaded
+}
 
-    // ---- heal time per cycle: the end of the fault to the next acknowledgement
+// ------------------------------------------------------------------ the cycles judged
+
+/// The fault cycles judged: the time from each heal to the next
+/// acknowledgement, the group's rejoin, the reads and the fault windows.
+struct CycleVerdict {
+    failures: Vec<String>,
+    json: Vec<Value>,
+    /// The longest time from a heal to the next acknowledgement.
+    heal_max: Option<f64>,
+    /// A cycle with no acknowledgement after its heal.
+    heal_missing: bool,
+    rejoin_max: Option<f64>,
+    window_acks: u64,
+    window_unavailable: u64,
+    /// The slowest partition to write again over the windows; None if one
+    /// never did.
+    writes_again_max: Option<f64>,
+}
+
+fn judge_cycles(cli: &Cli, loaded: &Loaded) -> CycleVerdict {
+    let (acks, cycles) = (&loaded.acks, &loaded.cycles);
     let mut ack_times: Vec<Instant> = acks.iter().map(|a| a.at).collect();
     ack_times.sort();
-    let mut failures: Vec<String> = Vec::new();
-    let mut cycle_json = Vec::new();
-    let mut heal_max: Option<f64> = None;
-    let mut heal_missing = false;
-    let mut rejoin_max: Option<f64> = None;
     let window_checks = cli.writes_during_fault || cli.no_acks_during_fault;
-    let error_log = std::mem::take(&mut *load.error_log.lock().expect("error log lock"));
-    let mut window_acks = 0u64;
-    let mut window_unavailable = 0u64;
-    let mut writes_again_max: Option<f64> = Some(0.0);
+    let mut v = CycleVerdict {
+        failures: Vec::new(),
+        json: Vec::new(),
+        heal_max: None,
+        heal_missing: false,
+        rejoin_max: None,
+        window_acks: 0,
+        window_unavailable: 0,
+        writes_again_max: Some(0.0),
+    };
     for (i, c) in cycles.iter().enumerate() {
         let healed = c.healed.expect("a finished cycle");
         let heal = ack_times
@@ -2104,12 +2175,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .find(|t| **t >= healed)
             .map(|t| t.duration_since(healed).as_secs_f64());
         match heal {
-            Some(h) => heal_max = Some(heal_max.map_or(h, |m: f64| m.max(h))),
-            None => heal_missing = true,
+            Some(h) => v.heal_max = Some(v.heal_max.map_or(h, |m: f64| m.max(h))),
+            None => v.heal_missing = true,
         }
         let rejoin = c.rejoin.map(|d| d.as_secs_f64());
         if let Some(r) = rejoin {
-            rejoin_max = Some(rejoin_max.map_or(r, |m: f64| m.max(r)));
+            v.rejoin_max = Some(v.rejoin_max.map_or(r, |m: f64| m.max(r)));
         }
         say!(
             "cycle {}: fault at {:.1}s, over at {:.1}s, first write after {}{}",
@@ -2124,7 +2195,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         );
         for p in &c.problems {
-            failures.push(format!("cycle {}: {p}", i + 1));
+            v.failures.push(format!("cycle {}: {p}", i + 1));
         }
         if let Some(r) = &c.reads {
             say!(
@@ -2136,7 +2207,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 r.not_serving
             );
             if r.failed > 0 || r.not_serving > 0 || r.ok == 0 {
-                failures.push(format!(
+                v.failures.push(format!(
                     "cycle {}: reads during the fault: {} failed, {} not SERVING ({})",
                     i + 1,
                     r.failed,
@@ -2147,8 +2218,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         let window = window_checks.then(|| {
             fault_window(
-                &acks,
-                &error_log,
+                acks,
+                &loaded.error_log,
                 c.started.expect("set"),
                 c.fault_done.expect("set"),
                 cli.window_grace,
@@ -2157,9 +2228,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             )
         });
         if let Some(w) = &window {
-            window_acks += w.acks;
-            window_unavailable += w.unavailable();
-            writes_again_max = match (writes_again_max, w.writes_again_max()) {
+            v.window_acks += w.acks;
+            v.window_unavailable += w.unavailable();
+            v.writes_again_max = match (v.writes_again_max, w.writes_again_max()) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
             };
@@ -2182,24 +2253,24 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     .join(", ")
             );
             for p in window_problems(w, cli.writes_during_fault, cli.no_acks_during_fault) {
-                failures.push(format!("cycle {}: {p}", i + 1));
+                v.failures.push(format!("cycle {}: {p}", i + 1));
             }
         }
         if cli.repeat > 1 && heal.is_none_or(|h| h > cli.writes_within.as_secs_f64()) {
-            failures.push(format!(
+            v.failures.push(format!(
                 "cycle {}: no CreateUser acknowledged within {:?} of the heal",
                 i + 1,
                 cli.writes_within
             ));
         }
         if cli.check_group.is_some() && rejoin.is_none_or(|r| r > cli.rejoin_within.as_secs_f64()) {
-            failures.push(format!(
+            v.failures.push(format!(
                 "cycle {}: the projector's group not back within {:?}",
                 i + 1,
                 cli.rejoin_within
             ));
         }
-        cycle_json.push(json!({
+        v.json.push(json!({
             "cycle": i + 1,
             "fault_at_s": round1(since_start(c.started.expect("set"))),
             "healed_at_s": round1(since_start(healed)),
@@ -2216,26 +2287,55 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }));
     }
     if cli.fault.is_some() && cycles.is_empty() {
-        failures.push("no fault was injected (the load ended first)".into());
+        v.failures
+            .push("no fault was injected (the load ended first)".into());
     }
+    v
+}
 
-    // ---- read back
+// ------------------------------------------------------------------ reading back
+
+/// The read-back's answers, and where it and the re-creates go.
+struct Reads {
+    /// The late targets (started by a heal) get channels of their own: the
+    /// load's pool has only the load's targets (unless it switched to them).
+    late_pool: Option<Pool>,
+    /// The targets read back and asked to create again (of `all_targets`).
+    targets: std::ops::Range<usize>,
+    /// (index of the ack, how it was read, the answer).
+    reads: Vec<(usize, ReadHow, Read)>,
+    failures: Vec<String>,
+}
+
+impl Reads {
+    fn pool<'a>(&'a self, load: &'a Load) -> &'a Pool {
+        self.late_pool.as_ref().unwrap_or(&load.pool)
+    }
+}
+
+/// Once every target is SERVING (or `--heal-timeout` is over), GetUser for
+/// every acknowledged user, as `--read-every-target` says.
+async fn read_back_all(
+    cli: &Cli,
+    setup: &Setup,
+    load: &Load,
+    acks: &[Ack],
+) -> anyhow::Result<Reads> {
+    let all_targets = &setup.all_targets;
     let verify_start = Instant::now();
     let deadline = verify_start + cli.heal_timeout;
-    // The late targets (started by a heal) get channels of their own: the
-    // load's pool has only the load's targets.
-    let late_pool = if late_targets.is_empty() || switch {
+    let late_pool = if setup.late_targets.is_empty() || setup.switch {
         None
     } else {
-        Some(Pool::new(&all_targets, cli.connections)?)
+        Some(lazy_pool(all_targets, cli.connections)?)
     };
     let check_pool = late_pool.as_ref().unwrap_or(&load.pool);
-    let bad = wait_serving(check_pool, &all_targets, deadline).await;
-    // The targets read back and asked to create again: all of them; after a
-    // switch, the ones the load moved to (the others serve the old topic's
-    // read model, which lacks what was created after the move).
-    let check_targets = if switch {
-        targets.len()..all_targets.len()
+    let bad = wait_serving(check_pool, all_targets, deadline).await;
+    // All the targets; after a switch, the ones the load moved to (the
+    // others serve the old topic's read model, which lacks what was created
+    // after the move).
+    let check_targets = if setup.switch {
+        setup.targets.len()..all_targets.len()
     } else {
         0..all_targets.len()
     };
@@ -2257,6 +2357,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             with_position: true,
         }]
     };
+    let mut failures = Vec::new();
     if !bad.is_empty() {
         say!("not SERVING after the heal timeout: {bad:?}");
         failures.push(format!("not SERVING after the load: {bad:?}"));
@@ -2300,19 +2401,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     .buffered(cli.verify_concurrency.max(1))
     .collect()
     .await;
-    let mut samples = std::mem::take(&mut *load.samples.lock().expect("samples lock"));
-    let mut lost: HashSet<String> = HashSet::new();
-    let mut corrupted: HashSet<String> = HashSet::new();
-    let mut doubled: HashSet<String> = HashSet::new();
-    let mut unverified: HashSet<&str> = HashSet::new();
-    let mut still_failing: HashSet<&str> = HashSet::new();
-    let mut not_found: HashSet<&str> = HashSet::new();
-    // Positions read back for users acknowledged on the old topic: checked
-    // against the new log's winner once it is read.
-    let mut moved_positions: Vec<(usize, ReadHow, (i32, i64))> = Vec::new();
-    // With --read-every-target: the answers per target and kind of read.
-    let mut by_how: BTreeMap<ReadHow, BTreeMap<&'static str, u64>> = BTreeMap::new();
-    let read_where = |how: &ReadHow| match how.target {
+    Ok(Reads {
+        late_pool,
+        targets: check_targets,
+        reads,
+        failures,
+    })
+}
+
+/// " on TARGET (with its position)" for a read of one target, "" for one
+/// round-robin.
+fn read_where(all_targets: &[String], how: &ReadHow) -> String {
+    match how.target {
         None => String::new(),
         Some(t) => format!(
             " on {} ({})",
@@ -2323,22 +2423,61 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 "without a position"
             }
         ),
-    };
-    for a in &acks {
+    }
+}
+
+/// What the read-back found.
+struct ReadBack {
+    lost: HashSet<String>,
+    corrupted: HashSet<String>,
+    doubled: HashSet<String>,
+    /// Requests read back without a position.
+    unverified: usize,
+    still_failing: usize,
+    not_found: usize,
+    /// Positions read back for users acknowledged on the old topic: checked
+    /// against the new log's winner once it is read.
+    moved_positions: Vec<(usize, ReadHow, (i32, i64))>,
+    /// With --read-every-target: the answers per target and kind of read.
+    json: Option<Vec<Value>>,
+}
+
+fn judge_reads(
+    cli: &Cli,
+    setup: &Setup,
+    acks: &[Ack],
+    reads: &[(usize, ReadHow, Read)],
+    samples: &mut Samples,
+) -> ReadBack {
+    let all_targets = &setup.all_targets;
+    let mut lost: HashSet<String> = HashSet::new();
+    let mut corrupted: HashSet<String> = HashSet::new();
+    let mut doubled: HashSet<String> = HashSet::new();
+    let mut unverified: HashSet<&str> = HashSet::new();
+    let mut still_failing: HashSet<&str> = HashSet::new();
+    let mut not_found: HashSet<&str> = HashSet::new();
+    let mut moved_positions: Vec<(usize, ReadHow, (i32, i64))> = Vec::new();
+    let mut by_how: BTreeMap<ReadHow, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    for a in acks {
         if !a.answer_ok {
             corrupted.insert(a.request_id.clone());
         }
     }
-    for (i, how, r) in &reads {
+    for (i, how, r) in reads {
         let a = &acks[*i];
         let answer = match r {
             Read::NotFound => {
                 not_found.insert(&a.request_id);
                 lost.insert(a.request_id.clone());
                 note(
-                    &mut samples,
+                    samples,
                     "not-found",
-                    format!("{} id {}: NOT_FOUND{}", a.request_id, a.id, read_where(how)),
+                    format!(
+                        "{} id {}: NOT_FOUND{}",
+                        a.request_id,
+                        a.id,
+                        read_where(all_targets, how)
+                    ),
                 );
                 "not_found"
             }
@@ -2346,13 +2485,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 still_failing.insert(&a.request_id);
                 lost.insert(a.request_id.clone());
                 note(
-                    &mut samples,
+                    samples,
                     "still-failing",
                     format!(
                         "{} id {}: still failing{}: {e}",
                         a.request_id,
                         a.id,
-                        read_where(how)
+                        read_where(all_targets, how)
                     ),
                 );
                 "still_failing"
@@ -2367,13 +2506,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 if *id != a.id || *name != a.name || *email != a.email {
                     corrupted.insert(a.request_id.clone());
                     note(
-                        &mut samples,
+                        samples,
                         "corrupted",
                         format!(
                             "{} id {}: read back {id} {name:?} {email:?}{}",
                             a.request_id,
                             a.id,
-                            read_where(how)
+                            read_where(all_targets, how)
                         ),
                     );
                     answer = "corrupted";
@@ -2389,14 +2528,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     Some(p) if Some(*p) != a.position => {
                         doubled.insert(a.request_id.clone());
                         note(
-                            &mut samples,
+                            samples,
                             "other-position",
                             format!(
                                 "{} id {}: acknowledged at {:?}, created at {p:?}{}",
                                 a.request_id,
                                 a.id,
                                 a.position,
-                                read_where(how)
+                                read_where(all_targets, how)
                             ),
                         );
                         if answer == "ok" {
@@ -2410,9 +2549,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         };
         *by_how.entry(*how).or_default().entry(answer).or_default() += 1;
     }
-    let (unverified, still_failing, not_found) =
-        (unverified.len(), still_failing.len(), not_found.len());
-    let read_back_json: Option<Vec<Value>> = cli.read_every_target.then(|| {
+    let json: Option<Vec<Value>> = cli.read_every_target.then(|| {
         by_how
             .iter()
             .map(|(how, answers)| {
@@ -2426,143 +2563,193 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     });
     if cli.read_every_target {
         for (how, answers) in &by_how {
-            say!("read back{}: {answers:?}", read_where(how));
+            say!("read back{}: {answers:?}", read_where(all_targets, how));
         }
     }
+    ReadBack {
+        unverified: unverified.len(),
+        still_failing: still_failing.len(),
+        not_found: not_found.len(),
+        lost,
+        corrupted,
+        doubled,
+        moved_positions,
+        json,
+    }
+}
 
-    // ---- acknowledged client-chosen ids, created again by other requests
-    let mut recreate_json = Value::Null;
-    let mut recreate_figures = None;
-    if cli.recreate_sample > 0 {
-        let sample = recreate_sample(
-            &acks,
-            cli.recreate_sample,
-            after_fault.started.get().copied(),
-        );
-        if sample.is_empty() {
-            failures
-                .push("no client-chosen id acknowledged before the fault to create again".into());
-        }
-        say!(
-            "creating {} acknowledged client-chosen ids again under other request ids, round-robin over {} targets",
-            sample.len(),
-            check_targets.len()
-        );
-        let until = Instant::now() + cli.retry_for;
-        let (run_id, call_timeout, first_target, n_targets) = (
-            &run,
-            cli.call_timeout,
-            check_targets.start,
-            check_targets.len(),
-        );
-        let answers: Vec<(usize, &Ack, CreateUserRequest, Recreate)> =
-            stream::iter(sample.iter().enumerate())
-                .map(|(k, a)| async move {
-                    let req = CreateUserRequest {
-                        id: Some(a.id),
-                        name: format!("Fault User {run_id} re {k}"),
-                        email: format!("fc.{run_id}.re{k}@example.com"),
-                        request_id: format!("fc-{run_id}-re-{k}"),
-                    };
-                    let t = first_target + k % n_targets;
-                    let answer =
-                        recreate(check_pool, t, &req, call_timeout, until, after_fault).await;
-                    (t, *a, req, answer)
-                })
-                .buffered(8)
-                .collect()
-                .await;
-        let (mut exists, mut created, mut other, mut gave_up) = (0u64, 0u64, 0u64, 0u64);
-        let mut per_target: BTreeMap<&str, BTreeMap<&'static str, u64>> = BTreeMap::new();
-        for (t, a, req, answer) in &answers {
-            let kind = match answer {
-                Recreate::AlreadyExists => {
-                    exists += 1;
-                    "already_exists"
-                }
-                Recreate::Created(position) => {
-                    created += 1;
-                    doubled.insert(req.request_id.clone());
-                    note(
-                        &mut samples,
-                        "recreate-ok",
-                        format!(
-                            "id {} (acknowledged to {} at {:?}) created again by {} on {}: OK at {position:?}",
-                            a.id, a.request_id, a.position, req.request_id, all_targets[*t]
-                        ),
-                    );
-                    "ok"
-                }
-                Recreate::Other(e) => {
-                    other += 1;
-                    note(
-                        &mut samples,
-                        "recreate-other",
-                        format!(
-                            "id {} again by {} on {}: {e}",
-                            a.id, req.request_id, all_targets[*t]
-                        ),
-                    );
-                    "other"
-                }
-                Recreate::GaveUp(e) => {
-                    gave_up += 1;
-                    note(
-                        &mut samples,
-                        "recreate-gave-up",
-                        format!(
-                            "id {} again by {} on {}: still failing after {:?}: {e}",
-                            a.id, req.request_id, all_targets[*t], cli.retry_for
-                        ),
-                    );
-                    "gave_up"
-                }
-            };
-            *per_target
-                .entry(all_targets[*t].as_str())
-                .or_default()
-                .entry(kind)
-                .or_default() += 1;
-        }
-        say!(
-            "re-created {} ids: {exists} ALREADY_EXISTS, {created} OK (a second user), {other} other answers, {gave_up} unanswered; by target {per_target:?}",
+// ------------------------------------------------------------------ re-creating
+
+/// What the re-creates of acknowledged client-chosen ids answered.
+struct Recreated {
+    failures: Vec<String>,
+    /// The requests that created an acknowledged id again.
+    doubled: HashSet<String>,
+    json: Value,
+    /// (sent, ALREADY_EXISTS, OK).
+    figures: (usize, u64, u64),
+}
+
+/// With `--recreate-sample N`: N acknowledged client-chosen ids created
+/// again by other requests, round-robin over the read-back's targets.
+async fn recreate_acked(
+    cli: &Cli,
+    setup: &Setup,
+    load: &Load,
+    acks: &[Ack],
+    reads: &Reads,
+    samples: &mut Samples,
+) -> Option<Recreated> {
+    if cli.recreate_sample == 0 {
+        return None;
+    }
+    let (all_targets, after_fault) = (&setup.all_targets, &load.after_fault);
+    let mut failures = Vec::new();
+    let mut doubled = HashSet::new();
+    let sample = recreate_sample(
+        acks,
+        cli.recreate_sample,
+        after_fault.started.get().copied(),
+    );
+    if sample.is_empty() {
+        failures.push("no client-chosen id acknowledged before the fault to create again".into());
+    }
+    say!(
+        "creating {} acknowledged client-chosen ids again under other request ids, round-robin over {} targets",
+        sample.len(),
+        reads.targets.len()
+    );
+    let until = Instant::now() + cli.retry_for;
+    let (run_id, call_timeout, first_target, n_targets, check_pool) = (
+        &setup.run,
+        cli.call_timeout,
+        reads.targets.start,
+        reads.targets.len(),
+        reads.pool(load),
+    );
+    let answers: Vec<(usize, &Ack, CreateUserRequest, Recreate)> =
+        stream::iter(sample.iter().enumerate())
+            .map(|(k, a)| async move {
+                let req = CreateUserRequest {
+                    id: Some(a.id),
+                    name: format!("Fault User {run_id} re {k}"),
+                    email: format!("fc.{run_id}.re{k}@example.com"),
+                    request_id: format!("fc-{run_id}-re-{k}"),
+                };
+                let t = first_target + k % n_targets;
+                let answer = recreate(check_pool, t, &req, call_timeout, until, after_fault).await;
+                (t, *a, req, answer)
+            })
+            .buffered(8)
+            .collect()
+            .await;
+    let (mut exists, mut created, mut other, mut gave_up) = (0u64, 0u64, 0u64, 0u64);
+    let mut per_target: BTreeMap<&str, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    for (t, a, req, answer) in &answers {
+        let kind = match answer {
+            Recreate::AlreadyExists => {
+                exists += 1;
+                "already_exists"
+            }
+            Recreate::Created(position) => {
+                created += 1;
+                doubled.insert(req.request_id.clone());
+                note(
+                    samples,
+                    "recreate-ok",
+                    format!(
+                        "id {} (acknowledged to {} at {:?}) created again by {} on {}: OK at {position:?}",
+                        a.id, a.request_id, a.position, req.request_id, all_targets[*t]
+                    ),
+                );
+                "ok"
+            }
+            Recreate::Other(e) => {
+                other += 1;
+                note(
+                    samples,
+                    "recreate-other",
+                    format!(
+                        "id {} again by {} on {}: {e}",
+                        a.id, req.request_id, all_targets[*t]
+                    ),
+                );
+                "other"
+            }
+            Recreate::GaveUp(e) => {
+                gave_up += 1;
+                note(
+                    samples,
+                    "recreate-gave-up",
+                    format!(
+                        "id {} again by {} on {}: still failing after {:?}: {e}",
+                        a.id, req.request_id, all_targets[*t], cli.retry_for
+                    ),
+                );
+                "gave_up"
+            }
+        };
+        *per_target
+            .entry(all_targets[*t].as_str())
+            .or_default()
+            .entry(kind)
+            .or_default() += 1;
+    }
+    say!(
+        "re-created {} ids: {exists} ALREADY_EXISTS, {created} OK (a second user), {other} other answers, {gave_up} unanswered; by target {per_target:?}",
+        answers.len()
+    );
+    if created > 0 {
+        failures.push(format!(
+            "{created} of {} acknowledged ids created again by other requests answered OK: a second user under the id",
             answers.len()
-        );
-        if created > 0 {
-            failures.push(format!(
-                "{created} of {} acknowledged ids created again by other requests answered OK: a second user under the id",
-                answers.len()
-            ));
-        }
-        if other + gave_up > 0 {
-            failures.push(format!(
-                "{} of {} re-creates of acknowledged ids did not answer ALREADY_EXISTS ({other} another answer, {gave_up} unanswered)",
-                other + gave_up,
-                answers.len()
-            ));
-        }
-        recreate_json = json!({
+        ));
+    }
+    if other + gave_up > 0 {
+        failures.push(format!(
+            "{} of {} re-creates of acknowledged ids did not answer ALREADY_EXISTS ({other} another answer, {gave_up} unanswered)",
+            other + gave_up,
+            answers.len()
+        ));
+    }
+    Some(Recreated {
+        failures,
+        doubled,
+        json: json!({
             "sample": answers.len(),
             "already_exists": exists,
             "ok": created,
             "other": other,
             "gave_up": gave_up,
             "by_target": per_target,
-        });
-        recreate_figures = Some((answers.len(), exists, created));
-    }
-    // Two acknowledged requests, one id: all but the first acknowledged.
+        }),
+        figures: (answers.len(), exists, created),
+    })
+}
+
+/// Two acknowledged requests, one id: all but the first acknowledged are
+/// doubled.
+struct Twice {
+    /// Ids acknowledged to more than one request.
+    ids: u64,
+    doubled: HashSet<String>,
+}
+
+fn acknowledged_twice(acks: &[Ack], samples: &mut Samples) -> Twice {
     let mut by_id: HashMap<i64, Vec<&Ack>> = HashMap::new();
-    for a in &acks {
+    for a in acks {
         by_id.entry(a.id).or_default().push(a);
     }
-    let mut shared_ids = 0u64;
+    let mut twice = Twice {
+        ids: 0,
+        doubled: HashSet::new(),
+    };
     for (id, mut v) in by_id {
         if v.len() > 1 {
-            shared_ids += 1;
+            twice.ids += 1;
             v.sort_by_key(|a| a.at);
             note(
-                &mut samples,
+                samples,
                 "id-twice",
                 format!(
                     "id {id} acknowledged to {:?}",
@@ -2570,149 +2757,175 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 ),
             );
             for a in &v[1..] {
-                doubled.insert(a.request_id.clone());
+                twice.doubled.insert(a.request_id.clone());
             }
         }
     }
-    say!(
-        "read back: {not_found} NOT_FOUND, {still_failing} still failing, {} corrupted, {unverified} without a position",
-        corrupted.len()
-    );
+    twice
+}
 
-    // ---- the log
-    let mut log_split = 0u64;
-    let mut log_misplaced: Option<u64> = None;
-    let (log_status, log_json) = match (&cli.brokers, &cli.topic) {
-        (Some(brokers), Some(topic)) => {
-            let (b, t, timeout) = (brokers.clone(), topic.clone(), cli.log_timeout);
-            match tokio::task::spawn_blocking(move || read_log(&b, &t, timeout)).await? {
-                Ok(log) => {
-                    let v = check_log(&log, &acks, cli.log_partitions, &mut samples);
-                    if !v.note.is_empty() {
-                        say!("{}", v.note);
-                    }
-                    say!("log: {}", v.stats);
-                    log_split = v.split;
-                    log_misplaced = Some(v.misplaced).filter(|_| cli.log_partitions.is_some());
-                    // A moved user read back at another event than its
-                    // request's winner in this log: another user's answer.
-                    for (i, how, p) in &moved_positions {
-                        let a = &acks[*i];
-                        match v.own_winner.get(&a.request_id) {
-                            Some(w) if w == p => {}
-                            Some(w) => {
-                                doubled.insert(a.request_id.clone());
-                                note(
-                                    &mut samples,
-                                    "other-position",
-                                    format!(
-                                        "{} id {}: its event won at {w:?} in the log, read back at {p:?}{}",
-                                        a.request_id,
-                                        a.id,
-                                        read_where(how)
-                                    ),
-                                );
-                            }
-                            // Not its own winner: check_log counted it.
-                            None => {}
-                        }
-                    }
-                    lost.extend(v.lost);
-                    doubled.extend(v.doubled);
-                    corrupted.extend(v.corrupted);
-                    (
-                        v.status,
-                        json!({"status": v.status, "note": v.note, "stats": v.stats}),
-                    )
-                }
-                Err(e) => {
-                    say!("log check failed: {e:#}");
-                    failures.push(format!("log not read: {e:#}"));
-                    (
-                        "error",
-                        json!({"status": "error", "error": format!("{e:#}")}),
-                    )
-                }
-            }
-        }
-        _ => {
-            say!("log not checked (no --brokers/--topic)");
-            ("skipped", json!({"status": "skipped"}))
+// ------------------------------------------------------------------ the log checked
+
+/// What the log check found, and what it adds to the verdict.
+#[derive(Default)]
+struct LogCheck {
+    /// `ok`, `no-request-ids`, `error` or `skipped`.
+    status: &'static str,
+    json: Value,
+    split: u64,
+    /// With --log-partitions: events outside their id's partition.
+    misplaced: Option<u64>,
+    lost: HashSet<String>,
+    corrupted: HashSet<String>,
+    doubled: HashSet<String>,
+    failures: Vec<String>,
+}
+
+/// With `--brokers` and `--topic`: the log read back and checked against
+/// the acknowledgements (and the positions moved users were read back at).
+async fn check_the_log(
+    cli: &Cli,
+    setup: &Setup,
+    acks: &[Ack],
+    moved_positions: &[(usize, ReadHow, (i32, i64))],
+    samples: &mut Samples,
+) -> anyhow::Result<LogCheck> {
+    let (Some(brokers), Some(topic)) = (&cli.brokers, &cli.topic) else {
+        say!("log not checked (no --brokers/--topic)");
+        return Ok(LogCheck {
+            status: "skipped",
+            json: json!({"status": "skipped"}),
+            ..LogCheck::default()
+        });
+    };
+    let (b, t, timeout) = (brokers.clone(), topic.clone(), cli.log_timeout);
+    let log = match tokio::task::spawn_blocking(move || read_log(&b, &t, timeout)).await? {
+        Ok(log) => log,
+        Err(e) => {
+            say!("log check failed: {e:#}");
+            return Ok(LogCheck {
+                status: "error",
+                json: json!({"status": "error", "error": format!("{e:#}")}),
+                failures: vec![format!("log not read: {e:#}")],
+                ..LogCheck::default()
+            });
         }
     };
+    let v = check_log(&log, acks, cli.log_partitions, samples);
+    if !v.note.is_empty() {
+        say!("{}", v.note);
+    }
+    say!("log: {}", v.stats);
+    let mut doubled = v.doubled;
+    // A moved user read back at another event than its request's winner in
+    // this log: another user's answer.
+    for (i, how, p) in moved_positions {
+        let a = &acks[*i];
+        match v.own_winner.get(&a.request_id) {
+            Some(w) if w == p => {}
+            Some(w) => {
+                doubled.insert(a.request_id.clone());
+                note(
+                    samples,
+                    "other-position",
+                    format!(
+                        "{} id {}: its event won at {w:?} in the log, read back at {p:?}{}",
+                        a.request_id,
+                        a.id,
+                        read_where(&setup.all_targets, how)
+                    ),
+                );
+            }
+            // Not its own winner: check_log counted it.
+            None => {}
+        }
+    }
+    Ok(LogCheck {
+        status: v.status,
+        json: json!({"status": v.status, "note": v.note, "stats": v.stats}),
+        split: v.split,
+        misplaced: Some(v.misplaced).filter(|_| cli.log_partitions.is_some()),
+        lost: v.lost,
+        corrupted: v.corrupted,
+        doubled,
+        failures: Vec::new(),
+    })
+}
 
-    // ---- verdict
+// ------------------------------------------------------------------ verdict
+
+/// The run's verdict, from what the phases found.
+struct Verdict {
+    failures: Vec<String>,
+    lost: usize,
+    corrupted: usize,
+    doubled: usize,
+    /// What calls met after the first fault started.
+    after: AfterFaultTally,
+    unavailable_after: u64,
+    /// With --switch-to-late-targets: the switch's figures.
+    switch: Option<Value>,
+}
+
+impl Verdict {
+    fn pass(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    cli: &Cli,
+    setup: &Setup,
+    load: &Load,
+    loaded: &Loaded,
+    earlier: [&[String]; 2],
+    read_back: &ReadBack,
+    recreated: Option<&Recreated>,
+    twice: &Twice,
+    log: &LogCheck,
+) -> Verdict {
+    let mut failures: Vec<String> = earlier.concat();
+    if let Some(r) = recreated {
+        failures.extend(r.failures.iter().cloned());
+    }
+    failures.extend(log.failures.iter().cloned());
+    let lost: HashSet<&String> = read_back.lost.iter().chain(&log.lost).collect();
+    let corrupted: HashSet<&String> = read_back.corrupted.iter().chain(&log.corrupted).collect();
+    let doubled: HashSet<&String> = read_back
+        .doubled
+        .iter()
+        .chain(recreated.into_iter().flat_map(|r| &r.doubled))
+        .chain(&twice.doubled)
+        .chain(&log.doubled)
+        .collect();
     let (n_lost, n_corrupted, n_doubled) = (lost.len(), corrupted.len(), doubled.len());
     if n_lost + n_corrupted + n_doubled > 0 {
         failures.push(format!(
             "lost {n_lost}, corrupted {n_corrupted}, doubled {n_doubled}"
         ));
     }
-    if acks.is_empty() {
+    if loaded.acks.is_empty() {
         failures.push("nothing was acknowledged".into());
     }
+    let rejected_n = loaded.rejected_n();
     if rejected_n > 0 {
         failures.push(format!(
-            "{rejected_n} valid, fresh requests got a final error: {rejected:?}"
+            "{rejected_n} valid, fresh requests got a final error: {:?}",
+            loaded.rejected
         ));
     }
+    let after_fault = &load.after_fault;
     let after = std::mem::take(&mut *after_fault.tally.lock().expect("after-fault lock"));
     let unavailable_after: u64 = after
         .errors
         .values()
         .filter_map(|c| c.get("UNAVAILABLE"))
         .sum();
-    // ---- the switch: creates refused from the fault's start (the seal) to
-    // the switch, and what became of them
-    let switch_json = after_fault.switch.as_ref().map(|sw| {
-        let at = sw.get().copied();
-        let unavailable = after.before_switch.get("UNAVAILABLE").copied().unwrap_or(0);
-        // From the first refused create to the switch (creates on the old
-        // topic could not succeed in between).
-        let window_s = match (after.first_before_switch, at) {
-            (Some(first), Some(at)) => at.saturating_duration_since(first).as_secs_f64(),
-            _ => 0.0,
-        };
-        let (held_ok, held_failed) = (
-            load.held_acked.load(Ordering::Relaxed),
-            load.held_failed.load(Ordering::Relaxed),
-        );
-        let reads = cycles.first().and_then(|c| c.reads.clone()).unwrap_or_default();
-        say!(
-            "switch at {}: {unavailable} create attempts answered UNAVAILABLE before it (all codes {:?}), over {window_s:.1}s from the first; {} request(s) held up then, {held_ok} acknowledged after it, {held_failed} not; reads on the old targets during the move: {} answered, {} failed",
-            at.map_or("never".into(), |t| format!("{:.1}s", since_start(t))),
-            after.before_switch,
-            held_ok + held_failed,
-            reads.ok,
-            reads.failed
-        );
-        if at.is_none() {
-            failures.push("the load never switched to the late targets".into());
-        }
-        if held_failed > 0 {
-            failures.push(format!(
-                "{held_failed} create(s) refused before the switch were not acknowledged after it"
-            ));
-        }
-        json!({
-            "at_s": at.map(|t| round1(since_start(t))),
-            "unavailable": unavailable,
-            "errors": after.before_switch,
-            "window_s": round1(window_s),
-            "last_before_switch_s": after.last_before_switch.map(|t| round1(since_start(t))),
-            "held": held_ok + held_failed,
-            "held_acknowledged": held_ok,
-            "held_failed": held_failed,
-            "acknowledged_on_old": acks.iter().filter(|a| a.old_topic).count(),
-            "acknowledged_on_new": acks.iter().filter(|a| !a.old_topic).count(),
-            "acknowledged_by_target": acks.iter().fold(BTreeMap::<&str, u64>::new(), |mut m, a| {
-                *m.entry(all_targets[a.target].as_str()).or_default() += 1;
-                m
-            }),
-            "reads_on_old_ok": reads.ok,
-            "reads_on_old_failed": reads.failed,
-            "old_not_serving": reads.not_serving,
-        })
+    let switch = after_fault.switch.as_ref().map(|sw| {
+        let (json, problems) = judge_switch(sw.get().copied(), &after, setup, load, loaded);
+        failures.extend(problems);
+        json
     });
     if let Some(limit) = cli.max_retries_after_fault {
         say!(
@@ -2730,142 +2943,242 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             ));
         }
     }
-    if !samples.is_empty() {
-        say!("examples:");
-        for (kind, v) in &samples {
-            for s in v {
-                eprintln!("    {kind}: {s}");
-            }
-        }
+    Verdict {
+        failures,
+        lost: n_lost,
+        corrupted: n_corrupted,
+        doubled: n_doubled,
+        after,
+        unavailable_after,
+        switch,
     }
-    let pass = failures.is_empty();
-    for f in &failures {
-        say!("FAIL: {f}");
-    }
-    let errors_s = if errors.is_empty() {
-        "none".to_owned()
-    } else {
-        errors
-            .iter()
-            .map(|(c, n)| format!("{c}:{n}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    let heal_s = match (cycles.is_empty(), heal_missing, heal_max) {
-        (true, _, _) => "-".to_owned(),
-        (false, true, _) | (false, false, None) => "never".to_owned(),
-        (false, false, Some(h)) => format!("{h:.1}"),
-    };
-    let mut line = format!(
-        "fault={} attempted={attempted} acknowledged={} unacknowledged={unacked} rejected={rejected_n} errors={errors_s} lost={n_lost} corrupted={n_corrupted} doubled={n_doubled} unverified={unverified} heal_s={heal_s}",
-        cli.name,
-        acks.len()
-    );
-    if cli.check_group.is_some() {
-        line.push_str(&format!(
-            " rejoin_s={}",
-            rejoin_max.map_or("never".into(), |r| format!("{r:.1}"))
-        ));
-    }
-    if cli.writes_during_fault && !cycles.is_empty() {
-        line.push_str(&format!(
-            " writes_again_s={}",
-            writes_again_max.map_or("never".into(), |r| format!("{r:.1}"))
-        ));
-    }
-    if cli.no_acks_during_fault && !cycles.is_empty() {
-        line.push_str(&format!(
-            " window_acks={window_acks} window_unavailable={window_unavailable}"
-        ));
-    }
-    if cli.read_every_target {
-        line.push_str(&format!(" read_targets={}", all_targets.len()));
-    }
-    if let Some((sent, exists, created)) = recreate_figures {
-        line.push_str(&format!(
-            " recreated={sent} already_exists={exists} recreate_ok={created}"
-        ));
-    }
-    if cli.max_retries_after_fault.is_some() {
-        line.push_str(&format!(
-            " unavailable_after_fault={unavailable_after} over_retried={}",
-            after.over
-        ));
-    }
-    if cli.recreate_sample > 0 || log_split > 0 {
-        line.push_str(&format!(" split_ids={log_split}"));
-    }
-    if let Some(m) = log_misplaced {
-        line.push_str(&format!(" misplaced={m}"));
-    }
-    if let Some(sw) = &switch_json {
-        line.push_str(&format!(
-            " switch_unavailable={} switch_window_s={:.1} held_retried={}/{} old_reads_ok={} old_reads_failed={}",
-            sw["unavailable"],
-            sw["window_s"].as_f64().unwrap_or(0.0),
-            sw["held_acknowledged"],
-            sw["held"],
-            sw["reads_on_old_ok"],
-            sw["reads_on_old_failed"]
-        ));
-    }
-    line.push_str(&format!(
-        " log={log_status} result={}",
-        if pass { "PASS" } else { "FAIL" }
-    ));
-    println!("{line}");
+}
 
-    if let Some(path) = &cli.json {
-        let out = json!({
+/// The switch (--switch-to-late-targets, at `at` if it happened): creates
+/// refused from the fault's start (the seal) to the switch, and what became
+/// of them; its figures and its problems.
+fn judge_switch(
+    at: Option<Instant>,
+    after: &AfterFaultTally,
+    setup: &Setup,
+    load: &Load,
+    loaded: &Loaded,
+) -> (Value, Vec<String>) {
+    let acks = &loaded.acks;
+    let mut problems = Vec::new();
+    let unavailable = after.before_switch.get("UNAVAILABLE").copied().unwrap_or(0);
+    // From the first refused create to the switch (creates on the old
+    // topic could not succeed in between).
+    let window_s = match (after.first_before_switch, at) {
+        (Some(first), Some(at)) => at.saturating_duration_since(first).as_secs_f64(),
+        _ => 0.0,
+    };
+    let (held_ok, held_failed) = (
+        load.held_acked.load(Ordering::Relaxed),
+        load.held_failed.load(Ordering::Relaxed),
+    );
+    let reads = loaded
+        .cycles
+        .first()
+        .and_then(|c| c.reads.clone())
+        .unwrap_or_default();
+    say!(
+        "switch at {}: {unavailable} create attempts answered UNAVAILABLE before it (all codes {:?}), over {window_s:.1}s from the first; {} request(s) held up then, {held_ok} acknowledged after it, {held_failed} not; reads on the old targets during the move: {} answered, {} failed",
+        at.map_or("never".into(), |t| format!("{:.1}s", since_start(t))),
+        after.before_switch,
+        held_ok + held_failed,
+        reads.ok,
+        reads.failed
+    );
+    if at.is_none() {
+        problems.push("the load never switched to the late targets".into());
+    }
+    if held_failed > 0 {
+        problems.push(format!(
+            "{held_failed} create(s) refused before the switch were not acknowledged after it"
+        ));
+    }
+    let json = json!({
+        "at_s": at.map(|t| round1(since_start(t))),
+        "unavailable": unavailable,
+        "errors": after.before_switch,
+        "window_s": round1(window_s),
+        "last_before_switch_s": after.last_before_switch.map(|t| round1(since_start(t))),
+        "held": held_ok + held_failed,
+        "held_acknowledged": held_ok,
+        "held_failed": held_failed,
+        "acknowledged_on_old": acks.iter().filter(|a| a.old_topic).count(),
+        "acknowledged_on_new": acks.iter().filter(|a| !a.old_topic).count(),
+        "acknowledged_by_target": acks.iter().fold(BTreeMap::<&str, u64>::new(), |mut m, a| {
+            *m.entry(setup.all_targets[a.target].as_str()).or_default() += 1;
+            m
+        }),
+        "reads_on_old_ok": reads.ok,
+        "reads_on_old_failed": reads.failed,
+        "old_not_serving": reads.not_serving,
+    });
+    (json, problems)
+}
+
+// ------------------------------------------------------------------ report
+
+/// Everything the summary line and the JSON say.
+struct Report<'a> {
+    cli: &'a Cli,
+    setup: &'a Setup,
+    loaded: &'a Loaded,
+    cycles: &'a CycleVerdict,
+    read_back: &'a ReadBack,
+    recreated: Option<&'a Recreated>,
+    twice: &'a Twice,
+    log: &'a LogCheck,
+    verdict: &'a Verdict,
+}
+
+impl Report<'_> {
+    /// The summary line: `fault=... lost=0 corrupted=0 doubled=0 ...`.
+    fn line(&self) -> String {
+        let (cli, loaded, c, v) = (self.cli, self.loaded, self.cycles, self.verdict);
+        let errors_s = if loaded.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            loaded
+                .errors
+                .iter()
+                .map(|(c, n)| format!("{c}:{n}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let no_cycles = loaded.cycles.is_empty();
+        let heal_s = match (no_cycles, c.heal_missing, c.heal_max) {
+            (true, _, _) => "-".to_owned(),
+            (false, true, _) | (false, false, None) => "never".to_owned(),
+            (false, false, Some(h)) => format!("{h:.1}"),
+        };
+        let mut line = format!(
+            "fault={} attempted={} acknowledged={} unacknowledged={} rejected={} errors={errors_s} lost={} corrupted={} doubled={} unverified={} heal_s={heal_s}",
+            cli.name,
+            loaded.attempted,
+            loaded.acks.len(),
+            loaded.unacked,
+            loaded.rejected_n(),
+            v.lost,
+            v.corrupted,
+            v.doubled,
+            self.read_back.unverified
+        );
+        if cli.check_group.is_some() {
+            line.push_str(&format!(
+                " rejoin_s={}",
+                c.rejoin_max.map_or("never".into(), |r| format!("{r:.1}"))
+            ));
+        }
+        if cli.writes_during_fault && !no_cycles {
+            line.push_str(&format!(
+                " writes_again_s={}",
+                c.writes_again_max
+                    .map_or("never".into(), |r| format!("{r:.1}"))
+            ));
+        }
+        if cli.no_acks_during_fault && !no_cycles {
+            line.push_str(&format!(
+                " window_acks={} window_unavailable={}",
+                c.window_acks, c.window_unavailable
+            ));
+        }
+        if cli.read_every_target {
+            line.push_str(&format!(" read_targets={}", self.setup.all_targets.len()));
+        }
+        if let Some((sent, exists, created)) = self.recreated.map(|r| r.figures) {
+            line.push_str(&format!(
+                " recreated={sent} already_exists={exists} recreate_ok={created}"
+            ));
+        }
+        if cli.max_retries_after_fault.is_some() {
+            line.push_str(&format!(
+                " unavailable_after_fault={} over_retried={}",
+                v.unavailable_after, v.after.over
+            ));
+        }
+        if cli.recreate_sample > 0 || self.log.split > 0 {
+            line.push_str(&format!(" split_ids={}", self.log.split));
+        }
+        if let Some(m) = self.log.misplaced {
+            line.push_str(&format!(" misplaced={m}"));
+        }
+        if let Some(sw) = &v.switch {
+            line.push_str(&format!(
+                " switch_unavailable={} switch_window_s={:.1} held_retried={}/{} old_reads_ok={} old_reads_failed={}",
+                sw["unavailable"],
+                sw["window_s"].as_f64().unwrap_or(0.0),
+                sw["held_acknowledged"],
+                sw["held"],
+                sw["reads_on_old_ok"],
+                sw["reads_on_old_failed"]
+            ));
+        }
+        line.push_str(&format!(
+            " log={} result={}",
+            self.log.status,
+            if v.pass() { "PASS" } else { "FAIL" }
+        ));
+        line
+    }
+
+    /// The figures and the details, for `--json`.
+    fn json(&self, line: &str, samples: &Samples) -> Value {
+        let (cli, setup, loaded, c, v) =
+            (self.cli, self.setup, self.loaded, self.cycles, self.verdict);
+        let acks = &loaded.acks;
+        let after = &v.after;
+        json!({
             "line": line,
             "fault": cli.name,
-            "run_id": run,
-            "pass": pass,
-            "failures": failures,
-            "targets": targets,
-            "attempted": attempted,
+            "run_id": setup.run,
+            "pass": v.pass(),
+            "failures": v.failures,
+            "targets": setup.targets,
+            "attempted": loaded.attempted,
             "acknowledged": acks.len(),
             "acknowledged_client_ids": acks.iter().filter(|a| a.client_id).count(),
-            "unacknowledged": unacked,
-            "rejected": rejected,
-            "errors": errors,
-            "lost": n_lost,
-            "lost_not_found": not_found,
-            "lost_still_failing": still_failing,
-            "corrupted": n_corrupted,
-            "doubled": n_doubled,
-            "ids_acknowledged_twice": shared_ids,
-            "unverified": unverified,
-            "heal_s": heal_max.filter(|_| !heal_missing).map(|h| (h * 100.0).round() / 100.0),
-            "rejoin_s": rejoin_max.map(|r| (r * 100.0).round() / 100.0),
+            "unacknowledged": loaded.unacked,
+            "rejected": loaded.rejected,
+            "errors": loaded.errors,
+            "lost": v.lost,
+            "lost_not_found": self.read_back.not_found,
+            "lost_still_failing": self.read_back.still_failing,
+            "corrupted": v.corrupted,
+            "doubled": v.doubled,
+            "ids_acknowledged_twice": self.twice.ids,
+            "unverified": self.read_back.unverified,
+            "heal_s": c.heal_max.filter(|_| !c.heal_missing).map(|h| (h * 100.0).round() / 100.0),
+            "rejoin_s": c.rejoin_max.map(|r| (r * 100.0).round() / 100.0),
             "writes_during_fault": cli.writes_during_fault,
             "no_acks_during_fault": cli.no_acks_during_fault,
-            "writes_again_s": (cli.writes_during_fault && !cycles.is_empty())
-                .then(|| writes_again_max.map(|r| (r * 100.0).round() / 100.0)),
-            "window_acks": cli.no_acks_during_fault.then_some(window_acks),
-            "window_unavailable": cli.no_acks_during_fault.then_some(window_unavailable),
-            "cycles": cycle_json,
-            "late_targets": late_targets,
-            "read_back": read_back_json,
-            "recreate": recreate_json,
+            "writes_again_s": (cli.writes_during_fault && !loaded.cycles.is_empty())
+                .then(|| c.writes_again_max.map(|r| (r * 100.0).round() / 100.0)),
+            "window_acks": cli.no_acks_during_fault.then_some(c.window_acks),
+            "window_unavailable": cli.no_acks_during_fault.then_some(c.window_unavailable),
+            "cycles": c.json,
+            "late_targets": setup.late_targets,
+            "read_back": self.read_back.json,
+            "recreate": self.recreated.map_or(Value::Null, |r| r.json.clone()),
             "after_fault": cli.max_retries_after_fault.map(|limit| json!({
                 "max_retries": limit,
-                "unavailable": unavailable_after,
+                "unavailable": v.unavailable_after,
                 "errors": after.errors,
                 "max_failures": after.max_failures,
                 "over_retried": after.over,
                 "examples": after.examples,
             })),
-            "log_split_ids": log_split,
-            "log_misplaced": log_misplaced,
-            "switch": switch_json,
-            "load_s": round1(load_s),
-            "log": log_json,
+            "log_split_ids": self.log.split,
+            "log_misplaced": self.log.misplaced,
+            "switch": v.switch,
+            "load_s": round1(loaded.load_s),
+            "log": self.log.json,
             "examples": samples,
-        });
-        std::fs::write(path, format!("{out:#}\n"))?;
+        })
     }
-    Ok(pass)
 }
 
 #[cfg(test)]
@@ -2993,32 +3306,6 @@ mod tests {
         assert_eq!(v.own_winner.get("fc-r-1"), Some(&(home(a), 0)));
         // Without the map's count nothing is misplaced.
         assert_eq!(check_log(&l, &acks, None, &mut samples).misplaced, 0);
-    }
-
-    #[test]
-    fn the_pool_picks_only_the_active_targets() {
-        let targets = [
-            "127.0.0.1:1".to_owned(),
-            "127.0.0.1:2".to_owned(),
-            "127.0.0.1:3".to_owned(),
-        ];
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        // connect_lazy wants a runtime.
-        let _guard = rt.enter();
-        let pool = Pool::new(&targets, 2).expect("a pool");
-        pool.activate(0, 2);
-        for _ in 0..12 {
-            let (slot, _, _) = pool.pick();
-            assert!(pool.target_of(slot) < 2);
-        }
-        pool.activate(2, 3);
-        for _ in 0..12 {
-            let (slot, _, _) = pool.pick();
-            assert_eq!(pool.target_of(slot), 2);
-        }
     }
 
     #[test]
@@ -3197,6 +3484,7 @@ mod tests {
 
     #[test]
     fn retry_classes() {
+        let retryable = |s: &Status| RETRY.retries(s);
         assert!(retryable(&Status::unavailable("x")));
         assert!(retryable(&Status::aborted("x")));
         assert!(retryable(&Status::deadline_exceeded("x")));
@@ -3209,8 +3497,8 @@ mod tests {
         assert!(!retryable(&Status::internal("internal error")));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert!(retryable(&Status::from_error(Box::new(reset))));
-        assert!(looks_like_transport(&guard_expired()));
-        assert!(!looks_like_transport(&Status::unavailable(
+        assert!(is_transport_error(&retry::guard_expired()));
+        assert!(!is_transport_error(&Status::unavailable(
             "the read model (Redis) is unavailable; retry later"
         )));
         assert!(!retryable(&Status::already_exists("x")));
