@@ -24,7 +24,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("operations", &["command", "progress", "move_topic"]),
     ("projection", &["projector"]),
     ("adapters", &["store", "kafka", "transport"]),
-    ("foundations", &["domain", "config", "proto", "tasks", "retry"]),
+    (
+        "foundations",
+        &["domain", "config", "proto", "tasks", "retry"],
+    ),
     ("leaf", &["telemetry"]),
 ];
 
