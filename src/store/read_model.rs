@@ -45,15 +45,26 @@ impl StoredUser {
 }
 
 /// A user's value in its bucket: what the field (the id) and the bucket's
-/// tag (the partition) do not already say, so that a user costs Redis
-/// little more than its own bytes (docs/benchmarks-notes.md).
+/// tag (the partition) do not already say, under one-letter names, so that a
+/// user costs Redis little more than its own bytes (the names alone were 38
+/// of a value's ~140 bytes; docs/benchmarks-notes.md). Values written under
+/// the long names by earlier builds still read.
 #[derive(Serialize, Deserialize)]
 struct Packed {
+    #[serde(rename = "n", alias = "name")]
     name: UserName,
+    #[serde(rename = "e", alias = "email")]
     email: Email,
+    #[serde(rename = "t", alias = "created_at_ms")]
     created_at_ms: i64,
+    #[serde(rename = "o", alias = "offset")]
     offset: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "r",
+        alias = "request_id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     request_id: Option<RequestId>,
 }
 
@@ -325,5 +336,24 @@ mod tests {
             decode("k", user.id, 7, "{not json"),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn values_under_the_long_names_of_earlier_builds_still_read() {
+        let old = r#"{"name":"Ada","email":"ada@example.com","created_at_ms":5,"offset":42,"request_id":"req-1"}"#;
+        let stored = decode("k", UserId::parse(1453).unwrap(), 7, old).unwrap();
+        assert_eq!(stored.user.name.as_str(), "Ada");
+        assert_eq!(stored.user.email.as_str(), "ada@example.com");
+        assert_eq!(stored.user.created_at_ms, 5);
+        assert_eq!(
+            stored.position().map(|p| (p.partition, p.offset)),
+            Some((7, 42))
+        );
+        assert_eq!(
+            stored.request_id.as_ref().map(|r| r.as_str()),
+            Some("req-1")
+        );
+        // And what this build writes is shorter by the names.
+        assert_eq!(stored.pack().len(), old.len() - 33, "{}", stored.pack());
     }
 }
