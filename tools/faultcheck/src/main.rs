@@ -1479,21 +1479,26 @@ fn decode(partition: i32, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>)
     })
 }
 
-/// Every record of every partition from the low to the high watermark, with
-/// assigned partitions (no consumer group).
-fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<LogRead> {
-    let consumer: BaseConsumer = ClientConfig::new()
+/// A consumer for assigned partitions and watermarks. librdkafka wants a
+/// group id even then; nothing joins it (no subscribe) and nothing is
+/// committed to it.
+fn reader(brokers: &str, role: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        // librdkafka wants a group id even for assigned partitions; nothing
-        // joins it (no subscribe) and nothing is committed to it.
         .set(
             "group.id",
-            format!("faultcheck-reader-{}", rand::random::<u32>()),
+            format!("faultcheck-{role}-{}", rand::random::<u32>()),
         )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
-        .create()?;
+        .create()?)
+}
+
+/// Every record of every partition from the low to the high watermark, with
+/// assigned partitions (no consumer group).
+fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<LogRead> {
+    let consumer = reader(brokers, "reader")?;
     let meta_timeout = Duration::from_secs(10);
     let md = consumer.fetch_metadata(Some(topic), meta_timeout)?;
     let t = md
@@ -1563,15 +1568,7 @@ fn read_log(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<Log
 
 /// Each partition's high watermark (the offset the next event would get).
 fn log_ends(brokers: &str, topic: &str, timeout: Duration) -> Option<BTreeMap<i32, i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("faultcheck-ends-{}", rand::random::<u32>()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .ok()?;
+    let consumer = reader(brokers, "ends").ok()?;
     let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
     let t = md.topics().iter().find(|t| t.name() == topic)?;
     let mut ends = BTreeMap::new();
