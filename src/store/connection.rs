@@ -1,9 +1,11 @@
 //! How the service reaches Redis: one server (a shared multiplexed connection
-//! or a bb8 pool) or the master that Sentinel names, with a timeout on every
-//! call. What the calls do lives in the files named after what they hold.
+//! or a bb8 pool), the master that Sentinel names, or a Redis Cluster, with a
+//! timeout on every call. What the calls do lives in the files named after
+//! what they hold.
 
 use super::{Keys, StoreError};
 use bb8_redis::RedisConnectionManager;
+use futures::future::Either;
 use redis::{
     AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Script, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
@@ -78,12 +80,59 @@ struct ClusterSource {
 }
 
 impl ClusterSource {
+    fn new(nodes: &[String], auth: &RedisAuth, timeout: Duration) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = nodes.iter().map(|s| with_scheme(s)).collect();
+        let tls = nodes.iter().any(|n| n.starts_with("rediss://"));
+        let mut builder = redis::cluster::ClusterClient::builder(nodes);
+        if tls {
+            builder = builder.certs(auth.certificates());
+        }
+        if let Some(u) = &auth.username {
+            builder = builder.username(u);
+        }
+        if let Some(p) = &auth.password {
+            use secrecy::ExposeSecret;
+            builder = builder.password(p.expose_secret());
+        }
+        let client = builder
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(|e| bad("cluster nodes", e))?;
+        Ok(Self {
+            client,
+            conn: tokio::sync::OnceCell::new(),
+        })
+    }
+
     async fn connection(&self) -> Result<redis::cluster_async::ClusterConnection, StoreError> {
         Ok(self
             .conn
             .get_or_try_init(|| self.client.get_async_connection())
             .await?
             .clone())
+    }
+
+    /// Runs a read-only pipeline on a replica of `key`'s slot (the crate's
+    /// own routing sends `READONLY` first).
+    async fn query_replica<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        pipe: &Pipeline,
+        commands: usize,
+    ) -> Result<T, StoreError> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            key.as_bytes(),
+            SlotAddr::ReplicaRequired,
+        ));
+        let values = self
+            .connection()
+            .await?
+            .route_pipeline(pipe.clone(), 0, commands, route)
+            .await?;
+        redis::from_redis_value(Value::Array(values))
+            .map_err(|e| StoreError::Protocol(e.to_string()))
     }
 }
 
@@ -103,10 +152,10 @@ impl SentinelSource {
         kind: SentinelServerType,
         auth: &RedisAuth,
         timeout: Duration,
-    ) -> Result<Self, redis::RedisError> {
+    ) -> Result<Self, StoreError> {
         let urls: Vec<String> = sentinels.iter().map(|s| with_scheme(s)).collect();
         let client = if urls.iter().any(|u| u.starts_with("rediss://")) {
-            Self::tls_client(&urls, master, kind, auth)?
+            Self::tls_client(&urls, master, kind, auth)
         } else {
             // The credentials are for the Redis nodes Sentinel names (a
             // sentinel of its own ACL takes them in its URL).
@@ -114,17 +163,16 @@ impl SentinelSource {
                 redis::sentinel::SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(auth.apply(Default::default()))
             });
-            SentinelClient::build(urls, master, node, kind)?
-        };
+            SentinelClient::build(urls, master, node, kind)
+        }
+        .map_err(|e| bad("Sentinel settings", e))?;
         Ok(Self {
             client: tokio::sync::Mutex::new(client),
             current: std::sync::Mutex::new(None),
             timeout,
         })
     }
-}
 
-impl SentinelSource {
     /// `rediss://` sentinels: TLS to the sentinels and to the nodes they
     /// name (a Sentinel that speaks TLS announces its nodes' TLS ports), each
     /// certificate checked against `REDIS_TLS_CA_FILE` (else the system's
@@ -156,24 +204,7 @@ impl SentinelSource {
         }
         builder.build()
     }
-}
 
-/// Where GetUser may read when `REDIS_READ_FROM_REPLICAS` is on: a replica
-/// of the slot's master in a cluster, a replica that Sentinel names.
-enum ReplicaReads {
-    Cluster,
-    Sentinel(Box<SentinelSource>),
-}
-
-/// How often reads went to a replica, and how often the replica could not
-/// answer for the position asked (or at all) and the master did.
-#[derive(Debug, Default)]
-pub struct ReplicaReadCounts {
-    pub served: std::sync::atomic::AtomicU64,
-    pub fell_back: std::sync::atomic::AtomicU64,
-}
-
-impl SentinelSource {
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
         if let Some(c) = self.current.lock().expect("sentinel lock poisoned").clone() {
             return Ok(c);
@@ -198,6 +229,17 @@ impl SentinelSource {
     fn forget(&self) {
         self.current.lock().expect("sentinel lock poisoned").take();
     }
+
+    /// Runs a pipeline on the node found; a failure makes the next call ask
+    /// Sentinel again (for replica reads: that replica may be gone).
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.connection().await?;
+        let result = pipe.query_async(&mut conn).await;
+        if result.is_err() {
+            self.forget();
+        }
+        Ok(result?)
+    }
 }
 
 /// The connection a call runs on.
@@ -208,14 +250,22 @@ pub(super) enum Conn<'a> {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+/// Calls `$call` on whichever connection `$conn` holds: the one place that
+/// lists them.
+macro_rules! on_conn {
+    ($conn:expr, $c:ident => $call:expr) => {
+        match $conn {
+            Conn::Pooled($c) => $call,
+            Conn::Shared($c) => $call,
+            Conn::Sentinel($c) => $call,
+            Conn::Cluster($c) => $call,
+        }
+    };
+}
+
 impl ConnectionLike for Conn<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Pooled(c) => c.req_packed_command(cmd),
-            Conn::Shared(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
+        on_conn!(self, c => c.req_packed_command(cmd))
     }
 
     fn req_packed_commands<'a>(
@@ -224,36 +274,100 @@ impl ConnectionLike for Conn<'_> {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Shared(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
+        on_conn!(self, c => c.req_packed_commands(cmd, offset, count))
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Pooled(c) => c.get_db(),
-            Conn::Shared(c) => c.get_db(),
-            Conn::Sentinel(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
+        on_conn!(self, c => c.get_db())
     }
+}
+
+/// Where the calls go. Replica reads (GetUser's, see
+/// [`RedisStore::with_replica_reads`]) live in the backends that have
+/// replicas.
+#[derive(Clone)]
+enum Backend {
+    /// One server, a bb8 pool of connections.
+    Pool(bb8::Pool<RedisConnectionManager>),
+    /// One server, one multiplexed connection that reconnects by itself.
+    Shared(ConnectionManager),
+    /// The master Sentinel names; `replicas`: a replica it names, when reads
+    /// may go there.
+    Sentinel {
+        master: Arc<SentinelSource>,
+        replicas: Option<Arc<SentinelSource>>,
+    },
+    /// A Redis Cluster; `replica_reads`: reads may go to a replica of the
+    /// slot's master.
+    Cluster {
+        nodes: Arc<ClusterSource>,
+        replica_reads: bool,
+    },
+}
+
+impl Backend {
+    /// One server at `url`, reached as `kind` says.
+    fn server(
+        url: &str,
+        auth: &RedisAuth,
+        kind: RedisClientKind,
+        pool_size: u32,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad("URL", e))?;
+        let redis_settings = auth.apply(info.redis_settings().clone());
+        let mut info = info.set_redis_settings(redis_settings);
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            // rediss://: the connection info then carries the trust roots.
+            info = redis::Client::build_with_tls(info, auth.certificates())
+                .map_err(|e| bad("TLS settings", e))?
+                .get_connection_info()
+                .clone();
+        }
+        Ok(match kind {
+            RedisClientKind::Pool => {
+                let manager = RedisConnectionManager::new(info).map_err(|e| bad("URL", e))?;
+                Self::Pool(
+                    bb8::Pool::builder()
+                        .max_size(pool_size)
+                        // bb8 PINGs each connection it hands out (one more
+                        // round trip per call): it is how the pool notices a
+                        // connection to a Redis that went away; without it,
+                        // dead connections are handed out forever.
+                        .connection_timeout(timeout)
+                        .build_unchecked(manager),
+                )
+            }
+            RedisClientKind::Shared => {
+                let client = redis::Client::open(info).map_err(|e| bad("URL", e))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Self::Shared(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| bad("URL", e))?,
+                )
+            }
+        })
+    }
+}
+
+/// How often reads went to a replica, and how often the replica could not
+/// answer for the position asked (or at all) and the master did.
+#[derive(Debug, Default)]
+pub struct ReplicaReadCounts {
+    pub served: std::sync::atomic::AtomicU64,
+    pub fell_back: std::sync::atomic::AtomicU64,
 }
 
 /// The service's Redis client, with a timeout on every call so a stalled
 /// Redis becomes `Unavailable`, not a hang.
 #[derive(Clone)]
 pub struct RedisStore {
-    pool: bb8::Pool<RedisConnectionManager>,
-    /// Set when calls go over one shared connection instead of the pool.
-    shared: Option<ConnectionManager>,
-    /// Set when Sentinel names the master; it then serves every call.
-    sentinel: Option<Arc<SentinelSource>>,
-    cluster: Option<Arc<ClusterSource>>,
-    /// Set when reads may go to replicas (see [`RedisStore::with_replica_reads`]).
-    replicas: Option<Arc<ReplicaReads>>,
+    backend: Backend,
     pub(super) replica_counts: Arc<ReplicaReadCounts>,
     metrics: crate::telemetry::Metrics,
     pub(super) keys: Keys,
@@ -292,90 +406,25 @@ impl RedisStore {
         pool_size: u32,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let bad = |what: &str, e: redis::RedisError| {
-            StoreError::Unavailable(format!("bad Redis {what}: {e}"))
-        };
-        let mut cluster = None;
-        let (url, sentinel) = match target {
-            RedisTarget::Server(url) => (url.as_str(), None),
-            RedisTarget::Cluster(nodes) => {
-                let nodes: Vec<String> = nodes.iter().map(|s| with_scheme(s)).collect();
-                let tls = nodes.iter().any(|n| n.starts_with("rediss://"));
-                let mut builder = redis::cluster::ClusterClient::builder(nodes);
-                if tls {
-                    builder = builder.certs(auth.certificates());
-                }
-                if let Some(u) = &auth.username {
-                    builder = builder.username(u);
-                }
-                if let Some(p) = &auth.password {
-                    use secrecy::ExposeSecret;
-                    builder = builder.password(p.expose_secret());
-                }
-                let client = builder
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()
-                    .map_err(|e| bad("cluster nodes", e))?;
-                cluster = Some(Arc::new(ClusterSource {
-                    client,
-                    conn: tokio::sync::OnceCell::new(),
-                }));
-                ("redis://127.0.0.1:6379", None)
-            }
-            RedisTarget::Sentinel { sentinels, master } => {
-                let source = SentinelSource::new(
+        let backend = match target {
+            RedisTarget::Server(url) => Backend::server(url, auth, kind, pool_size, timeout)?,
+            RedisTarget::Sentinel { sentinels, master } => Backend::Sentinel {
+                master: Arc::new(SentinelSource::new(
                     sentinels,
                     master,
                     SentinelServerType::Master,
                     auth,
                     timeout,
-                )
-                .map_err(|e| bad("Sentinel settings", e))?;
-                // The pool and the shared connection are not used with Sentinel.
-                ("redis://127.0.0.1:6379", Some(Arc::new(source)))
-            }
-        };
-        let info =
-            redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| bad("URL", e))?;
-        let redis_settings = auth.apply(info.redis_settings().clone());
-        let mut info = info.set_redis_settings(redis_settings);
-        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            // rediss://: the connection info then carries the trust roots.
-            info = redis::Client::build_with_tls(info, auth.certificates())
-                .map_err(|e| bad("TLS settings", e))?
-                .get_connection_info()
-                .clone();
-        }
-        let manager = RedisConnectionManager::new(info.clone()).map_err(|e| bad("URL", e))?;
-        let pool = bb8::Pool::builder()
-            .max_size(pool_size)
-            // bb8 PINGs each connection it hands out (one more round trip per
-            // call): it is how the pool notices a connection to a Redis that
-            // went away; without it, dead connections are handed out forever.
-            .connection_timeout(timeout)
-            .build_unchecked(manager);
-        let shared = match (kind, &sentinel, &cluster) {
-            (RedisClientKind::Shared, None, None) => {
-                let client = redis::Client::open(info).map_err(|e| bad("URL", e))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                Some(
-                    ConnectionManager::new_lazy_with_config(client, config)
-                        .map_err(|e| bad("URL", e))?,
-                )
-            }
-            _ => None,
+                )?),
+                replicas: None,
+            },
+            RedisTarget::Cluster(nodes) => Backend::Cluster {
+                nodes: Arc::new(ClusterSource::new(nodes, auth, timeout)?),
+                replica_reads: false,
+            },
         };
         Ok(Self {
-            pool,
-            shared,
-            sentinel,
-            cluster,
-            replicas: None,
+            backend,
             replica_counts: Arc::default(),
             metrics: Default::default(),
             keys,
@@ -388,15 +437,13 @@ impl RedisStore {
         })
     }
 
-    /// A connection for one call: the shared one, or one from the pool.
+    /// A connection for one call, from whichever backend there is.
     pub(super) async fn conn(&self) -> Result<Conn<'_>, StoreError> {
-        if let Some(cluster) = &self.cluster {
-            return Ok(Conn::Cluster(cluster.connection().await?));
-        }
-        Ok(match (&self.sentinel, &self.shared) {
-            (Some(sentinel), _) => Conn::Sentinel(sentinel.connection().await?),
-            (None, Some(shared)) => Conn::Shared(shared.clone()),
-            (None, None) => Conn::Pooled(self.pool.get().await?),
+        Ok(match &self.backend {
+            Backend::Pool(pool) => Conn::Pooled(pool.get().await?),
+            Backend::Shared(shared) => Conn::Shared(shared.clone()),
+            Backend::Sentinel { master, .. } => Conn::Sentinel(master.connection().await?),
+            Backend::Cluster { nodes, .. } => Conn::Cluster(nodes.connection().await?),
         })
     }
 
@@ -409,28 +456,31 @@ impl RedisStore {
         target: &RedisTarget,
         auth: &RedisAuth,
     ) -> Result<Self, StoreError> {
-        self.replicas = Some(Arc::new(match target {
-            RedisTarget::Cluster(_) => ReplicaReads::Cluster,
-            RedisTarget::Sentinel { sentinels, master } => {
-                let source = SentinelSource::new(
+        match (&mut self.backend, target) {
+            (Backend::Cluster { replica_reads, .. }, RedisTarget::Cluster(_)) => {
+                *replica_reads = true;
+            }
+            (Backend::Sentinel { replicas, .. }, RedisTarget::Sentinel { sentinels, master }) => {
+                *replicas = Some(Arc::new(SentinelSource::new(
                     sentinels,
                     master,
                     SentinelServerType::Replica,
                     auth,
                     self.timeout,
-                )
-                .map_err(|e| {
-                    StoreError::Unavailable(format!("bad Redis Sentinel settings: {e}"))
-                })?;
-                ReplicaReads::Sentinel(Box::new(source))
+                )?));
             }
-            RedisTarget::Server(_) => {
+            (Backend::Pool(_) | Backend::Shared(_), _) => {
                 return Err(StoreError::Unavailable(
                     "REDIS_READ_FROM_REPLICAS needs REDIS_SENTINEL_URLS or REDIS_CLUSTER_URLS"
                         .into(),
                 ));
             }
-        }));
+            _ => {
+                return Err(StoreError::Unavailable(
+                    "replica reads asked for another Redis than the store's".into(),
+                ));
+            }
+        }
         Ok(self)
     }
 
@@ -442,7 +492,11 @@ impl RedisStore {
 
     /// Whether GetUser may read from replicas.
     pub fn reads_from_replicas(&self) -> bool {
-        self.replicas.is_some()
+        match &self.backend {
+            Backend::Cluster { replica_reads, .. } => *replica_reads,
+            Backend::Sentinel { replicas, .. } => replicas.is_some(),
+            Backend::Pool(_) | Backend::Shared(_) => false,
+        }
     }
 
     /// Reads served by replicas, and reads the master took over.
@@ -462,37 +516,16 @@ impl RedisStore {
         pipe: &Pipeline,
         commands: usize,
     ) -> Option<Result<T, StoreError>> {
-        let replicas = self.replicas.as_ref()?;
-        let run = async {
-            match replicas.as_ref() {
-                ReplicaReads::Cluster => {
-                    use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-                    let cluster = self
-                        .cluster
-                        .as_ref()
-                        .expect("cluster replicas need a cluster");
-                    let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-                        key.as_bytes(),
-                        SlotAddr::ReplicaRequired,
-                    ));
-                    let values = cluster
-                        .connection()
-                        .await?
-                        .route_pipeline(pipe.clone(), 0, commands, route)
-                        .await?;
-                    redis::from_redis_value(Value::Array(values))
-                        .map_err(|e| StoreError::Protocol(e.to_string()))
-                }
-                ReplicaReads::Sentinel(source) => {
-                    let mut conn = source.connection().await?;
-                    let result = pipe.query_async(&mut conn).await;
-                    if result.is_err() {
-                        // That replica may be gone: ask Sentinel for another.
-                        source.forget();
-                    }
-                    Ok(result?)
-                }
-            }
+        let run = match &self.backend {
+            Backend::Cluster {
+                nodes,
+                replica_reads: true,
+            } => Either::Left(nodes.query_replica(key, pipe, commands)),
+            Backend::Sentinel {
+                replicas: Some(replica),
+                ..
+            } => Either::Right(replica.query(pipe)),
+            _ => return None,
         };
         Some(
             tokio::time::timeout(self.timeout, run)
@@ -514,9 +547,11 @@ impl RedisStore {
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("Redis call timed out".into())));
         self.metrics.redis_call(result.is_ok(), began.elapsed());
-        if let (Err(StoreError::Unavailable(_)), Some(sentinel)) = (&result, &self.sentinel) {
+        if let (Err(StoreError::Unavailable(_)), Backend::Sentinel { master, .. }) =
+            (&result, &self.backend)
+        {
             // The master may have moved: ask Sentinel again on the next call.
-            sentinel.forget();
+            master.forget();
         }
         result
     }
@@ -534,6 +569,11 @@ impl RedisStore {
         })
         .await
     }
+}
+
+/// A setting the `redis` crate refused.
+fn bad(what: &str, e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("bad Redis {what}: {e}"))
 }
 
 /// A node given as `host:port` (as the Go service takes it) gets the scheme.
