@@ -33,6 +33,7 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
+    retry,
     store::{
         ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache, Verdicts,
     },
@@ -1018,6 +1019,11 @@ impl MapCheck {
     }
 }
 
+/// Retries of the partition map's learning; the first waits too: start-up
+/// has just failed one.
+const MAP_RETRY: retry::Schedule =
+    retry::Schedule::new(Duration::from_millis(200), Duration::from_secs(5));
+
 /// Reads (or records) the topic's partition map until it is known, for an
 /// instance that started while no broker answered.
 async fn learn_partition_map(
@@ -1027,11 +1033,10 @@ async fn learn_partition_map(
     routing: Arc<Routing>,
     token: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut delays = MAP_RETRY.delays();
     while routing.map().is_none() {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !retry::pause(&token, delays.next().unwrap_or(MAP_RETRY.max)).await {
+            return;
         }
         match kafka::partition_map::learn(&link, &publisher, &topic, None, Duration::from_secs(30))
             .await
@@ -1044,17 +1049,20 @@ async fn learn_partition_map(
                 );
                 routing.set_map(map);
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "the topic's partition map is not known yet");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            Err(e) => tracing::debug!(error = %e, "the topic's partition map is not known yet"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::SERVED;
+    use super::{MAP_RETRY, SERVED};
+
+    #[test]
+    fn the_partition_map_is_retried_after_doubling_delays_up_to_5s() {
+        let delays: Vec<u128> = MAP_RETRY.delays().take(8).map(|d| d.as_millis()).collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
 
     #[test]
     fn calls_are_labelled_by_the_services_served() {
