@@ -889,16 +889,7 @@ async fn probe_dependencies(
         health.set_dependencies(now.0, now.1);
         if now.0 && !layout_checked {
             layout_checked = true;
-            match store.listpack_value_limit().await {
-                Ok(Some(limit)) if limit < ADVISED_LISTPACK_VALUE => tracing::warn!(
-                    limit,
-                    advised = ADVISED_LISTPACK_VALUE,
-                    "Redis' hash-max-listpack-value is below what the read model's buckets want: \
-                     users take about twice the memory (set it in redis.conf)"
-                ),
-                Ok(limit) => tracing::debug!(?limit, "hash-max-listpack-value checked"),
-                Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
-            }
+            check_listpack_value(&store).await;
         }
         if let Some(state) = &projector {
             let in_group = state.stats().in_group;
@@ -916,6 +907,21 @@ async fn probe_dependencies(
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Warns if Redis keeps the read model's buckets in a layout that takes
+/// about twice the memory; checked once, the first time Redis answers.
+async fn check_listpack_value(store: &RedisStore) {
+    match store.listpack_value_limit().await {
+        Ok(Some(limit)) if limit < ADVISED_LISTPACK_VALUE => tracing::warn!(
+            limit,
+            advised = ADVISED_LISTPACK_VALUE,
+            "Redis' hash-max-listpack-value is below what the read model's buckets want: \
+             users take about twice the memory (set it in redis.conf)"
+        ),
+        Ok(limit) => tracing::debug!(?limit, "hash-max-listpack-value checked"),
+        Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
     }
 }
 
