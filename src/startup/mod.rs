@@ -33,6 +33,7 @@ use crate::{
             user_service_server::UserServiceServer,
         },
     },
+    retry,
     store::{
         ADVISED_LISTPACK_VALUE, CheckpointWatch, Keys, RedisStore, StoreError, UserCache, Verdicts,
     },
@@ -55,9 +56,13 @@ use std::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::{Status, service::LayerExt};
-use tower_http::catch_panic::CatchPanicLayer;
+use tonic::transport::{Server, server::Router};
+use tonic::{
+    Status,
+    service::{LayerExt, Routes},
+};
+use tower::layer::util::{Identity, Stack};
+use tower_http::catch_panic::{CatchPanicLayer, ResponseForPanic};
 
 /// The name the user service reports under in `grpc.health.v1`.
 pub const USER_SERVICE_NAME: &str = "user.v1.UserService";
@@ -129,7 +134,7 @@ pub struct Application {
     token: CancellationToken,
     /// Every background task, joined at shutdown.
     tasks: Tasks,
-    server: tokio::task::JoinHandle<Option<Result<(), tonic::transport::Error>>>,
+    server: ServerTask,
     health: Arc<HealthRegistry>,
     publisher: EventPublisher,
     projector: Option<Arc<ProjectorState>>,
@@ -164,359 +169,93 @@ pub struct AppHandle {
 }
 
 impl Application {
-    /// Binds the listener (port 0 picks one), builds the adapters, creates
+    /// Binds the ports (port 0 picks one), builds the adapters and creates
     /// the topics if missing, then starts the server, the projector and the
-    /// health probe. Nothing starts before the port is bound, so a failed
-    /// bind leaves nothing behind. Kafka or Redis being down is not fatal:
-    /// health reports it.
+    /// health probe ([`Application::start`]). Every step that may fail comes
+    /// before anything starts, so a failure leaves nothing behind. Kafka or
+    /// Redis being down is not fatal: health reports it.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.listen_addr,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: config.listen_addr,
-            source,
-        })?;
-        let metrics_listener = match config.metrics_addr {
-            MetricsAddr::Off => None,
-            MetricsAddr::At(at) => Some(
-                TcpListener::bind(at)
-                    .await
-                    .map_err(|source| StartupError::Bind { addr: at, source })?,
-            ),
-        };
-        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let listeners = Listeners::open(&config).await?;
         let metrics = Metrics::new();
-        // TLS files are read before anything starts: a bad one stops here.
-        let tls = tls::TlsFiles::from_settings(
-            config.tls_cert_file.as_deref(),
-            config.tls_key_file.as_deref(),
-            config.tls_client_ca_file.as_deref(),
-        )?
-        .map(tls::ReloadingTls::new)
-        .transpose()?;
+        let reflection = reflection()?;
+        let adapters = Adapters::connect(&config, &metrics).await?;
+        Ok(Self::start(
+            config, metrics, listeners, reflection, adapters,
+        ))
+    }
 
-        let token = CancellationToken::new();
-        let tasks = Tasks::new();
-        let dlq_topic = config.dlq_topic();
-
-        let auth = config.redis_auth()?;
-        let kafka_link = config.kafka_link()?;
-        let mut store = RedisStore::with_auth(
-            &config.redis_target(),
-            &auth,
-            Keys::new(&config.redis_key_prefix, &config.topic),
-            config.redis_client,
-            config.redis_pool_size,
-            config.redis_timeout,
-        )?;
-        if config.redis_read_from_replicas {
-            store = store.with_replica_reads(&config.redis_target(), &auth)?;
-        }
-        let store = store.with_metrics(metrics.clone());
-        let store_handle = store.clone();
-        let publisher = EventPublisher::new(
-            &kafka_link,
-            &config.topic,
-            config.publish_timeout,
-            config.producer_linger,
-        )?
-        .with_metrics(metrics.clone());
-        // Our contract, the health service's, and google.rpc's error details, so
-        // grpcurl can print a BadRequest.
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
-        if let Err(e) = kafka::ensure_topics(
-            &kafka_link,
-            &[&config.topic, &dlq_topic],
-            config.topic_partitions,
-            config.topic_replication,
-            config.publish_timeout,
-        )
-        .await
-        {
-            // The broker may come later; the projector's subscription waits for it.
-            tracing::warn!(error = %e, "could not ensure topics at start-up");
-        }
-        // The topic's partition map, from the log (recorded now if the topic
-        // has none yet). Without a broker, a task keeps trying; until then
-        // creates wait and reads use the copy beside the read model.
-        let routing = Arc::new(Routing::default());
-        let map_hint = store.partition_map().await.ok().flatten().map(|m| m.offset);
-        match kafka::partition_map::learn(
-            &kafka_link,
-            &publisher,
-            &config.topic,
-            map_hint,
-            config.publish_timeout,
-        )
-        .await
-        {
-            Ok(map) => {
-                tracing::info!(
-                    partitions = map.partitions,
-                    offset = map.offset,
-                    "the topic's partition map"
-                );
-                routing.set_map(map);
-            }
-            Err(e) => tracing::warn!(error = %e, "the topic's partition map is not known yet"),
-        }
-        // The topic's count beside it before any call: a map the topic cannot
-        // honour is refused from the first create, not from the first probe.
-        if let Ok(n) = publisher.ping(config.publish_timeout).await {
-            routing.set_topic_partitions(n);
-            store.record_partition_count(n);
-        }
-
-        let mut names = vec![
-            ("", Needs::REDIS),
-            (USER_SERVICE_NAME, Needs::REDIS),
-            (PROJECTION_SERVICE_NAME, Needs::KAFKA),
-            (REDIS_HEALTH_NAME, Needs::REDIS),
-            (KAFKA_HEALTH_NAME, Needs::KAFKA),
-            (LIVENESS_HEALTH_NAME, Needs::NOTHING),
-        ];
-        if config.projector_enabled {
-            names.push((PROJECTOR_HEALTH_NAME, Needs::PROJECTOR));
-        }
-        let health = Arc::new(HealthRegistry::new(&names, token.clone()));
-
-        // From here on, tasks run: nothing below may fail.
-
-        // Replaces the producer if librdkafka leaves it cut off from a
-        // cluster that is there (see kafka::watchdog).
-        tasks.spawn("producer watchdog", publisher.clone().watch(token.clone()));
-
-        // Calls in flight at shutdown still wait on the poller: it stops
-        // after the server has drained, not with the streams.
-        let watch_stop = CancellationToken::new();
-        let watch = CheckpointWatch::new(store.clone(), watch_stop.clone());
-        tasks.spawn("checkpoint watch", watch.clone().run());
-
-        let projector = config
-            .projector_enabled
-            .then(|| Arc::new(ProjectorState::default()));
-        let verdicts = Arc::new(Verdicts::default());
-        if let Some(state) = &projector {
-            let p = Projector {
-                link: kafka_link.clone(),
-                group: config.consumer_group.clone(),
-                topic: config.topic.clone(),
-                dlq_topic,
-                batch_size: config.projector_batch_size.max(1),
-                store: store.clone(),
-                watch: watch.clone(),
-                request_ttl: config.request_id_ttl,
-                publisher: publisher.clone(),
-                state: state.clone(),
-                metrics: metrics.clone(),
-                routing: routing.clone(),
-                verdicts: verdicts.clone(),
-            };
-            let t = token.clone();
-            tasks.spawn("projector", async move {
-                if let Err(e) = p.run(t).await {
-                    tracing::error!(error = %e, "projector stopped with an error");
-                }
-            });
-        }
-
-        if routing.map().is_none() {
-            tasks.spawn(
-                "partition map",
-                learn_partition_map(
-                    kafka_link.clone(),
-                    publisher.clone(),
-                    config.topic.clone(),
-                    routing.clone(),
-                    token.clone(),
-                ),
-            );
-        }
-        tasks.spawn(
-            "dependency probe",
-            probe_dependencies(
-                Probed {
-                    store: store.clone(),
-                    publisher: publisher.clone(),
-                    projector: projector.clone(),
-                    health: health.clone(),
-                    routing: routing.clone(),
-                    link: kafka_link.clone(),
-                    topic: config.topic.clone(),
-                },
-                config.health_probe_interval,
-                metrics.clone(),
-                token.clone(),
-            ),
-        );
-
-        let progress_hub = Arc::new(ProgressHub::new(
-            &kafka_link,
-            OwnProjection {
-                group: config.consumer_group.clone(),
-                topic: config.topic.clone(),
-                state: projector.clone(),
-                store: Some(store.clone()),
-                routing: Some(routing.clone()),
-            },
-            config.max_progress_watchers,
-            config.publish_timeout,
-            token.clone(),
-            tasks.clone(),
-        ));
-        let progress = ProjectionApi {
-            hub: progress_hub.clone(),
-            allowed: config.progress_allowed(),
-            shutdown: token.clone(),
+    /// Starts the tasks and the server from parts already built. It returns
+    /// no `Result`, nor does any step it takes: a failure once a task runs
+    /// would leave that task running, its token never cancelled.
+    fn start(
+        config: Config,
+        metrics: Metrics,
+        listeners: Listeners,
+        reflection: Routes,
+        adapters: Adapters,
+    ) -> Self {
+        let wiring = Wiring {
+            config,
+            metrics,
+            token: CancellationToken::new(),
+            tasks: Tasks::new(),
         };
-        let users = UserCache::new(config.user_cache_bytes);
-        let api = UserApi {
-            create: CreateUser {
-                store: store.clone(),
-                publisher: publisher.clone(),
-                watch: watch.clone(),
-                routing: routing.clone(),
-                verdicts: verdicts.clone(),
-            },
-            max_position_wait: config.max_position_wait,
-            tasks: tasks.clone(),
-            users: users.clone(),
-        };
-
-        // The user and progress services share one budget of concurrent
-        // calls (see api::limit). Health and reflection stay outside it, so a
-        // probe sees the truth under load.
-        let limit = CallBudget::new(config.max_concurrent_calls);
-        // A panicking handler answers INTERNAL and stops the service (see
-        // crate::tasks).
-        let on_panic = {
-            let tasks = tasks.clone();
-            move |panic: Box<dyn std::any::Any + Send>| {
-                tasks.panicked("gRPC handler", panic.as_ref());
-                Status::internal("internal error").into_http::<tonic::body::Body>()
-            }
-        };
-        let max_request = config.max_request_bytes;
-        let router = Server::builder()
-            // Bounds the time a call holds its slot of the budget (a stream
-            // only until it starts).
-            .timeout(config.call_timeout())
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-            .layer(GrpcTelemetryLayer::new(metrics.clone(), &SERVED))
-            .layer(CatchPanicLayer::custom(on_panic))
-            // RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, past MAX_REQUEST_BYTES.
-            .layer(crate::api::oversize::OversizeLayer)
-            .add_service(HealthService(health.clone()).into_server())
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(
-                limit.named_layer(
-                    UserServiceServer::new(api)
-                        .max_decoding_message_size(max_request)
-                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
-                ),
-            )
-            .add_service(
-                limit.named_layer(
-                    ProjectionServiceServer::new(progress)
-                        .max_decoding_message_size(max_request)
-                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
-                ),
-            );
-        let stop = token.clone().cancelled_owned();
-        // A client that pings too often is sent GOAWAY (see transport::ping_policy);
-        // each accepted connection is wrapped, plaintext or decrypted TLS.
-        // It also closes silent and idle connections; each holds its place
-        // under MAX_CONNECTIONS (see transport::connections).
-        let pings = PingPolicy::new(
-            config.http2_min_ping_interval,
-            config.http2_max_ping_strikes,
-        )
-        .with_deadlines(config.http2_preface_timeout, config.max_connection_idle)
-        .with_metrics(metrics.clone());
-        let connections = Cap::connections(config.max_connections, metrics.clone());
-        let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
-            match &tls {
-                None => {
-                    tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
-                    let incoming = transport::connections::plaintext(listener, connections, pings);
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
-                }
-                Some(tls) => {
-                    tracing::info!(%addr, mutual = tls.mutual(), "gRPC over TLS");
-                    tasks.spawn(
-                        "TLS reload",
-                        tls.clone().watch(config.tls_reload_interval, token.clone()),
-                    );
-                    let incoming = tls::incoming(
-                        listener,
-                        tls.clone(),
-                        tls::Accepting {
-                            handshake_timeout: config.tls_handshake_timeout,
-                            connections,
-                            handshakes: Cap::handshakes(config.tls_max_handshakes, metrics.clone()),
-                            pings,
-                        },
-                        token.clone(),
-                        &tasks,
-                    );
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
-                }
-            };
-        let server = tasks.spawn("gRPC server", server);
-        if let Some(listener) = metrics_listener {
+        let health = Arc::new(wiring.health_registry());
+        let background = wiring.spawn_background(&adapters, &health);
+        let Handlers {
+            users,
+            projection,
+            progress,
+            cache,
+            calls,
+        } = wiring.handlers(&adapters, &background);
+        let router = wiring.router(&health, reflection, users, projection, &calls);
+        let addr = listeners.grpc.addr;
+        let server = wiring.spawn_server(router, listeners.grpc);
+        let metrics_addr = listeners.metrics_addr;
+        if let Some(listener) = listeners.metrics {
             let sources = Sources {
-                metrics: metrics.clone(),
-                calls: limit.clone(),
+                metrics: wiring.metrics.clone(),
+                calls: calls.clone(),
                 health: health.clone(),
-                projector: projector.clone(),
-                progress: progress_hub.clone(),
-                store: store.clone(),
-                watch: watch.clone(),
-                producer: publisher.client_health(),
-                users: users.clone(),
-                routing: routing.clone(),
+                projector: background.projector.clone(),
+                progress: progress.clone(),
+                store: adapters.store.clone(),
+                watch: background.watch.clone(),
+                producer: adapters.publisher.client_health(),
+                users: cache,
+                routing: adapters.routing.clone(),
             };
             tracing::info!(addr = ?metrics_addr, "metrics endpoint at /metrics");
-            tasks.spawn(
+            wiring.tasks.spawn(
                 "metrics endpoint",
-                metrics_endpoint::serve(listener, sources, token.clone()),
+                metrics_endpoint::serve(listener, sources, wiring.token.clone()),
             );
         }
-        let checkpoint_watch = watch;
 
-        Ok(Self {
+        let Wiring {
+            config,
+            metrics,
+            token,
+            tasks,
+        } = wiring;
+        Self {
             config,
             addr,
             token,
             tasks,
             server,
             health,
-            publisher,
-            projector,
-            progress: progress_hub,
-            calls: limit,
-            checkpoint_watch,
-            store: store_handle,
+            publisher: adapters.publisher,
+            projector: background.projector,
+            progress,
+            calls,
+            checkpoint_watch: background.watch,
+            store: adapters.store,
             metrics,
             metrics_addr,
-            watch_stop,
-        })
+            watch_stop: background.watch_stop,
+        }
     }
 
     /// The address the server listens on (the real port when built with 0).
@@ -610,6 +349,484 @@ impl Application {
     }
 }
 
+/// The ports, bound before anything starts, and the TLS the gRPC port
+/// accepts with.
+struct Listeners {
+    grpc: GrpcListener,
+    metrics: Option<TcpListener>,
+    /// Where `/metrics` is served (the real port when configured with 0).
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// The gRPC port.
+struct GrpcListener {
+    tcp: TcpListener,
+    /// The real port when configured with 0.
+    addr: SocketAddr,
+    /// `None`: plaintext.
+    tls: Option<Arc<tls::ReloadingTls>>,
+}
+
+impl Listeners {
+    /// Binds both ports, then reads the TLS files: a bad one stops here.
+    async fn open(config: &Config) -> Result<Self, StartupError> {
+        let tcp = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = tcp.local_addr().map_err(|source| StartupError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+        let metrics = match config.metrics_addr {
+            MetricsAddr::Off => None,
+            MetricsAddr::At(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|source| StartupError::Bind { addr: at, source })?,
+            ),
+        };
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let tls = tls::TlsFiles::from_settings(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+            config.tls_client_ca_file.as_deref(),
+        )?
+        .map(tls::ReloadingTls::new)
+        .transpose()?;
+        Ok(Self {
+            grpc: GrpcListener { tcp, addr, tls },
+            metrics,
+            metrics_addr,
+        })
+    }
+}
+
+/// The reflection services, both versions, as the routes the router starts
+/// from. Our contract, the health service's, and google.rpc's error
+/// details, so grpcurl can print a BadRequest.
+fn reflection() -> Result<Routes, StartupError> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(Routes::new(v1).add_service(v1alpha))
+}
+
+/// Redis and Kafka, and what start-up learnt of the topic.
+struct Adapters {
+    link: KafkaLink,
+    store: RedisStore,
+    publisher: EventPublisher,
+    routing: Arc<Routing>,
+}
+
+impl Adapters {
+    /// Fails only on settings that cannot work; the clients connect lazily,
+    /// and a broker that does not answer yet is logged, not fatal.
+    async fn connect(config: &Config, metrics: &Metrics) -> Result<Self, StartupError> {
+        let auth = config.redis_auth()?;
+        let link = config.kafka_link()?;
+        let mut store = RedisStore::with_auth(
+            &config.redis_target(),
+            &auth,
+            Keys::new(&config.redis_key_prefix, &config.topic),
+            config.redis_client,
+            config.redis_pool_size,
+            config.redis_timeout,
+        )?;
+        if config.redis_read_from_replicas {
+            store = store.with_replica_reads(&config.redis_target(), &auth)?;
+        }
+        let store = store.with_metrics(metrics.clone());
+        let publisher = EventPublisher::new(
+            &link,
+            &config.topic,
+            config.publish_timeout,
+            config.producer_linger,
+        )?
+        .with_metrics(metrics.clone());
+        let adapters = Self {
+            link,
+            store,
+            publisher,
+            routing: Arc::new(Routing::default()),
+        };
+        adapters.prepare_topic(config).await;
+        Ok(adapters)
+    }
+
+    /// Creates the topics if missing and learns the topic's partition map and
+    /// count, as far as the brokers answer.
+    async fn prepare_topic(&self, config: &Config) {
+        let Self {
+            link,
+            store,
+            publisher,
+            routing,
+        } = self;
+        if let Err(e) = kafka::ensure_topics(
+            link,
+            &[&config.topic, &config.dlq_topic()],
+            config.topic_partitions,
+            config.topic_replication,
+            config.publish_timeout,
+        )
+        .await
+        {
+            // The broker may come later; the projector's subscription waits for it.
+            tracing::warn!(error = %e, "could not ensure topics at start-up");
+        }
+        // The topic's partition map, from the log (recorded now if the topic
+        // has none yet). Without a broker, a task keeps trying; until then
+        // creates wait and reads use the copy beside the read model.
+        let map_hint = store.partition_map().await.ok().flatten().map(|m| m.offset);
+        match kafka::partition_map::learn(
+            link,
+            publisher,
+            &config.topic,
+            map_hint,
+            config.publish_timeout,
+        )
+        .await
+        {
+            Ok(map) => {
+                tracing::info!(
+                    partitions = map.partitions,
+                    offset = map.offset,
+                    "the topic's partition map"
+                );
+                routing.set_map(map);
+            }
+            Err(e) => tracing::warn!(error = %e, "the topic's partition map is not known yet"),
+        }
+        // The topic's count beside it before any call: a map the topic cannot
+        // honour is refused from the first create, not from the first probe.
+        if let Ok(n) = publisher.ping(config.publish_timeout).await {
+            routing.set_topic_partitions(n);
+            store.record_partition_count(n);
+        }
+    }
+}
+
+/// What every step of [`Application::start`] reads: the settings, the
+/// metrics, the one token every task and stream ends on, and the tasks
+/// joined at shutdown.
+struct Wiring {
+    config: Config,
+    metrics: Metrics,
+    token: CancellationToken,
+    tasks: Tasks,
+}
+
+/// What the background tasks share with the handlers.
+struct Background {
+    /// The poller every waiting call shares.
+    watch: Arc<CheckpointWatch>,
+    /// Stops `watch`, once the server has finished its in-flight calls
+    /// (they may be waiting on it).
+    watch_stop: CancellationToken,
+    /// `None` when the projector is disabled.
+    projector: Option<Arc<ProjectorState>>,
+    verdicts: Arc<Verdicts>,
+}
+
+/// The two services' handlers, and what of theirs the metrics and the
+/// handle read.
+struct Handlers {
+    users: UserApi,
+    projection: ProjectionApi,
+    progress: Arc<ProgressHub>,
+    cache: UserCache,
+    /// Shared by the user and progress services (see api::limit).
+    calls: CallBudget,
+}
+
+/// The layers every call passes through, as [`Wiring::router`] adds them
+/// (the first outermost).
+type Layers = Stack<
+    crate::api::oversize::OversizeLayer,
+    Stack<CatchPanicLayer<OnPanic>, Stack<GrpcTelemetryLayer, Identity>>,
+>;
+
+/// The gRPC server's task.
+type ServerTask = tokio::task::JoinHandle<Option<Result<(), tonic::transport::Error>>>;
+
+/// A panicking handler answers INTERNAL and stops the service (see
+/// crate::tasks).
+#[derive(Clone)]
+struct OnPanic(Tasks);
+
+impl ResponseForPanic for OnPanic {
+    type ResponseBody = tonic::body::Body;
+
+    fn response_for_panic(
+        &mut self,
+        panic: Box<dyn std::any::Any + Send + 'static>,
+    ) -> http::Response<Self::ResponseBody> {
+        self.0.panicked("gRPC handler", panic.as_ref());
+        Status::internal("internal error").into_http::<tonic::body::Body>()
+    }
+}
+
+impl Wiring {
+    fn health_registry(&self) -> HealthRegistry {
+        let mut names = vec![
+            ("", Needs::REDIS),
+            (USER_SERVICE_NAME, Needs::REDIS),
+            (PROJECTION_SERVICE_NAME, Needs::KAFKA),
+            (REDIS_HEALTH_NAME, Needs::REDIS),
+            (KAFKA_HEALTH_NAME, Needs::KAFKA),
+            (LIVENESS_HEALTH_NAME, Needs::NOTHING),
+        ];
+        if self.config.projector_enabled {
+            names.push((PROJECTOR_HEALTH_NAME, Needs::PROJECTOR));
+        }
+        HealthRegistry::new(&names, self.token.clone())
+    }
+
+    /// Starts the producer's watchdog, the checkpoint poller, the projector,
+    /// the partition map's learning if still needed, and the dependency
+    /// probe.
+    fn spawn_background(&self, adapters: &Adapters, health: &Arc<HealthRegistry>) -> Background {
+        let Self {
+            config,
+            metrics,
+            token,
+            tasks,
+        } = self;
+        let Adapters {
+            link,
+            store,
+            publisher,
+            routing,
+        } = adapters;
+
+        // Replaces the producer if librdkafka leaves it cut off from a
+        // cluster that is there (see kafka::watchdog).
+        tasks.spawn("producer watchdog", publisher.clone().watch(token.clone()));
+
+        // Calls in flight at shutdown still wait on the poller: it stops
+        // after the server has drained, not with the streams.
+        let watch_stop = CancellationToken::new();
+        let watch = CheckpointWatch::new(store.clone(), watch_stop.clone());
+        tasks.spawn("checkpoint watch", watch.clone().run());
+
+        let projector = config
+            .projector_enabled
+            .then(|| Arc::new(ProjectorState::default()));
+        let verdicts = Arc::new(Verdicts::default());
+        if let Some(state) = &projector {
+            let p = Projector {
+                link: link.clone(),
+                group: config.consumer_group.clone(),
+                topic: config.topic.clone(),
+                dlq_topic: config.dlq_topic(),
+                batch_size: config.projector_batch_size.max(1),
+                store: store.clone(),
+                watch: watch.clone(),
+                request_ttl: config.request_id_ttl,
+                publisher: publisher.clone(),
+                state: state.clone(),
+                metrics: metrics.clone(),
+                routing: routing.clone(),
+                verdicts: verdicts.clone(),
+            };
+            let t = token.clone();
+            tasks.spawn("projector", async move {
+                if let Err(e) = p.run(t).await {
+                    tracing::error!(error = %e, "projector stopped with an error");
+                }
+            });
+        }
+
+        if routing.map().is_none() {
+            tasks.spawn(
+                "partition map",
+                learn_partition_map(
+                    link.clone(),
+                    publisher.clone(),
+                    config.topic.clone(),
+                    routing.clone(),
+                    token.clone(),
+                ),
+            );
+        }
+        tasks.spawn(
+            "dependency probe",
+            probe_dependencies(
+                Probed {
+                    store: store.clone(),
+                    publisher: publisher.clone(),
+                    projector: projector.clone(),
+                    health: health.clone(),
+                    routing: routing.clone(),
+                    link: link.clone(),
+                    topic: config.topic.clone(),
+                },
+                config.health_probe_interval,
+                metrics.clone(),
+                token.clone(),
+            ),
+        );
+        Background {
+            watch,
+            watch_stop,
+            projector,
+            verdicts,
+        }
+    }
+
+    fn handlers(&self, adapters: &Adapters, background: &Background) -> Handlers {
+        let Self {
+            config,
+            token,
+            tasks,
+            ..
+        } = self;
+        let progress = Arc::new(ProgressHub::new(
+            &adapters.link,
+            OwnProjection {
+                group: config.consumer_group.clone(),
+                topic: config.topic.clone(),
+                state: background.projector.clone(),
+                store: Some(adapters.store.clone()),
+                routing: Some(adapters.routing.clone()),
+            },
+            config.max_progress_watchers,
+            config.publish_timeout,
+            token.clone(),
+            tasks.clone(),
+        ));
+        let projection = ProjectionApi {
+            hub: progress.clone(),
+            allowed: config.progress_allowed(),
+            shutdown: token.clone(),
+        };
+        let cache = UserCache::new(config.user_cache_bytes);
+        let users = UserApi {
+            create: CreateUser {
+                store: adapters.store.clone(),
+                publisher: adapters.publisher.clone(),
+                watch: background.watch.clone(),
+                routing: adapters.routing.clone(),
+                verdicts: background.verdicts.clone(),
+            },
+            max_position_wait: config.max_position_wait,
+            tasks: tasks.clone(),
+            users: cache.clone(),
+        };
+        Handlers {
+            users,
+            projection,
+            progress,
+            cache,
+            // Health and reflection stay outside the budget, so a probe sees
+            // the truth under load.
+            calls: CallBudget::new(config.max_concurrent_calls),
+        }
+    }
+
+    fn router(
+        &self,
+        health: &Arc<HealthRegistry>,
+        reflection: Routes,
+        users: UserApi,
+        projection: ProjectionApi,
+        calls: &CallBudget,
+    ) -> Router<Layers> {
+        let config = &self.config;
+        let max_request = config.max_request_bytes;
+        Server::builder()
+            // Bounds the time a call holds its slot of the budget (a stream
+            // only until it starts).
+            .timeout(config.call_timeout())
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+            .layer(GrpcTelemetryLayer::new(self.metrics.clone(), &SERVED))
+            .layer(CatchPanicLayer::custom(OnPanic(self.tasks.clone())))
+            // RESOURCE_EXHAUSTED, not tonic's OUT_OF_RANGE, past MAX_REQUEST_BYTES.
+            .layer(crate::api::oversize::OversizeLayer)
+            .add_routes(reflection)
+            .add_service(HealthService(health.clone()).into_server())
+            .add_service(
+                calls.named_layer(
+                    UserServiceServer::new(users)
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
+            )
+            .add_service(
+                calls.named_layer(
+                    ProjectionServiceServer::new(projection)
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
+            )
+    }
+
+    /// Serves `router` on the gRPC port until the token is cancelled.
+    fn spawn_server(&self, router: Router<Layers>, grpc: GrpcListener) -> ServerTask {
+        let Self {
+            config,
+            metrics,
+            token,
+            tasks,
+        } = self;
+        let GrpcListener { tcp, addr, tls } = grpc;
+        let stop = token.clone().cancelled_owned();
+        // A client that pings too often is sent GOAWAY (see transport::ping_policy);
+        // each accepted connection is wrapped, plaintext or decrypted TLS.
+        // It also closes silent and idle connections; each holds its place
+        // under MAX_CONNECTIONS (see transport::connections).
+        let pings = PingPolicy::new(
+            config.http2_min_ping_interval,
+            config.http2_max_ping_strikes,
+        )
+        .with_deadlines(config.http2_preface_timeout, config.max_connection_idle)
+        .with_metrics(metrics.clone());
+        let connections = Cap::connections(config.max_connections, metrics.clone());
+        let server: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
+            match &tls {
+                None => {
+                    tracing::info!(%addr, "gRPC in plaintext (no TLS_CERT_FILE)");
+                    let incoming = transport::connections::plaintext(tcp, connections, pings);
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+                }
+                Some(tls) => {
+                    tracing::info!(%addr, mutual = tls.mutual(), "gRPC over TLS");
+                    tasks.spawn(
+                        "TLS reload",
+                        tls.clone().watch(config.tls_reload_interval, token.clone()),
+                    );
+                    let incoming = tls::incoming(
+                        tcp,
+                        tls.clone(),
+                        tls::Accepting {
+                            handshake_timeout: config.tls_handshake_timeout,
+                            connections,
+                            handshakes: Cap::handshakes(config.tls_max_handshakes, metrics.clone()),
+                            pings,
+                        },
+                        token.clone(),
+                        tasks,
+                    );
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+                }
+            };
+        tasks.spawn("gRPC server", server)
+    }
+}
+
 /// Pings Redis and Kafka every `interval` and records what answers; each
 /// health name follows the dependencies it needs (see [`Needs`]).
 async fn probe_dependencies(
@@ -672,16 +889,7 @@ async fn probe_dependencies(
         health.set_dependencies(now.0, now.1);
         if now.0 && !layout_checked {
             layout_checked = true;
-            match store.listpack_value_limit().await {
-                Ok(Some(limit)) if limit < ADVISED_LISTPACK_VALUE => tracing::warn!(
-                    limit,
-                    advised = ADVISED_LISTPACK_VALUE,
-                    "Redis' hash-max-listpack-value is below what the read model's buckets want: \
-                     users take about twice the memory (set it in redis.conf)"
-                ),
-                Ok(limit) => tracing::debug!(?limit, "hash-max-listpack-value checked"),
-                Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
-            }
+            check_listpack_value(&store).await;
         }
         if let Some(state) = &projector {
             let in_group = state.stats().in_group;
@@ -699,6 +907,21 @@ async fn probe_dependencies(
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Warns if Redis keeps the read model's buckets in a layout that takes
+/// about twice the memory; checked once, the first time Redis answers.
+async fn check_listpack_value(store: &RedisStore) {
+    match store.listpack_value_limit().await {
+        Ok(Some(limit)) if limit < ADVISED_LISTPACK_VALUE => tracing::warn!(
+            limit,
+            advised = ADVISED_LISTPACK_VALUE,
+            "Redis' hash-max-listpack-value is below what the read model's buckets want: \
+             users take about twice the memory (set it in redis.conf)"
+        ),
+        Ok(limit) => tracing::debug!(?limit, "hash-max-listpack-value checked"),
+        Err(e) => tracing::debug!(error = %e, "cannot read hash-max-listpack-value"),
     }
 }
 
@@ -802,6 +1025,11 @@ impl MapCheck {
     }
 }
 
+/// Retries of the partition map's learning; the first waits too: start-up
+/// has just failed one.
+const MAP_RETRY: retry::Schedule =
+    retry::Schedule::new(Duration::from_millis(200), Duration::from_secs(5));
+
 /// Reads (or records) the topic's partition map until it is known, for an
 /// instance that started while no broker answered.
 async fn learn_partition_map(
@@ -811,11 +1039,10 @@ async fn learn_partition_map(
     routing: Arc<Routing>,
     token: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut delays = MAP_RETRY.delays();
     while routing.map().is_none() {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if !retry::pause(&token, delays.next().unwrap_or(MAP_RETRY.max)).await {
+            return;
         }
         match kafka::partition_map::learn(&link, &publisher, &topic, None, Duration::from_secs(30))
             .await
@@ -828,17 +1055,20 @@ async fn learn_partition_map(
                 );
                 routing.set_map(map);
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "the topic's partition map is not known yet");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            Err(e) => tracing::debug!(error = %e, "the topic's partition map is not known yet"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::SERVED;
+    use super::{MAP_RETRY, SERVED};
+
+    #[test]
+    fn the_partition_map_is_retried_after_doubling_delays_up_to_5s() {
+        let delays: Vec<u128> = MAP_RETRY.delays().take(8).map(|d| d.as_millis()).collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
 
     #[test]
     fn calls_are_labelled_by_the_services_served() {
