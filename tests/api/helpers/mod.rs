@@ -816,6 +816,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until the instance knows its topic's partition map (read from the
+/// log): before that a read can tell nothing and answers UNAVAILABLE at once.
+/// Kafka's health alone is not enough: the probe can reach a slow broker
+/// before the map's record has been read.
+pub async fn wait_map_known(app: &TestApp) {
+    wait_until(Duration::from_secs(30), || async {
+        sum_of(
+            &samples(&scrape(app).await),
+            "user_service_partition_map_partitions",
+            &[],
+        ) > 0.0
+    })
+    .await
+    .expect("the partition map learned from the log");
+}
+
 /// The service's `/metrics`, as Prometheus would scrape it (plain HTTP/1.1).
 pub async fn scrape(app: &TestApp) -> String {
     scrape_at(app.handle.metrics_addr.expect("the metrics endpoint is on")).await

@@ -15,9 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use user_service::proto::user::v1::GetUserRequest;
 use user_service::transport::is_transport_error;
 
@@ -110,12 +108,7 @@ async fn idle_connections_get_goaway_and_a_call_in_flight_keeps_its_connection()
     config.projector_enabled = false;
     config.max_position_wait = Duration::from_secs(2);
     let app = spawn_app_with(config).await;
-    // The partition count known (else the read answers UNAVAILABLE at once).
-    wait_until(Duration::from_secs(30), || async {
-        app.health_status("kafka").await.ok() == Some(ServingStatus::Serving)
-    })
-    .await
-    .expect("a broker answered the probe");
+    crate::helpers::wait_map_known(&app).await;
 
     // A read waiting on a position never applied (no projector): an open
     // stream for max_position_wait, five times the idle bound.

@@ -32,7 +32,7 @@
 //! the random bytes.
 
 use crate::helpers::{
-    TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config, wait_until,
+    TestApp, producer, publish_user_created, spawn_app, spawn_app_with, test_config,
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -1189,12 +1189,7 @@ async fn a_deadline_past_the_cap_does_not_hold_a_wait() {
     config.max_position_wait = MAX_POSITION_WAIT;
     config.projector_enabled = false;
     let app = spawn_app_with(config).await;
-    // The partition count known (else a read answers UNAVAILABLE at once).
-    wait_until(Duration::from_secs(30), || async {
-        app.health_status("kafka").await.ok() == Some(ServingStatus::Serving)
-    })
-    .await
-    .expect("a broker answered the probe");
+    crate::helpers::wait_map_known(&app).await;
     let id = 4242;
     let position = publish_user_created(&producer(), &app.config.topic, id, "Never Applied").await;
     let past_the_end = Position {
