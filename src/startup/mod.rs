@@ -498,14 +498,7 @@ impl Adapters {
         )
         .await
         {
-            Ok(map) => {
-                tracing::info!(
-                    partitions = map.partitions,
-                    offset = map.offset,
-                    "the topic's partition map"
-                );
-                routing.set_map(map);
-            }
+            Ok(map) => adopt_map(routing, map),
             Err(e) => tracing::warn!(error = %e, "the topic's partition map is not known yet"),
         }
         // The topic's count beside it before any call: a map the topic cannot
@@ -1047,17 +1040,20 @@ async fn learn_partition_map(
         match kafka::partition_map::learn(&link, &publisher, &topic, None, Duration::from_secs(30))
             .await
         {
-            Ok(map) => {
-                tracing::info!(
-                    partitions = map.partitions,
-                    offset = map.offset,
-                    "the topic's partition map"
-                );
-                routing.set_map(map);
-            }
+            Ok(map) => adopt_map(&routing, map),
             Err(e) => tracing::debug!(error = %e, "the topic's partition map is not known yet"),
         }
     }
+}
+
+/// Routes ids by the map read from the log, and says so once.
+fn adopt_map(routing: &Routing, map: crate::domain::PartitionMap) {
+    tracing::info!(
+        partitions = map.partitions,
+        offset = map.offset,
+        "the topic's partition map"
+    );
+    routing.set_map(map);
 }
 
 #[cfg(test)]
